@@ -1,0 +1,767 @@
+"""Binary classification metrics with patient-level bootstrap confidence intervals.
+
+The positive class is ``1`` (for the flagship task: CIN2+, against CIN0/1 as ``0``), and a
+*score* is the predicted probability of the positive class (any monotone score works). An image is
+predicted positive when ``score >= threshold``.
+
+Everything here is plain numpy and accepts numpy arrays, Python sequences or torch tensors (they
+are detached and moved to the CPU). A ratio whose denominator is zero (for example the precision
+when nothing is predicted positive) is ``nan``, never an exception, so that a degenerate bootstrap
+resample or a tiny test set cannot crash an evaluation.
+
+The decision threshold must be chosen on the *validation* split with :func:`choose_threshold` and
+then applied unchanged to the test split: choosing it on the test split makes every reported
+number optimistic.
+
+References:
+    Chae, Zimmermann, Kim, Kim. "Attentive Transfer Learning via Self-supervised Learning for
+    Cervical Dysplasia Diagnosis." Journal of Information Processing Systems 17(3), 2021
+    (Table 2 reports accuracy, specificity, sensitivity and precision).
+
+    Youden. "Index for rating diagnostic tests." Cancer 3(1), 1950.
+
+    Efron, Tibshirani. "An Introduction to the Bootstrap." Chapman & Hall, 1993 (percentile
+    intervals, ch. 13; resampling of independent units).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "BOOTSTRAP_METRICS",
+    "EvaluationReport",
+    "binary_metrics",
+    "bootstrap_ci",
+    "bootstrap_samples",
+    "choose_threshold",
+    "confusion_counts",
+    "evaluate_predictions",
+    "format_table",
+    "sensitivity_at_specificity",
+]
+
+#: Metrics :func:`bootstrap_samples` and :func:`bootstrap_ci` can resample.
+BOOTSTRAP_METRICS: tuple[str, ...] = (
+    "accuracy",
+    "specificity",
+    "sensitivity",
+    "precision",
+    "f1",
+    "auc",
+    "sensitivity_at_specificity",
+)
+
+_DEFAULT_CI_METRICS: tuple[str, ...] = BOOTSTRAP_METRICS
+
+# Bootstrap resamples are processed in chunks of about this many (resample, image) cells, which
+# bounds memory at a few tens of MB whatever the test-set size.
+_CHUNK_CELLS = 2_000_000
+
+
+# --------------------------------------------------------------------------------------------
+# Input handling
+# --------------------------------------------------------------------------------------------
+
+
+def _to_numpy(x: Any) -> np.ndarray:
+    if hasattr(x, "detach") and hasattr(x, "cpu"):  # torch.Tensor, without importing torch
+        x = x.detach().cpu()
+        if str(getattr(x, "dtype", "")) == "torch.bfloat16":
+            x = x.float()
+        x = x.numpy()
+    return np.asarray(x)
+
+
+def _labels(y_true: Any, name: str = "y_true") -> np.ndarray:
+    y = _to_numpy(y_true)
+    if y.ndim != 1:
+        raise ValueError(f"{name} must be 1-D of shape (n,); got shape {tuple(y.shape)}")
+    if y.dtype == bool:
+        return y.astype(np.int64)
+    if y.size and not np.issubdtype(y.dtype, np.number):
+        raise TypeError(f"{name} must hold the numbers 0 and 1; got dtype {y.dtype}")
+    bad = ~np.isin(y, (0, 1))
+    if bad.any():
+        values = sorted({float(v) for v in np.unique(y[bad])[:5]})
+        raise ValueError(
+            f"{name} must be binary with 0 = negative and 1 = positive; found {values}. "
+            "Map raw grades to classes first (e.g. CIN0/1 -> 0, CIN2+ -> 1)."
+        )
+    return y.astype(np.int64)
+
+
+def _scores(scores: Any, n: int, name: str = "scores") -> np.ndarray:
+    s = _to_numpy(scores)
+    if s.ndim == 2 and s.shape[1] == 2:
+        raise ValueError(
+            f"{name} must be 1-D (probability of the positive class); got shape "
+            f"{tuple(s.shape)}. Pass probs[:, 1] (e.g. logits.softmax(-1)[:, 1])."
+        )
+    if s.ndim != 1:
+        raise ValueError(f"{name} must be 1-D of shape (n,); got shape {tuple(s.shape)}")
+    if s.shape[0] != n:
+        raise ValueError(f"{name} has {s.shape[0]} entries but y_true has {n}")
+    s = s.astype(np.float64)
+    if not np.isfinite(s).all():
+        raise ValueError(f"{name} contains {int((~np.isfinite(s)).sum())} non-finite values")
+    return s
+
+
+def _check_threshold(threshold: Any) -> float:
+    try:
+        t = float(threshold)
+    except (TypeError, ValueError):
+        raise TypeError(f"threshold must be a number; got {threshold!r}") from None
+    if math.isnan(t):
+        raise ValueError("threshold must not be nan")
+    return t
+
+
+def _ratio(num: float, den: float) -> float:
+    return float(num) / float(den) if den > 0 else float("nan")
+
+
+# --------------------------------------------------------------------------------------------
+# Point estimates
+# --------------------------------------------------------------------------------------------
+
+
+def confusion_counts(y_true: Any, y_pred: Any) -> dict[str, int]:
+    """Count true/false positives and negatives.
+
+    Args:
+        y_true: Labels of shape (n,), 0 (negative) or 1 (positive).
+        y_pred: Predicted labels of shape (n,), 0 or 1.
+
+    Returns:
+        ``{"tp": ..., "fp": ..., "tn": ..., "fn": ...}`` as Python ints.
+
+    Example:
+        >>> confusion_counts([0, 1, 1, 0], [0, 1, 0, 1])
+        {'tp': 1, 'fp': 1, 'tn': 1, 'fn': 1}
+    """
+    y = _labels(y_true)
+    p = _labels(y_pred, "y_pred")
+    if p.shape != y.shape:
+        raise ValueError(f"y_pred has {p.shape[0]} entries but y_true has {y.shape[0]}")
+    tp = int(np.sum((y == 1) & (p == 1)))
+    fp = int(np.sum((y == 0) & (p == 1)))
+    tn = int(np.sum((y == 0) & (p == 0)))
+    fn = int(np.sum((y == 1) & (p == 0)))
+    return {"tp": tp, "fp": fp, "tn": tn, "fn": fn}
+
+
+def _rates(tp: np.ndarray, fp: np.ndarray, tn: np.ndarray, fn: np.ndarray) -> dict[str, np.ndarray]:
+    """Threshold metrics from (possibly weighted, possibly batched) counts; 0/0 -> nan."""
+    tp, fp, tn, fn = (np.asarray(a, dtype=np.float64) for a in (tp, fp, tn, fn))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        n = tp + fp + tn + fn
+        out = {
+            "accuracy": np.where(n > 0, (tp + tn) / n, np.nan),
+            "specificity": np.where(tn + fp > 0, tn / (tn + fp), np.nan),
+            "sensitivity": np.where(tp + fn > 0, tp / (tp + fn), np.nan),
+            "precision": np.where(tp + fp > 0, tp / (tp + fp), np.nan),
+            "f1": np.where(2 * tp + fp + fn > 0, 2 * tp / (2 * tp + fp + fn), np.nan),
+        }
+    return out
+
+
+class _Ranked:
+    """Scores sorted once, with tie blocks, for fast weighted ROC statistics.
+
+    For sorted position ``i``, ``start[i]`` / ``stop[i]`` delimit the block of equal scores
+    that holds it; ``block_start`` lists each block's first position (ascending scores).
+    """
+
+    def __init__(self, y: np.ndarray, s: np.ndarray) -> None:
+        order = np.argsort(s, kind="stable")
+        self.order = order
+        ss = s[order]
+        self.sorted_scores = ss
+        self.pos = y[order].astype(np.float64)
+        self.neg = 1.0 - self.pos
+        n = ss.shape[0]
+        new_block = np.ones(n, dtype=bool)
+        new_block[1:] = ss[1:] != ss[:-1]
+        self.block_start = np.flatnonzero(new_block)
+        block_id = np.cumsum(new_block) - 1
+        block_stop = np.append(self.block_start[1:], n)
+        self.start = self.block_start[block_id]
+        self.stop = block_stop[block_id]
+        self.unique_scores = ss[self.block_start]
+
+    def thresholds(self) -> np.ndarray:
+        """Candidate thresholds (K + 1,): one per way of splitting the sorted unique scores.
+
+        ``t[k]`` predicts positive exactly the blocks ``k, k+1, ...``: ``t[0]`` is the smallest
+        score (all positive), ``t[k]`` the midpoint between unique scores ``k-1`` and ``k``,
+        ``t[K]`` the next float above the largest score (all negative).
+        """
+        u = self.unique_scores
+        if u.size == 0:
+            return np.array([0.5])
+        mids = (u[:-1] + u[1:]) / 2.0
+        mids = np.where(mids > u[:-1], mids, u[1:])  # adjacent floats: midpoint rounds down
+        return np.concatenate([u[:1], mids, [np.nextafter(u[-1], np.inf)]])
+
+    def curve(self, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Weighted counts at every candidate threshold.
+
+        Args:
+            w: Weights of shape (R, n) in sorted order (R resamples).
+
+        Returns:
+            ``(tp, fp, tn, fn)``, each (R, K + 1), matching :meth:`thresholds`.
+        """
+        wp = w * self.pos
+        wn = w * self.neg
+        # Exclusive cumulative sums at block starts, plus the totals: (R, K + 1).
+        cp = np.concatenate([np.zeros((w.shape[0], 1)), np.cumsum(wp, axis=1)], axis=1)
+        cn = np.concatenate([np.zeros((w.shape[0], 1)), np.cumsum(wn, axis=1)], axis=1)
+        cuts = np.append(self.block_start, w.shape[1])
+        fn = cp[:, cuts]
+        tn = cn[:, cuts]
+        tp = cp[:, -1:] - fn
+        fp = cn[:, -1:] - tn
+        return tp, fp, tn, fn
+
+    def auc(self, w: np.ndarray) -> np.ndarray:
+        """Weighted Mann-Whitney AUC per row of ``w`` (R, n); nan where a class has no weight.
+
+        AUC = P(score_pos > score_neg) + 0.5 P(score_pos == score_neg), with each image counted
+        as many times as its weight (its multiplicity in a bootstrap resample).
+        """
+        wp = w * self.pos
+        wn = w * self.neg
+        cn = np.concatenate([np.zeros((w.shape[0], 1)), np.cumsum(wn, axis=1)], axis=1)
+        below = cn[:, self.start]  # negative weight strictly below each image's score
+        tied = cn[:, self.stop] - below
+        num = np.sum(wp * (below + 0.5 * tied), axis=1)
+        den = wp.sum(axis=1) * wn.sum(axis=1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
+
+    def sens_at_spec(self, w: np.ndarray, target: float) -> tuple[np.ndarray, np.ndarray]:
+        """Best sensitivity with specificity >= target, per row; and the index of its threshold."""
+        tp, fp, tn, fn = self.curve(w)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            spec = tn / (tn + fp)
+            sens = tp / (tp + fn)
+        # Specificity grows and sensitivity falls with the threshold, so the smallest threshold
+        # that reaches the target is the best one. The last threshold always has spec = 1.
+        ok = spec >= target - 1e-12
+        k = np.argmax(ok, axis=1)
+        valid = ok.any(axis=1) & ((tp + fn)[:, 0] > 0) & ((tn + fp)[:, 0] > 0)
+        value = np.where(valid, sens[np.arange(sens.shape[0]), k], np.nan)
+        return value, k
+
+
+def binary_metrics(y_true: Any, scores: Any, threshold: float = 0.5) -> dict[str, Any]:
+    """The paper's four metrics plus F1, AUC, the confusion matrix and the counts.
+
+    An image is predicted positive when ``score >= threshold``. Ratios with a zero denominator
+    are ``nan`` (never an exception): for example ``precision`` when nothing is predicted
+    positive, ``sensitivity`` when there is no positive image. The AUC needs both classes; with
+    only one it is ``nan`` and ``auc_defined`` is ``False``.
+
+    Args:
+        y_true: Labels of shape (n,): 1 = positive (CIN2+), 0 = negative (CIN0/1).
+        scores: Predicted probability (or any score) of the positive class, shape (n,).
+        threshold: Decision threshold; choose it on validation data (:func:`choose_threshold`).
+
+    Returns:
+        A dict with float ``accuracy``, ``specificity`` (TN / (TN + FP)), ``sensitivity``
+        (recall, TP / (TP + FN)), ``precision`` (TP / (TP + FP)), ``f1``, ``auc``; bool
+        ``auc_defined``; float ``threshold``; int ``tp``, ``fp``, ``tn``, ``fn``, ``n``,
+        ``n_positive``, ``n_negative``.
+
+    References:
+        Chae et al., JIPS 2021, Table 2 (accuracy, specificity, sensitivity, precision).
+    """
+    y = _labels(y_true)
+    s = _scores(scores, y.shape[0])
+    t = _check_threshold(threshold)
+    pred = (s >= t).astype(np.int64)
+    counts = confusion_counts(y, pred)
+    rates = _rates(counts["tp"], counts["fp"], counts["tn"], counts["fn"])
+    n_pos = int(y.sum())
+    n_neg = int(y.shape[0] - n_pos)
+    auc = float(_Ranked(y, s).auc(np.ones((1, y.shape[0])))[0]) if y.size else float("nan")
+    out: dict[str, Any] = {k: float(v) for k, v in rates.items()}
+    out["auc"] = auc
+    out["auc_defined"] = n_pos > 0 and n_neg > 0
+    out["threshold"] = t
+    out.update(counts)
+    out.update(n=int(y.shape[0]), n_positive=n_pos, n_negative=n_neg)
+    return out
+
+
+def sensitivity_at_specificity(
+    y_true: Any, scores: Any, specificity: float = 0.9
+) -> tuple[float, float]:
+    """The highest sensitivity reachable while keeping specificity at or above a target.
+
+    The ROC curve is scanned over every threshold that separates two distinct scores
+    (midpoints between consecutive unique scores, plus "everything positive" and "everything
+    negative"); the smallest threshold whose specificity reaches the target has the highest
+    sensitivity.
+
+    Args:
+        y_true: Labels of shape (n,), 0 or 1.
+        scores: Scores of the positive class, shape (n,).
+        specificity: Target specificity in [0, 1].
+
+    Returns:
+        ``(sensitivity, threshold)``; applying ``threshold`` with :func:`binary_metrics` to the
+        same data reproduces both numbers. ``(nan, nan)`` when a class is missing.
+    """
+    if not 0.0 <= float(specificity) <= 1.0:
+        raise ValueError(f"specificity must be in [0, 1]; got {specificity}")
+    y = _labels(y_true)
+    s = _scores(scores, y.shape[0])
+    if y.sum() == 0 or y.sum() == y.shape[0]:
+        return float("nan"), float("nan")
+    ranked = _Ranked(y, s)
+    value, k = ranked.sens_at_spec(np.ones((1, y.shape[0])), float(specificity))
+    return float(value[0]), float(ranked.thresholds()[k[0]])
+
+
+def choose_threshold(
+    y_true: Any,
+    scores: Any,
+    *,
+    criterion: str = "youden",
+    target: float | None = None,
+) -> float:
+    """Choose a decision threshold on VALIDATION data.
+
+    Never choose the threshold on the test split: the threshold is part of the model, and
+    tuning it on the test images makes every reported test metric optimistic. Choose it on the
+    validation split (the one used for early stopping), then pass it unchanged to
+    :func:`evaluate_predictions` on the test split.
+
+    Candidate thresholds are the midpoints between consecutive distinct scores (plus "all
+    positive" and "all negative"), so the chosen value sits in the middle of a gap rather than on
+    a validation score.
+
+    Args:
+        y_true: Validation labels of shape (n,), 0 or 1; both classes must be present.
+        scores: Validation scores of the positive class, shape (n,).
+        criterion: ``"youden"`` maximises Youden's J = sensitivity + specificity - 1;
+            ``"f1"`` maximises F1; ``"specificity"`` takes the highest sensitivity whose
+            specificity is at least ``target``. Ties go to the lowest threshold (higher
+            sensitivity, the safer error for screening).
+        target: The specificity to reach, in [0, 1]; required for ``"specificity"`` only.
+
+    Returns:
+        The threshold (predict positive when ``score >= threshold``).
+
+    References:
+        Youden. "Index for rating diagnostic tests." Cancer 3(1), 1950.
+    """
+    criteria = ("youden", "f1", "specificity")
+    if criterion not in criteria:
+        raise ValueError(f"criterion must be one of {criteria}; got {criterion!r}")
+    if criterion == "specificity":
+        if target is None:
+            raise ValueError('criterion="specificity" needs target=, e.g. target=0.9')
+        if not 0.0 <= float(target) <= 1.0:
+            raise ValueError(f"target must be in [0, 1]; got {target}")
+    elif target is not None:
+        raise ValueError(f'target is only used with criterion="specificity"; got {criterion!r}')
+    y = _labels(y_true)
+    s = _scores(scores, y.shape[0])
+    n_pos = int(y.sum())
+    if n_pos == 0 or n_pos == y.shape[0]:
+        raise ValueError(
+            f"choosing a threshold needs both classes in the validation labels; got "
+            f"{n_pos} positive and {y.shape[0] - n_pos} negative"
+        )
+    ranked = _Ranked(y, s)
+    thresholds = ranked.thresholds()
+    if criterion == "specificity":
+        _, k = ranked.sens_at_spec(np.ones((1, y.shape[0])), float(target))  # type: ignore[arg-type]
+        return float(thresholds[k[0]])
+    tp, fp, tn, fn = (a[0] for a in ranked.curve(np.ones((1, y.shape[0]))))
+    rates = _rates(tp, fp, tn, fn)
+    if criterion == "youden":
+        objective = rates["sensitivity"] + rates["specificity"] - 1.0
+    else:
+        objective = np.nan_to_num(rates["f1"], nan=-1.0)
+    return float(thresholds[int(np.argmax(objective))])
+
+
+# --------------------------------------------------------------------------------------------
+# Bootstrap
+# --------------------------------------------------------------------------------------------
+
+
+def _group_index(groups: Any, n: int) -> tuple[np.ndarray, int]:
+    if groups is None:
+        return np.arange(n), n
+    g = _to_numpy(groups)
+    if g.ndim != 1 or g.shape[0] != n:
+        raise ValueError(f"groups must have shape ({n},) like y_true; got {tuple(g.shape)}")
+    _, inverse = np.unique(g, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    return inverse, int(inverse.max()) + 1 if n else 0
+
+
+def _check_metrics(metrics: Iterable[str]) -> tuple[str, ...]:
+    names = tuple(metrics)
+    unknown = [m for m in names if m not in BOOTSTRAP_METRICS]
+    if unknown:
+        raise ValueError(f"unknown metric(s) {unknown}; choose from {BOOTSTRAP_METRICS}")
+    return names
+
+
+def bootstrap_samples(
+    y_true: Any,
+    scores: Any,
+    *,
+    threshold: float,
+    groups: Any = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+    metrics: Sequence[str] = _DEFAULT_CI_METRICS,
+    sensitivity_at: float = 0.9,
+) -> dict[str, np.ndarray]:
+    """Each metric on ``n_boot`` bootstrap resamples (the distribution behind the CIs).
+
+    With ``groups`` (patient ids), each resample draws as many patients as there are, with
+    replacement, and keeps *all* images of every drawn patient (a patient drawn twice counts
+    twice). Without, images are resampled. Images of one patient are not independent, so
+    resampling images understates the uncertainty whenever patients contribute several images.
+
+    Resampling is vectorised: a resample is a vector of multiplicities, and every metric is a
+    weighted count over the original data (the AUC a weighted Mann-Whitney statistic).
+
+    Args:
+        y_true: Labels of shape (n,), 0 or 1.
+        scores: Scores of the positive class, shape (n,).
+        threshold: Fixed decision threshold (chosen on validation data).
+        groups: Optional patient ids of shape (n,) (ints or strings).
+        n_boot: Number of resamples.
+        seed: Seed of the local ``np.random.default_rng``; the same seed gives the same output.
+        metrics: Names from :data:`BOOTSTRAP_METRICS`.
+        sensitivity_at: Target specificity for ``"sensitivity_at_specificity"`` (the threshold
+            is re-chosen on each resample: it is a point of the ROC curve).
+
+    Returns:
+        ``{metric: array of shape (n_boot,)}``; ``nan`` where a resample leaves the metric
+        undefined (for example a resample without any positive image for the AUC).
+
+    References:
+        Efron, Tibshirani. "An Introduction to the Bootstrap." 1993.
+    """
+    names = _check_metrics(metrics)
+    if int(n_boot) < 1:
+        raise ValueError(f"n_boot must be at least 1; got {n_boot}")
+    n_boot = int(n_boot)
+    y = _labels(y_true)
+    s = _scores(scores, y.shape[0])
+    t = _check_threshold(threshold)
+    n = y.shape[0]
+    if n == 0:
+        raise ValueError("bootstrap needs at least one image; got empty y_true")
+    inverse, n_groups = _group_index(groups, n)
+
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, n_groups, size=(n_boot, n_groups))
+
+    ranked = _Ranked(y, s)
+    inv_sorted = inverse[ranked.order]
+    pred_sorted = (ranked.sorted_scores >= t).astype(np.float64)
+    pos_sorted = ranked.pos
+    out = {m: np.empty(n_boot) for m in names}
+    chunk = max(1, _CHUNK_CELLS // max(n, n_groups))
+    for lo in range(0, n_boot, chunk):
+        d = draws[lo : lo + chunk]
+        r = d.shape[0]
+        # Multiplicity of every group in every resample: (r, G), then of every image: (r, n).
+        flat = (d + np.arange(r)[:, None] * n_groups).ravel()
+        mult = np.bincount(flat, minlength=r * n_groups).reshape(r, n_groups)
+        w = mult[:, inv_sorted].astype(np.float64)
+        tp = w @ (pos_sorted * pred_sorted)
+        fn = w @ (pos_sorted * (1 - pred_sorted))
+        fp = w @ ((1 - pos_sorted) * pred_sorted)
+        tn = w @ ((1 - pos_sorted) * (1 - pred_sorted))
+        rates = _rates(tp, fp, tn, fn)
+        for m in names:
+            if m in rates:
+                out[m][lo : lo + r] = rates[m]
+            elif m == "auc":
+                out[m][lo : lo + r] = ranked.auc(w)
+            else:  # sensitivity_at_specificity
+                out[m][lo : lo + r] = ranked.sens_at_spec(w, float(sensitivity_at))[0]
+    return out
+
+
+def _percentile_ci(values: np.ndarray, alpha: float) -> tuple[float, float]:
+    v = values[np.isfinite(values)]
+    if v.size == 0:
+        return float("nan"), float("nan")
+    low, high = np.quantile(v, [alpha / 2.0, 1.0 - alpha / 2.0])
+    return float(low), float(high)
+
+
+def bootstrap_ci(
+    y_true: Any,
+    scores: Any,
+    *,
+    threshold: float,
+    groups: Any = None,
+    n_boot: int = 1000,
+    alpha: float = 0.05,
+    seed: int = 0,
+    metrics: Sequence[str] = _DEFAULT_CI_METRICS,
+    sensitivity_at: float = 0.9,
+) -> dict[str, tuple[float, float]]:
+    """Percentile bootstrap confidence intervals, resampled by patient when ``groups`` is given.
+
+    The interval of a metric is the ``alpha / 2`` and ``1 - alpha / 2`` quantiles of its values
+    over the resamples of :func:`bootstrap_samples`. Resamples in which the metric is undefined
+    (a resample with a single class, for the AUC) are skipped; when every resample is undefined
+    the interval is ``(nan, nan)``.
+
+    Args:
+        y_true: Labels of shape (n,), 0 or 1.
+        scores: Scores of the positive class, shape (n,).
+        threshold: Fixed decision threshold (chosen on validation data).
+        groups: Optional patient ids of shape (n,): patients are resampled with all their
+            images. Strongly recommended when a patient has several images.
+        n_boot: Number of resamples.
+        alpha: 1 - confidence level (0.05 gives 95% intervals).
+        seed: Seed of the local random generator.
+        metrics: Names from :data:`BOOTSTRAP_METRICS`.
+        sensitivity_at: Target specificity for ``"sensitivity_at_specificity"``.
+
+    Returns:
+        ``{metric: (low, high)}``.
+
+    References:
+        Efron, Tibshirani. "An Introduction to the Bootstrap." 1993, ch. 13.
+    """
+    if not 0.0 < float(alpha) < 1.0:
+        raise ValueError(f"alpha must be in (0, 1), e.g. 0.05 for 95% intervals; got {alpha}")
+    samples = bootstrap_samples(
+        y_true,
+        scores,
+        threshold=threshold,
+        groups=groups,
+        n_boot=n_boot,
+        seed=seed,
+        metrics=metrics,
+        sensitivity_at=sensitivity_at,
+    )
+    return {m: _percentile_ci(v, float(alpha)) for m, v in samples.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------
+
+_TABLE_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("accuracy", "Accuracy"),
+    ("specificity", "Specificity"),
+    ("sensitivity", "Sensitivity"),
+    ("precision", "Precision"),
+    ("f1", "F1"),
+    ("auc", "AUC"),
+    ("sensitivity_at_specificity", "Sens@Spec"),
+)
+
+
+def _json_float(x: Any) -> float | None:
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def _pct(x: float) -> str:
+    return "n/a" if not math.isfinite(x) else f"{100.0 * x:.2f}"
+
+
+@dataclass
+class EvaluationReport:
+    """Metrics of one model on one split, with bootstrap confidence intervals.
+
+    Attributes:
+        metrics: Point estimates: ``accuracy``, ``specificity``, ``sensitivity``,
+            ``precision``, ``f1``, ``auc``, ``sensitivity_at_specificity`` (fractions in [0, 1]
+            or ``nan``).
+        ci: ``{metric: (low, high)}`` percentile bootstrap intervals.
+        threshold: The decision threshold applied (chosen on validation data).
+        counts: ``tp``, ``fp``, ``tn``, ``fn``, ``n``, ``n_positive``, ``n_negative``,
+            ``n_groups`` (patients, or images when no groups were given).
+        sensitivity_at: Target specificity of ``sensitivity_at_specificity``.
+        threshold_at_specificity: The threshold that reaches it on these data (descriptive only).
+        auc_defined: ``False`` when only one class is present (``auc`` is then ``nan``).
+        resampled_by: ``"patient"`` or ``"image"``.
+        n_boot: Number of bootstrap resamples.
+        alpha: 1 - confidence level.
+        seed: Bootstrap seed.
+        bootstrap_valid: Per metric, how many resamples gave a defined value.
+    """
+
+    metrics: dict[str, float]
+    ci: dict[str, tuple[float, float]]
+    threshold: float
+    counts: dict[str, int]
+    sensitivity_at: float = 0.9
+    threshold_at_specificity: float = float("nan")
+    auc_defined: bool = True
+    resampled_by: str = "image"
+    n_boot: int = 1000
+    alpha: float = 0.05
+    seed: int = 0
+    bootstrap_valid: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able dict (``json.dumps`` works; ``nan`` becomes ``None``)."""
+        return {
+            "metrics": {k: _json_float(v) for k, v in self.metrics.items()},
+            "ci": {k: [_json_float(lo), _json_float(hi)] for k, (lo, hi) in self.ci.items()},
+            "threshold": _json_float(self.threshold),
+            "counts": {k: int(v) for k, v in self.counts.items()},
+            "sensitivity_at": float(self.sensitivity_at),
+            "threshold_at_specificity": _json_float(self.threshold_at_specificity),
+            "auc_defined": bool(self.auc_defined),
+            "resampled_by": self.resampled_by,
+            "n_boot": int(self.n_boot),
+            "alpha": float(self.alpha),
+            "seed": int(self.seed),
+            "bootstrap_valid": {k: int(v) for k, v in self.bootstrap_valid.items()},
+        }
+
+    def format_metric(self, name: str) -> str:
+        """``"value [low, high]"`` in percent, e.g. ``"73.85 [68.10, 79.23]"``."""
+        value = _pct(self.metrics.get(name, float("nan")))
+        if name not in self.ci:
+            return value
+        lo, hi = self.ci[name]
+        return f"{value} [{_pct(lo)}, {_pct(hi)}]"
+
+    def to_markdown_row(self, name: str) -> str:
+        """One row of :func:`format_table` for the model called ``name``."""
+        c = self.counts
+        cells = [name.replace("|", "\\|")]
+        cells += [self.format_metric(key) for key, _ in _TABLE_COLUMNS]
+        cells.append(f"{c['n']} ({c['n_positive']}/{c['n_negative']})")
+        cells.append(f"{c['tp']}/{c['fp']}/{c['tn']}/{c['fn']}")
+        return "| " + " | ".join(cells) + " |"
+
+
+def evaluate_predictions(
+    y_true: Any,
+    scores: Any,
+    *,
+    threshold: float,
+    groups: Any = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+    sensitivity_at: float = 0.9,
+    alpha: float = 0.05,
+) -> EvaluationReport:
+    """Evaluate test-split predictions: point metrics, sensitivity at specificity and CIs.
+
+    Args:
+        y_true: Test labels of shape (n,), 0 or 1.
+        scores: Test scores of the positive class, shape (n,).
+        threshold: The decision threshold, chosen beforehand on the validation split with
+            :func:`choose_threshold` (required, so that it cannot default to a test-tuned value).
+        groups: Optional patient ids of shape (n,); the bootstrap then resamples patients.
+        n_boot: Bootstrap resamples (0 skips the intervals; they are then ``(nan, nan)``).
+        seed: Bootstrap seed.
+        sensitivity_at: Target specificity for the ``sensitivity_at_specificity`` metric.
+        alpha: 1 - confidence level.
+
+    Returns:
+        An :class:`EvaluationReport`.
+
+    References:
+        Chae et al., JIPS 2021, Table 2; Efron & Tibshirani 1993 for the intervals.
+    """
+    if not 0.0 <= float(sensitivity_at) <= 1.0:
+        raise ValueError(f"sensitivity_at must be a specificity in [0, 1]; got {sensitivity_at}")
+    point = binary_metrics(y_true, scores, threshold)
+    sens, thr = sensitivity_at_specificity(y_true, scores, sensitivity_at)
+    metrics = {key: float(point[key]) for key in BOOTSTRAP_METRICS if key in point}
+    metrics["sensitivity_at_specificity"] = sens
+    y = _labels(y_true)
+    _, n_groups = _group_index(groups, y.shape[0])
+    counts = {k: int(point[k]) for k in ("tp", "fp", "tn", "fn", "n", "n_positive", "n_negative")}
+    counts["n_groups"] = n_groups
+    if int(n_boot) > 0:
+        samples = bootstrap_samples(
+            y_true,
+            scores,
+            threshold=threshold,
+            groups=groups,
+            n_boot=n_boot,
+            seed=seed,
+            sensitivity_at=sensitivity_at,
+        )
+        ci = {m: _percentile_ci(v, float(alpha)) for m, v in samples.items()}
+        valid = {m: int(np.isfinite(v).sum()) for m, v in samples.items()}
+    else:
+        ci = {m: (float("nan"), float("nan")) for m in BOOTSTRAP_METRICS}
+        valid = {m: 0 for m in BOOTSTRAP_METRICS}
+    return EvaluationReport(
+        metrics=metrics,
+        ci=ci,
+        threshold=float(point["threshold"]),
+        counts=counts,
+        sensitivity_at=float(sensitivity_at),
+        threshold_at_specificity=thr,
+        auc_defined=bool(point["auc_defined"]),
+        resampled_by="image" if groups is None else "patient",
+        n_boot=int(n_boot),
+        alpha=float(alpha),
+        seed=int(seed),
+        bootstrap_valid=valid,
+    )
+
+
+def format_table(reports: Mapping[str, EvaluationReport]) -> str:
+    """A Markdown table with one row per model, metrics in percent as in the paper's Table 2.
+
+    Each metric cell is ``"value [low, high]"`` (point estimate and bootstrap interval, in
+    percent; ``n/a`` when undefined). The last columns give the number of images (positive /
+    negative) and the confusion matrix ``TP/FP/TN/FN``.
+
+    Args:
+        reports: ``{model name: EvaluationReport}``, in display order.
+
+    Returns:
+        The table as a string (header, separator, rows), ending with a newline.
+
+    References:
+        Chae et al., JIPS 2021, Table 2.
+    """
+    if not reports:
+        raise ValueError("format_table needs at least one report")
+    first = next(iter(reports.values()))
+    level = round(100 * (1 - first.alpha))
+    spec = round(100 * first.sensitivity_at)
+    headers = ["Model"]
+    for key, title in _TABLE_COLUMNS:
+        headers.append(f"Sens@Spec{spec} (%)" if key == "sensitivity_at_specificity" else title)
+        if key != "sensitivity_at_specificity":
+            headers[-1] += " (%)"
+    headers += ["n (pos/neg)", "TP/FP/TN/FN"]
+    lines = [
+        "| " + " | ".join(headers) + " |",
+        "|" + "|".join([":---"] + ["---:"] * (len(headers) - 1)) + "|",
+    ]
+    lines += [report.to_markdown_row(name) for name, report in reports.items()]
+    note = (
+        f"Values in percent, [{level}% bootstrap CI, resampled by {first.resampled_by}, "
+        f"{first.n_boot} resamples]."
+    )
+    return "\n".join(lines) + "\n\n" + note + "\n"
