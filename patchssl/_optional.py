@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import importlib
-from functools import lru_cache
+from functools import cache
 from types import ModuleType
 
 __all__ = ["is_available", "require"]
 
 
-@lru_cache(maxsize=None)
+@cache
 def is_available(module: str) -> bool:
     """Whether ``module`` can be imported (cached)."""
     try:

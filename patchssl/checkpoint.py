@@ -1,0 +1,206 @@
+"""Checkpoint files: atomic writes, safe loads, and the checks that catch a mismatch.
+
+A patchssl checkpoint is a plain dictionary saved with :func:`torch.save`: state dicts
+(tensors) plus a JSON-able description of what produced them. It is loaded with
+``torch.load(..., weights_only=True)``, so opening a checkpoint never runs code from the file.
+
+Keys written by the training engine:
+
+========================== ==============================================================
+``format``                 ``"patchssl"``
+``format_version``         integer, currently 1
+``library_version``        the patchssl version that wrote it
+``kind``                   ``"pretrain"`` or ``"finetune"``
+``model_config``           how to rebuild the model: ``encoder``, ``tiler`` and
+                           ``pretext``/``pretext_kwargs`` or ``classifier`` configs
+``permutations_fingerprint`` content hash of the jigsaw permutation set, or ``None``
+``model``                  the model's ``state_dict``
+``optimizer``, ``scheduler``, ``scaler``, ``rng``, ``epoch``, ``step``, ``config`` ...
+========================== ==============================================================
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "FORMAT_VERSION",
+    "CheckpointError",
+    "check_compatible",
+    "load_checkpoint",
+    "save_checkpoint",
+]
+
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read, or that does not match what it is loaded into."""
+
+
+def save_checkpoint(path: str | os.PathLike[str], payload: Mapping[str, Any]) -> Path:
+    """Write a checkpoint atomically.
+
+    The payload is written to a temporary file in the same folder, flushed to disk, then
+    renamed over ``path`` in one step: a crash or a full disk mid-write leaves the previous
+    file intact, never a truncated one.
+
+    Args:
+        path: Destination file (its folder is created if needed).
+        payload: A mapping of tensors, state dicts and JSON-able values. ``format``,
+            ``format_version`` and ``library_version`` are filled in when absent.
+
+    Returns:
+        The path written.
+    """
+    from patchssl import __version__
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = dict(payload)
+    data.setdefault("format", "patchssl")
+    data.setdefault("format_version", FORMAT_VERSION)
+    data.setdefault("library_version", __version__)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(data, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    try:  # make the rename itself durable where the platform allows it
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return path
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass
+    finally:
+        os.close(dir_fd)
+    return path
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str],
+    map_location: str | torch.device = "cpu",
+    *,
+    kind: str | None = None,
+) -> dict[str, Any]:
+    """Read a checkpoint written by patchssl, safely.
+
+    Args:
+        path: The checkpoint file.
+        map_location: Where tensors are loaded (default CPU).
+        kind: If given (``"pretrain"`` or ``"finetune"``), refuse a checkpoint of another kind.
+
+    Returns:
+        The checkpoint dictionary.
+
+    Raises:
+        FileNotFoundError: If ``path`` does not exist.
+        CheckpointError: If the file is truncated or corrupt, was not written by patchssl, was
+            written by a newer format version, or is of the wrong kind.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        data = torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, OSError) as err:
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: {err}. The file is truncated, corrupt, or not a "
+            "PyTorch checkpoint; if training was interrupted, use the previous checkpoint "
+            "(patchssl writes checkpoints atomically, so last.pt/best.pt are whole)."
+        ) from err
+    if not isinstance(data, dict) or data.get("format") != "patchssl":
+        raise CheckpointError(
+            f"{path} is not a patchssl checkpoint (no 'format': 'patchssl' entry). To start from "
+            "plain backbone weights, pass them as SharedPatchEncoder(..., pretrained=path) instead."
+        )
+    version = data.get("format_version", 0)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has checkpoint format version {version}, newer than this patchssl "
+            f"understands ({FORMAT_VERSION}); upgrade patchssl (it was written by "
+            f"{data.get('library_version', 'an unknown version')})."
+        )
+    if kind is not None and data.get("kind") != kind:
+        raise CheckpointError(
+            f"{path} is a {data.get('kind', 'unknown')!r} checkpoint; a {kind!r} checkpoint is "
+            "needed here (pretraining checkpoints come from `patchssl pretrain`, fine-tuned "
+            "ones from `patchssl finetune`)."
+        )
+    return data
+
+
+def check_compatible(
+    checkpoint: Mapping[str, Any],
+    *,
+    source: str,
+    permutations_fingerprint: str | None = None,
+    encoder: Mapping[str, Any] | None = None,
+    tiler: Mapping[str, Any] | None = None,
+    pretext: str | None = None,
+) -> None:
+    """Refuse a checkpoint that was made with another permutation set, backbone or geometry.
+
+    Only the arguments that are given are compared.
+
+    Args:
+        checkpoint: A dictionary from :func:`load_checkpoint`.
+        source: How to name the checkpoint in messages (usually its path).
+        permutations_fingerprint: The fingerprint of the permutation set in use.
+        encoder: The encoder config in use; ``backbone`` and ``in_chans`` are compared.
+        tiler: The tiler config in use; ``grid``, ``patch_size`` and ``image_size`` are
+            compared.
+        pretext: The pretext task name in use.
+
+    Raises:
+        CheckpointError: On the first disagreement, naming both values.
+    """
+    config = checkpoint.get("model_config") or {}
+    theirs = checkpoint.get("permutations_fingerprint")
+    if permutations_fingerprint is not None and theirs not in (None, permutations_fingerprint):
+        raise CheckpointError(
+            f"{source} was trained with permutation set {theirs}, but the set in use is "
+            f"{permutations_fingerprint}: the puzzle classes would not mean the same thing. "
+            "Use the permutation file that the run was started with, or start a new run."
+        )
+    if pretext is not None and config.get("pretext") not in (None, pretext):
+        raise CheckpointError(
+            f"{source} was trained with pretext task {config.get('pretext')!r}, not {pretext!r}."
+        )
+    pairs = (
+        ("encoder", encoder, ("backbone", "in_chans")),
+        ("tiler", tiler, ("grid", "patch_size", "image_size")),
+    )
+    for section, ours, keys in pairs:
+        if ours is None:
+            continue
+        stored = config.get(section) or {}
+        for key in keys:
+            if key in stored and key in ours and _norm(stored[key]) != _norm(ours[key]):
+                raise CheckpointError(
+                    f"{source} was trained with {section} {key}={stored[key]!r}, but "
+                    f"{key}={ours[key]!r} is in use. Use the same {key} as the checkpoint, or "
+                    "start from scratch."
+                )
+
+
+def _norm(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return tuple(_norm(v) for v in value)
+    return value

@@ -1,0 +1,86 @@
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from patchssl.checkpoint import CheckpointError, check_compatible, load_checkpoint, save_checkpoint
+
+
+def test_round_trip_with_weights_only(tmp_path):
+    payload = {"kind": "pretrain", "model": {"w": torch.arange(3.0)}, "model_config": {"a": [1]}}
+    path = save_checkpoint(tmp_path / "sub" / "last.pt", payload)
+    data = load_checkpoint(path)
+    assert data["format"] == "patchssl" and data["format_version"] == 1
+    assert torch.equal(data["model"]["w"], torch.arange(3.0))
+    assert load_checkpoint(path, kind="pretrain")["kind"] == "pretrain"
+    with pytest.raises(CheckpointError, match="'pretrain' checkpoint"):
+        load_checkpoint(path, kind="finetune")
+    # no temporary files are left behind
+    assert sorted(p.name for p in path.parent.iterdir()) == ["last.pt"]
+
+
+def test_truncated_file_is_a_clear_error(tmp_path):
+    path = save_checkpoint(
+        tmp_path / "c.pt", {"kind": "pretrain", "model": {"w": torch.ones(1000)}}
+    )
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_checkpoint(path)
+
+
+def test_missing_and_foreign_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.pt"):
+        load_checkpoint(tmp_path / "nope.pt")
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {}}, foreign)
+    with pytest.raises(CheckpointError, match="not a patchssl checkpoint"):
+        load_checkpoint(foreign)
+    newer = tmp_path / "newer.pt"
+    torch.save({"format": "patchssl", "format_version": 99}, newer)
+    with pytest.raises(CheckpointError, match="upgrade patchssl"):
+        load_checkpoint(newer)
+
+
+def test_failed_write_keeps_previous_file(tmp_path, monkeypatch):
+    path = save_checkpoint(tmp_path / "c.pt", {"kind": "pretrain", "step": 1})
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", boom)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(path, {"kind": "pretrain", "step": 2})
+    monkeypatch.undo()
+    assert load_checkpoint(path)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
+    assert os.path.getsize(path) > 0
+
+
+def test_check_compatible_names_both_values():
+    ckpt = {
+        "permutations_fingerprint": "aaaa",
+        "model_config": {
+            "pretext": "jigsaw",
+            "encoder": {"backbone": "resnet50", "in_chans": 3},
+            "tiler": {"grid": [3, 3], "patch_size": [153, 153], "image_size": [512, 512]},
+        },
+    }
+    check_compatible(
+        ckpt,
+        source="x.pt",
+        permutations_fingerprint="aaaa",
+        encoder={"backbone": "resnet50", "in_chans": 3},
+        tiler={"grid": (3, 3), "patch_size": (153, 153), "image_size": (512, 512)},
+        pretext="jigsaw",
+    )
+    with pytest.raises(CheckpointError, match="permutation set aaaa.*bbbb"):
+        check_compatible(ckpt, source="x.pt", permutations_fingerprint="bbbb")
+    with pytest.raises(CheckpointError, match="backbone='resnet50'.*'vgg16'"):
+        check_compatible(ckpt, source="x.pt", encoder={"backbone": "vgg16"})
+    with pytest.raises(CheckpointError, match="patch_size"):
+        check_compatible(ckpt, source="x.pt", tiler={"patch_size": [64, 64]})
+    with pytest.raises(CheckpointError, match="rotation"):
+        check_compatible(ckpt, source="x.pt", pretext="rotation")
