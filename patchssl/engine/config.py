@@ -1,0 +1,504 @@
+"""Run configuration: dataclasses, YAML/JSON loading and dotted overrides.
+
+A run is described by one :class:`Config` with a section per concern (``data``, ``model``,
+``pretext``, ``train``, ``eval``, ``explain``, ``demo``). Every command reads the sections it
+needs and ignores the others, so one file can drive a whole study::
+
+    out: runs/cervix
+    data: {unlabeled: /data/cervix/unlabeled, manifest: /data/cervix/labeled.csv, image_size: 512}
+    model: {backbone: resnet50, patch_size: 153}
+    train: {epochs: 30, batch_size: 32, lr: 0.001}
+
+Files are loaded strictly: an unknown key is an error with a did-you-mean hint, and values are
+checked against the field types. Command-line flags override the file through dotted paths
+(``train.epochs=3``), whose values are parsed as YAML scalars (``3``, ``0.1``, ``true``,
+``null``, ``[3, 3]``).
+
+References:
+    Chae et al., "Attentive Transfer Learning via Self-supervised Learning for Cervical
+    Dysplasia Diagnosis", JIPS 2021 (the defaults follow its setup: 512 px images, a 3x3 grid of
+    153 px patches, a ResNet50 encoder, an 80/20 split).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "DemoConfig",
+    "EvalConfig",
+    "ExplainConfig",
+    "ModelConfig",
+    "PretextConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "load_config",
+    "save_config",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration or usage error that the user can fix (the CLI exits with status 2)."""
+
+
+@dataclass
+class DataConfig:
+    """Where the images are and how they are split.
+
+    Attributes:
+        unlabeled: Folder (searched recursively) of unlabeled images for pretraining.
+        manifest: CSV manifest of labeled images (columns: image path, label, and optionally
+            patient and visit ids).
+        image_root: Folder that relative paths in the manifest start from (default: the
+            manifest's folder).
+        label_map: How raw labels map to classes: ``"cervix"`` (CIN0/CIN1 -> 0, CIN2/CIN3/CIN4
+            -> 1), ``"identity"`` (labels already 0/1), or a mapping ``{raw: class}``. Labels
+            missing from the map are refused and listed.
+        path_column: Manifest column with the image path.
+        label_column: Manifest column with the raw label.
+        patient_column: Manifest column with the patient id (splits are grouped by it).
+        visit_column: Manifest column with the visit id (optional).
+        image_size: Working image size in pixels (images are resized to a square).
+        in_chans: Number of image channels given to the network (3 = RGB, 1 = grayscale).
+        split: A saved ``split.json`` to reuse instead of drawing a new split.
+        test_size: Share of patients held out for testing (the paper: 0.2).
+        val_size: Share of the training patients carved out for validation (threshold choice
+            and early stopping).
+        pretrain_val_size: Share of unlabeled images held out to monitor pretraining.
+        exclude_overlap: Drop unlabeled images that are also labeled evaluation images
+            (otherwise the overlap is reported with a warning).
+        cache: Output folder of ``patchssl prepare`` (resized copies); default ``<out>/cache``.
+        workers: Data-loader worker processes (decoding only).
+        max_images: Use at most this many images of each kind (quick trials).
+    """
+
+    unlabeled: str | None = None
+    manifest: str | None = None
+    image_root: str | None = None
+    label_map: str | dict = "cervix"
+    path_column: str = "image"
+    label_column: str = "label"
+    patient_column: str = "patient"
+    visit_column: str = "visit"
+    image_size: int = 512
+    in_chans: int = 3
+    split: str | None = None
+    test_size: float = 0.2
+    val_size: float = 0.2
+    pretrain_val_size: float = 0.05
+    exclude_overlap: bool = False
+    cache: str | None = None
+    workers: int = 2
+    max_images: int | None = None
+
+
+@dataclass
+class ModelConfig:
+    """The network: shared patch encoder, tiling geometry and classifier head.
+
+    Attributes:
+        backbone: timm model name of the shared patch encoder (the paper: ``resnet50``).
+        pretrained: Load ImageNet weights (needs a local timm cache; nothing is downloaded).
+        grid: Patches per side (3 = the paper's 3x3 grid).
+        patch_size: Patch side in pixels (the paper: 153 px in 512 px images).
+        gap: Minimum space in pixels between neighbouring patches (default: the tiler's).
+        jitter: Largest random shift of a patch in pixels during training (default: the
+            largest the cell allows).
+        norm: Normalisation layers of the encoder (``batch``, ``group``, ``sync_batch``...).
+        attention: Patch attention of the classifier: ``sigmoid`` (the paper), ``softmax``,
+            ``gated`` or ``none``.
+        head: Classifier head: ``concat`` (per-patch layers, concatenated; the paper) or
+            ``pooled``.
+        dropout: Dropout before the final layer.
+        num_classes: Number of classes (2 for CIN2+ against CIN0/1).
+        init: Pretraining checkpoint to start fine-tuning from; ``null`` trains from scratch.
+        channels_last: Use the channels-last memory format on the GPU (no-op on the CPU).
+    """
+
+    backbone: str = "resnet50"
+    pretrained: bool = False
+    grid: int = 3
+    patch_size: int = 153
+    gap: int | None = None
+    jitter: int | None = None
+    norm: str = "batch"
+    attention: str = "sigmoid"
+    head: str = "concat"
+    dropout: float = 0.0
+    num_classes: int = 2
+    init: str | None = None
+    channels_last: bool = True
+
+
+@dataclass
+class PretextConfig:
+    """The self-supervised task.
+
+    Attributes:
+        name: A registered pretext task (``patchssl pretexts`` lists them; the paper: jigsaw).
+        options: Keyword arguments of the task, e.g. ``{num_permutations: 100}`` or
+            ``{permutations: perms.pt}`` for jigsaw.
+    """
+
+    name: str = "jigsaw"
+    options: dict = field(default_factory=dict)
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, precision, schedule, early stopping and logging.
+
+    Attributes:
+        epochs: Number of epochs.
+        batch_size: Images per step (per process).
+        lr: Peak learning rate.
+        min_lr: Learning rate at the end of the cosine schedule.
+        optimizer: ``adamw`` or ``sgd``.
+        weight_decay: Weight decay.
+        momentum: SGD momentum.
+        schedule: ``cosine`` (with linear warmup) or ``constant``.
+        warmup_epochs: Linear warmup length in epochs (may be fractional).
+        amp: Mixed precision on the GPU: ``auto`` (bf16 where supported, else fp16), ``bf16``,
+            ``fp16`` or ``none``. A no-op on the CPU.
+        device: ``auto`` (CUDA if available), ``cpu``, ``cuda``, ``cuda:1``...
+        seed: Seed of every random choice; a seeded CPU run repeats exactly.
+        class_weights: ``inverse`` (inverse class frequency in the loss) or ``none``.
+        patience: Early stopping after this many epochs without improvement (0 = off).
+        monitor: Validation metric that selects ``best.pt`` and drives early stopping
+            (``auto``: ``val_auc`` when fine-tuning, ``val_loss`` when pretraining).
+        grad_clip: Clip the gradient norm to this value (``null`` = off).
+        max_steps_per_epoch: Stop each epoch after this many steps (quick trials).
+        progress: Show progress bars.
+        tensorboard: ``auto`` (when installed), ``true`` or ``false``.
+        num_threads: CPU threads for torch (``null`` = torch's default).
+        resume: Continue the run in ``out`` from its ``last.pt`` (or from the given file).
+    """
+
+    epochs: int = 30
+    batch_size: int = 32
+    lr: float = 1e-3
+    min_lr: float = 0.0
+    optimizer: str = "adamw"
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+    schedule: str = "cosine"
+    warmup_epochs: float = 1.0
+    amp: str = "auto"
+    device: str = "auto"
+    seed: int = 0
+    class_weights: str = "inverse"
+    patience: int = 10
+    monitor: str = "auto"
+    grad_clip: float | None = None
+    max_steps_per_epoch: int | None = None
+    progress: bool = True
+    tensorboard: str = "auto"
+    num_threads: int | None = None
+    resume: bool | str = False
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation of a fine-tuned classifier.
+
+    Attributes:
+        checkpoint: Classifier checkpoint (default: ``<out>/best.pt``).
+        threshold: ``youden`` (chosen on the validation split), another criterion of
+            :func:`patchssl.metrics.choose_threshold`, or a fixed number.
+        target_specificity: Specificity at which the sensitivity is reported.
+        n_boot: Bootstrap resamples (by patient) for the 95% confidence intervals.
+        ci: Confidence level of the intervals.
+    """
+
+    checkpoint: str | None = None
+    threshold: str | float = "youden"
+    target_specificity: float = 0.9
+    n_boot: int = 1000
+    ci: float = 0.95
+
+
+@dataclass
+class ExplainConfig:
+    """Attention overlays and embedding plots.
+
+    Attributes:
+        checkpoint: Classifier checkpoint (default: ``<out>/best.pt``).
+        split: Which part of the split to explain (``test``, ``val``, ``train`` or ``all``).
+        num_images: Attention overlays to draw (the highest-scoring images first).
+        embedding: Also draw the t-SNE plot of the classifier features (the paper's Fig. 4a).
+    """
+
+    checkpoint: str | None = None
+    split: str = "test"
+    num_images: int = 16
+    embedding: bool = True
+
+
+@dataclass
+class DemoConfig:
+    """The ``patchssl demo`` run on synthetic data.
+
+    Attributes:
+        fast: A much smaller run (about a minute) for tests and smoke checks.
+    """
+
+    fast: bool = False
+
+
+@dataclass
+class Config:
+    """Everything a command needs. See the section classes for each field.
+
+    Attributes:
+        out: Output folder of the run (checkpoints, logs, reports).
+        data: Data section.
+        model: Model section.
+        pretext: Pretext-task section.
+        train: Training section.
+        eval: Evaluation section.
+        explain: Explanation section.
+        demo: Demo section.
+    """
+
+    out: str = "runs/patchssl"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pretext: PretextConfig = field(default_factory=PretextConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    explain: ExplainConfig = field(default_factory=ExplainConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-able nested dict of the configuration."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> Config:
+        """Build a configuration from a nested dict, strictly.
+
+        Args:
+            data: Nested mapping; missing keys keep their defaults.
+
+        Returns:
+            The configuration.
+
+        Raises:
+            ConfigError: On unknown keys or values of the wrong type.
+        """
+        return _build(cls, data or {}, prefix="")
+
+    def replace(self, **changes: Any) -> Config:
+        """Return a deep copy with top-level fields replaced."""
+        copy = Config.from_dict(self.to_dict())
+        for key, value in changes.items():
+            setattr(copy, key, value)
+        return copy
+
+    def copy(self) -> Config:
+        """Return a deep copy."""
+        return Config.from_dict(self.to_dict())
+
+
+def _did_you_mean(name: str, options: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, list(options), n=1)
+    return f" Did you mean '{close[0]}'?" if close else ""
+
+
+def _check_value(value: Any, hint: Any, where: str) -> Any:
+    """Check (and gently coerce) ``value`` against a resolved type hint."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _check_value(value, option, where)
+            except ConfigError as err:
+                errors.append(str(err))
+        names = " or ".join(getattr(o, "__name__", str(o)) for o in options)
+        raise ConfigError(f"{where}: expected {names}, got {value!r}")
+    if hint is Any:
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, Path):
+            return str(value)
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    if hint is dict or origin is dict:
+        if isinstance(value, dict):
+            return dict(value)
+        raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+    if hint is list or origin is list:
+        if isinstance(value, (list, tuple)):
+            return list(value)
+        raise ConfigError(f"{where}: expected a list, got {value!r}")
+    return value
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        where = prefix.rstrip(".") or "the configuration"
+        raise ConfigError(f"{where}: expected a mapping of options, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        key = unknown[0]
+        raise ConfigError(
+            f"unknown option '{prefix}{key}'.{_did_you_mean(str(key), fields)} "
+            f"Options of '{prefix.rstrip('.') or 'the top level'}': {', '.join(fields)}"
+        )
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value if value is not None else {}, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _check_value(value, hint, f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Load a YAML or JSON configuration file and apply dotted overrides.
+
+    Args:
+        path: A ``.yaml``/``.yml``/``.json`` file, or ``None`` for the defaults.
+        overrides: ``"section.key=value"`` strings applied in order (values parsed as YAML).
+
+    Returns:
+        The configuration.
+
+    Raises:
+        ConfigError: When the file is missing, unreadable, or holds unknown keys or bad values.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        text = path.read_text(encoding="utf-8")
+        try:
+            data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+        except (json.JSONDecodeError, yaml.YAMLError) as err:
+            raise ConfigError(f"cannot parse config file {path}: {err}") from err
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    config = Config.from_dict(data)
+    return apply_overrides(config, overrides)
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(
+            f"override '{text}' must look like section.key=value (e.g. train.epochs=3)"
+        )
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override '{text}' has no key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(config: Config, overrides: typing.Sequence[str]) -> Config:
+    """Return a copy of ``config`` with dotted ``key=value`` overrides applied.
+
+    Args:
+        config: The configuration to start from (left unchanged).
+        overrides: Strings such as ``"train.epochs=3"`` or ``"pretext.options.num_permutations=64"``
+            (keys inside a mapping option may be new).
+
+    Returns:
+        A new configuration.
+
+    Raises:
+        ConfigError: On unknown keys or values of the wrong type.
+    """
+    data = config.to_dict()
+    for text in overrides:
+        keys, value = _parse_override(text)
+        set_dotted(data, keys, value, text)
+    return Config.from_dict(data)
+
+
+def set_dotted(data: dict[str, Any], keys: list[str], value: Any, text: str = "") -> None:
+    """Set ``data[k0][k1]...`` to ``value``, refusing unknown sections with a hint.
+
+    Args:
+        data: Nested dict (as from :meth:`Config.to_dict`).
+        keys: The dotted path split into keys.
+        value: New value.
+        text: The original override, for error messages.
+    """
+    node = data
+    for depth, key in enumerate(keys[:-1]):
+        if key not in node:
+            path = ".".join(keys[: depth + 1])
+            raise ConfigError(
+                f"unknown option '{path}' in '{text}'.{_did_you_mean(key, node)} "
+                f"Options: {', '.join(node)}"
+            )
+        if not isinstance(node[key], dict):
+            raise ConfigError(f"'{'.'.join(keys[: depth + 1])}' is not a section (in '{text}')")
+        node = node[key]
+    node[keys[-1]] = value
+
+
+def save_config(config: Config, path: str | Path) -> Path:
+    """Write the configuration as YAML (or JSON when ``path`` ends in ``.json``).
+
+    Args:
+        config: The configuration.
+        path: Output file.
+
+    Returns:
+        The path written.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = config.to_dict()
+    if path.suffix.lower() == ".json":
+        text = json.dumps(data, indent=2, sort_keys=False) + "\n"
+    else:
+        text = yaml.safe_dump(data, sort_keys=False)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+    return path

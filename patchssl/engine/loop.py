@@ -1,0 +1,622 @@
+"""The generic training loop shared by pretraining and fine-tuning.
+
+:class:`Trainer` owns everything that does not depend on the task: device placement, the
+optimizer and the warmup-cosine schedule, mixed precision (autocast bf16/fp16, a GradScaler for
+fp16), gradient clipping, per-epoch reseeding, progress bars with loss and throughput,
+``metrics.csv``/TensorBoard, skipped-file reports, ``last.pt``/``best.pt`` checkpoints written
+atomically, early stopping, resuming, and stopping cleanly on a non-finite loss. A task supplies
+a :class:`TrainingTask`: the model, what one step computes, how to validate, and what a
+checkpoint must record to rebuild the model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from patchssl.engine.config import Config, ConfigError, TrainConfig
+from patchssl.engine.distributed import get_rank, is_main_process, reduce_sums
+from patchssl.engine.logging import MetricsLogger, SkippedFiles, echo, progress
+from patchssl.engine.seeding import (
+    capture_rng_state,
+    make_generator,
+    restore_rng_state,
+    seed_everything,
+)
+
+__all__ = [
+    "EpochSampler",
+    "NonFiniteLossError",
+    "StepOutput",
+    "Trainer",
+    "TrainingResult",
+    "TrainingTask",
+    "autocast_context",
+    "build_optimizer",
+    "build_scheduler",
+    "move_batch",
+    "resolve_amp",
+    "resolve_device",
+]
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training met a NaN or infinite loss; the last good checkpoint was kept."""
+
+
+class StepOutput(NamedTuple):
+    """What one training or validation step reports.
+
+    Attributes:
+        loss: Scalar mean loss of the batch (with grad during training).
+        count: Number of images in the batch.
+        correct: Number of correctly classified images (``None`` when not applicable).
+    """
+
+    loss: Tensor
+    count: int
+    correct: Tensor | int | None = None
+
+
+class TrainingTask(Protocol):
+    """What a training run plugs into :class:`Trainer`.
+
+    Attributes:
+        model: The module being trained (its ``state_dict`` goes into the checkpoints).
+        kind: ``"pretrain"`` or ``"finetune"`` (stored in the checkpoint).
+    """
+
+    model: nn.Module
+    kind: str
+
+    def step(self, batch: dict[str, Any], generator: torch.Generator | None) -> StepOutput:
+        """Compute the loss of one batch already on the device."""
+        ...
+
+    def validate(self, epoch: int) -> dict[str, float]:
+        """Return validation metrics named ``val_*`` (empty dict when there is no validation)."""
+        ...
+
+    def checkpoint_info(self) -> dict[str, Any]:
+        """Return ``model_config`` and ``permutations_fingerprint`` for the checkpoint."""
+        ...
+
+
+class EpochSampler(torch.utils.data.Sampler[int]):
+    """Shuffles indices with a generator reseeded from ``(seed, epoch)`` at every epoch.
+
+    The same contract as ``torch.utils.data.DistributedSampler`` (``set_epoch``), so a
+    distributed sampler can take its place without touching the loop.
+
+    Args:
+        size: Number of items.
+        seed: Base seed of the run.
+        shuffle: Shuffle (training) or keep the order (evaluation).
+    """
+
+    def __init__(self, size: int, *, seed: int = 0, shuffle: bool = True) -> None:
+        self.size = int(size)
+        self.seed = int(seed)
+        self.shuffle = shuffle
+        self.epoch = 0
+        self.generator = torch.Generator()
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the epoch whose order :meth:`__iter__` yields."""
+        self.epoch = int(epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        if not self.shuffle:
+            return iter(range(self.size))
+        from patchssl.engine.seeding import derive_seed
+
+        self.generator.manual_seed(derive_seed(self.seed, "data-order", self.epoch))
+        return iter(torch.randperm(self.size, generator=self.generator).tolist())
+
+    def __len__(self) -> int:
+        return self.size
+
+
+@dataclass
+class TrainingResult:
+    """Summary of a finished (or stopped) training run.
+
+    Attributes:
+        out_dir: Run folder.
+        last_checkpoint: ``last.pt``.
+        best_checkpoint: ``best.pt`` (the epoch with the best monitored metric).
+        best_metric: Best value of the monitored metric.
+        best_epoch: Epoch (0-based) of ``best.pt``.
+        monitor: Name of the monitored metric.
+        epochs_run: Epochs completed in total (including those before a resume).
+        stopped_early: Whether early stopping ended the run.
+        skipped_files: Number of distinct unreadable files skipped.
+        history: One dict per completed epoch.
+    """
+
+    out_dir: Path
+    last_checkpoint: Path
+    best_checkpoint: Path
+    best_metric: float | None
+    best_epoch: int | None
+    monitor: str
+    epochs_run: int
+    stopped_early: bool = False
+    skipped_files: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def resolve_device(name: str) -> torch.device:
+    """Turn ``auto``/``cpu``/``cuda[:i]``/``mps`` into a device, refusing unavailable ones.
+
+    Args:
+        name: The configured device.
+
+    Returns:
+        The device.
+
+    Raises:
+        ConfigError: When CUDA is asked for but not available, or the name is invalid.
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ConfigError(f"train.device: invalid device '{name}' ({err})") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            f"train.device={name!r}, but CUDA is not available on this machine; use --device cpu"
+        )
+    return device
+
+
+def resolve_amp(amp: str, device: torch.device) -> tuple[torch.dtype | None, str | None]:
+    """Choose the autocast dtype.
+
+    Args:
+        amp: ``auto``, ``bf16``, ``fp16`` or ``none``.
+        device: Training device.
+
+    Returns:
+        ``(dtype or None, note or None)``; the note explains a no-op (e.g. on the CPU).
+
+    Raises:
+        ConfigError: On an unknown value.
+    """
+    amp = str(amp).lower()
+    options = ("auto", "bf16", "fp16", "none")
+    if amp not in options:
+        raise ConfigError(f"train.amp must be one of {', '.join(options)}; got '{amp}'")
+    if amp == "none":
+        return None, None
+    if device.type != "cuda":
+        note = None
+        if amp != "auto":
+            note = (
+                f"mixed precision ({amp}) is used on the GPU only; training in float32 on {device}"
+            )
+        return None, note
+    if amp == "auto":
+        return (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16), None
+    return (torch.bfloat16 if amp == "bf16" else torch.float16), None
+
+
+def autocast_context(
+    device: torch.device, dtype: torch.dtype | None
+) -> contextlib.AbstractContextManager:
+    """Autocast on ``device`` with ``dtype``, or a null context when ``dtype`` is ``None``."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def move_batch(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """Move every tensor of a collated batch to ``device`` (non-blocking)."""
+    return {
+        k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()
+    }
+
+
+def build_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW or SGD, without weight decay on biases and normalisation parameters.
+
+    Args:
+        model: Module to optimise (only parameters that require grad).
+        train: Training section of the configuration.
+
+    Returns:
+        The optimizer.
+    """
+    decay, no_decay = [], []
+    for _, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim <= 1 else decay).append(param)
+    groups = [
+        {"params": decay, "weight_decay": train.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    name = train.optimizer.lower()
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=train.lr)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=train.lr, momentum=train.momentum, nesterov=True)
+    raise ConfigError(f"train.optimizer must be 'adamw' or 'sgd'; got '{train.optimizer}'")
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, train: TrainConfig, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup then cosine decay to ``min_lr`` (or a constant rate), stepped per batch.
+
+    The schedule is a closure over the current configuration, so a resumed run whose
+    ``epochs`` were extended follows the new length.
+
+    Args:
+        optimizer: The optimizer.
+        train: Training section (``schedule``, ``warmup_epochs``, ``epochs``, ``lr``, ``min_lr``).
+        steps_per_epoch: Optimizer steps per epoch.
+
+    Returns:
+        A ``LambdaLR`` scheduler.
+    """
+    if train.schedule not in ("cosine", "constant"):
+        raise ConfigError(f"train.schedule must be 'cosine' or 'constant'; got '{train.schedule}'")
+    total = max(1, train.epochs * steps_per_epoch)
+    warmup = min(total, round(train.warmup_epochs * steps_per_epoch))
+    floor = train.min_lr / train.lr if train.lr > 0 else 0.0
+    cosine = train.schedule == "cosine"
+
+    def factor(step: int) -> float:
+        if warmup > 0 and step < warmup:
+            return (step + 1) / warmup
+        if not cosine:
+            return 1.0
+        progress_ = min(1.0, (step - warmup) / max(1, total - warmup))
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress_))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _better(value: float, best: float | None, mode: str) -> bool:
+    if best is None or math.isnan(best):
+        return not math.isnan(value)
+    return value < best if mode == "min" else value > best
+
+
+def monitor_mode(name: str) -> str:
+    """``"min"`` for losses and error rates, ``"max"`` for everything else."""
+    return "min" if ("loss" in name or "error" in name) else "max"
+
+
+class Trainer:
+    """Runs epochs of a :class:`TrainingTask` with checkpoints, logs and early stopping.
+
+    Args:
+        task: The task (model, step, validation, checkpoint info).
+        config: The run configuration (``train`` section and ``out``).
+        loader: Training data loader yielding collated dicts with ``"image"`` (B, C, H, W)
+            uint8 and ``"failed"`` (list of ``(path, reason)``).
+        sampler: The loader's sampler, told the epoch before each epoch (``set_epoch``).
+        device: Training device.
+        monitor: Metric selecting ``best.pt`` (e.g. ``"val_auc"``).
+        out_dir: Run folder (default: ``config.out``).
+        callbacks: Called as ``callback(trainer, epoch, row)`` after each epoch's checkpoint
+            is written (a place for custom logging or for stopping the run by raising).
+    """
+
+    def __init__(
+        self,
+        task: TrainingTask,
+        config: Config,
+        loader: Iterable[dict[str, Any]],
+        sampler: Any,
+        device: torch.device,
+        *,
+        monitor: str,
+        out_dir: str | Path | None = None,
+        callbacks: Iterable[Callable[[Trainer, int, dict[str, Any]], None]] = (),
+    ) -> None:
+        self.task = task
+        self.config = config
+        self.train = config.train
+        self.loader = loader
+        self.sampler = sampler
+        self.device = device
+        self.monitor = monitor
+        self.mode = monitor_mode(monitor)
+        self.out_dir = Path(out_dir if out_dir is not None else config.out)
+        self.callbacks = list(callbacks)
+        self.amp_dtype, note = resolve_amp(self.train.amp, device)
+        if note:
+            echo(f"note: {note}")
+        self.model = task.model
+        self.optimizer = build_optimizer(self.model, self.train)
+        steps = len(loader)  # type: ignore[arg-type]
+        if self.train.max_steps_per_epoch:
+            steps = min(steps, self.train.max_steps_per_epoch)
+        if steps == 0:
+            raise ConfigError(
+                f"no training batches: {len(sampler)} image(s) with "
+                f"batch_size={self.train.batch_size}"
+            )
+        self.steps_per_epoch = steps
+        self.scheduler = build_scheduler(self.optimizer, self.train, steps)
+        self.scaler = torch.amp.GradScaler(
+            device.type if device.type == "cuda" else "cpu",
+            enabled=self.amp_dtype == torch.float16,
+        )
+        self.start_epoch = 0
+        self.global_step = 0
+        self.best_metric: float | None = None
+        self.best_epoch: int | None = None
+        self.bad_epochs = 0
+        self.history: list[dict[str, Any]] = []
+        self.skipped = SkippedFiles(self.out_dir)
+        self.last_path = self.out_dir / "last.pt"
+        self.best_path = self.out_dir / "best.pt"
+        self.data_generator = getattr(sampler, "generator", None)
+
+    # ----------------------------------------------------------------------------- checkpoints
+    def _generators(self) -> dict[str, torch.Generator]:
+        return (
+            {"data": self.data_generator}
+            if isinstance(self.data_generator, torch.Generator)
+            else {}
+        )
+
+    def payload(self, epoch: int, metrics: dict[str, Any]) -> dict[str, Any]:
+        """Assemble the checkpoint payload of the end of ``epoch`` (see INTERFACES.md)."""
+        from patchssl import __version__
+
+        info = self.task.checkpoint_info()
+        return {
+            "format": "patchssl",
+            "format_version": 1,
+            "library_version": __version__,
+            "kind": self.task.kind,
+            "model_config": info["model_config"],
+            "permutations_fingerprint": info.get("permutations_fingerprint"),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": capture_rng_state(self._generators()),
+            "epoch": epoch,
+            "step": self.global_step,
+            "config": self.config.to_dict(),
+            "metrics": metrics,
+            "trainer": {
+                "monitor": self.monitor,
+                "best_metric": self.best_metric,
+                "best_epoch": self.best_epoch,
+                "bad_epochs": self.bad_epochs,
+                "history": self.history,
+            },
+        }
+
+    def resume_from(self, path: str | Path) -> None:
+        """Load ``last.pt`` (or ``path``) and continue after its epoch.
+
+        Raises:
+            ConfigError: When the checkpoint is missing or belongs to another model
+                (backbone, pretext task, permutation set, tiling...).
+        """
+        from patchssl.checkpoint import load_checkpoint
+        from patchssl.engine.checkpointing import check_compatible
+
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"cannot resume: no checkpoint at {path}")
+        ckpt = load_checkpoint(path)
+        info = self.task.checkpoint_info()
+        check_compatible(
+            ckpt,
+            kind=self.task.kind,
+            model_config=info["model_config"],
+            fingerprint=info.get("permutations_fingerprint"),
+            action="resume",
+        )
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        if ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        restore_rng_state(ckpt.get("rng", {}), self._generators())
+        state = ckpt.get("trainer", {})
+        self.start_epoch = int(ckpt["epoch"]) + 1
+        self.global_step = int(ckpt["step"])
+        self.best_metric = state.get("best_metric")
+        self.best_epoch = state.get("best_epoch")
+        self.bad_epochs = int(state.get("bad_epochs", 0))
+        self.history = list(state.get("history", []))
+        echo(f"resumed from {path} (epoch {self.start_epoch} of {self.train.epochs})")
+
+    def _save(self, path: Path, epoch: int, metrics: dict[str, Any]) -> None:
+        if is_main_process():
+            from patchssl.checkpoint import save_checkpoint
+
+            save_checkpoint(path, self.payload(epoch, metrics))
+
+    # ---------------------------------------------------------------------------------- epochs
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        """Run one epoch of optimisation.
+
+        Args:
+            epoch: 0-based epoch number.
+
+        Returns:
+            ``train_loss``, ``train_acc`` (when the task reports it), ``lr``, ``images_per_s``.
+
+        Raises:
+            NonFiniteLossError: On a NaN or infinite loss (nothing is saved for this epoch).
+        """
+        rank = get_rank()
+        seed_everything(self.train.seed, "epoch", epoch, "rank", rank)
+        generator = make_generator(self.train.seed, "step", epoch, "rank", rank, device=self.device)
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+        self.model.train()
+        sums: dict[str, float] = {"loss": 0.0, "count": 0.0, "correct": 0.0, "scored": 0.0}
+        bar = progress(
+            self.loader,
+            total=self.steps_per_epoch,
+            desc=f"{self.task.kind} epoch {epoch + 1}/{self.train.epochs}",
+            enabled=self.train.progress,
+        )
+        start = time.perf_counter()
+        seen = 0
+        for index, batch in enumerate(bar):
+            if index >= self.steps_per_epoch:
+                break
+            failed = batch.get("failed") or []
+            if failed:
+                self.skipped.add(failed, where=f"{self.task.kind} epoch {epoch + 1}")
+            if batch.get("image") is None or len(batch["image"]) == 0:
+                continue
+            batch = move_batch(batch, self.device)
+            with autocast_context(self.device, self.amp_dtype):
+                out = self.task.step(batch, generator)
+            loss = out.loss
+            if not torch.isfinite(loss.detach()).all():
+                raise NonFiniteLossError(
+                    f"non-finite loss ({loss.item()}) at epoch {epoch + 1}, step {index + 1} of "
+                    f"the epoch (global step {self.global_step + 1}); training stopped. "
+                    + (
+                        f"The last good checkpoint is kept at {self.last_path}."
+                        if self.last_path.is_file()
+                        else "No checkpoint had been written yet."
+                    )
+                    + " Try a lower learning rate (--lr), gradient clipping (--set "
+                    "train.grad_clip=1.0) or --amp none."
+                )
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            if self.train.grad_clip:
+                self.scaler.unscale_(self.optimizer)
+                nn.utils.clip_grad_norm_(self.model.parameters(), self.train.grad_clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.scheduler.step()
+            self.global_step += 1
+            n = int(out.count)
+            seen += n
+            sums["loss"] += float(loss.detach()) * n
+            sums["count"] += n
+            if out.correct is not None:
+                sums["correct"] += float(out.correct)
+                sums["scored"] += n
+            if hasattr(bar, "set_postfix"):
+                elapsed = max(time.perf_counter() - start, 1e-9)
+                bar.set_postfix(loss=f"{float(loss.detach()):.4f}", img_s=f"{seen / elapsed:.1f}")
+        if hasattr(bar, "close"):
+            bar.close()
+        elapsed = max(time.perf_counter() - start, 1e-9)
+        totals = reduce_sums({**sums, "seen": float(seen)})
+        row: dict[str, float] = {
+            "train_loss": totals["loss"] / max(totals["count"], 1.0),
+            "lr": float(self.optimizer.param_groups[0]["lr"]),
+            "images_per_s": totals["seen"] / elapsed,
+            "epoch_time_s": elapsed,
+        }
+        if totals["scored"] > 0:
+            row["train_acc"] = totals["correct"] / totals["scored"]
+        return row
+
+    def fit(self) -> TrainingResult:
+        """Train from ``start_epoch`` to ``train.epochs``, with checkpoints and early stopping.
+
+        Returns:
+            The :class:`TrainingResult`.
+
+        Raises:
+            NonFiniteLossError: On a non-finite loss (``last.pt`` keeps the last good epoch).
+        """
+        if is_main_process():
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        logger = MetricsLogger(
+            self.out_dir,
+            tensorboard=self.train.tensorboard,
+            resume_epoch=self.start_epoch if self.start_epoch > 0 else None,
+        )
+        stopped_early = False
+        try:
+            if self.start_epoch >= self.train.epochs:
+                echo(f"nothing to do: the run already has {self.start_epoch} epoch(s)")
+            for epoch in range(self.start_epoch, self.train.epochs):
+                row: dict[str, Any] = {"epoch": epoch + 1}
+                row.update(self.train_epoch(epoch))
+                val = self.task.validate(epoch)
+                row.update(val)
+                row["step"] = self.global_step
+                row["skipped"] = len(self.skipped)
+                monitored = row.get(self.monitor)
+                if monitored is None:
+                    fallback = "train_loss"
+                    if epoch == self.start_epoch:
+                        echo(f"note: '{self.monitor}' is not available; best.pt follows {fallback}")
+                    monitored, mode = row[fallback], "min"
+                else:
+                    mode = self.mode
+                improved = _better(float(monitored), self.best_metric, mode)
+                if improved:
+                    self.best_metric = float(monitored)
+                    self.best_epoch = epoch
+                    self.bad_epochs = 0
+                else:
+                    self.bad_epochs += 1
+                self.history.append(row)
+                logger.log(row, step=self.global_step)
+                self._save(self.last_path, epoch, row)
+                if improved:
+                    self._save(self.best_path, epoch, row)
+                echo(_format_row(row, self.train.epochs, improved))
+                self.skipped.report(f"epoch {epoch + 1}")
+                for callback in self.callbacks:
+                    callback(self, epoch, row)
+                if self.train.patience and self.bad_epochs >= self.train.patience:
+                    echo(
+                        f"early stopping: {self.monitor} did not improve for "
+                        f"{self.bad_epochs} epoch(s); best {self.best_metric:.4g} at epoch "
+                        f"{(self.best_epoch or 0) + 1}"
+                    )
+                    stopped_early = True
+                    break
+        finally:
+            logger.close()
+            self.skipped.write()
+        return TrainingResult(
+            out_dir=self.out_dir,
+            last_checkpoint=self.last_path,
+            best_checkpoint=self.best_path,
+            best_metric=self.best_metric,
+            best_epoch=self.best_epoch,
+            monitor=self.monitor,
+            epochs_run=len(self.history),
+            stopped_early=stopped_early,
+            skipped_files=len(self.skipped),
+            history=self.history,
+        )
+
+
+def _format_row(row: dict[str, Any], epochs: int, improved: bool) -> str:
+    parts = [f"epoch {row['epoch']}/{epochs}"]
+    for key, value in row.items():
+        if key in ("epoch", "step", "epoch_time_s", "skipped"):
+            continue
+        if isinstance(value, float):
+            parts.append(f"{key}={value:.4g}")
+    if row.get("skipped"):
+        parts.append(f"skipped={row['skipped']}")
+    if improved:
+        parts.append("(best)")
+    return "  ".join(parts)
