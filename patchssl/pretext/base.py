@@ -1,0 +1,629 @@
+"""The pretext-task contract: what every self-supervised task shares, checked in one place.
+
+A pretext task turns a batch of unlabeled images into inputs and targets it can make up
+itself (which permutation shuffled the tiles, which way the image was turned, where one
+patch sits relative to another), and learns to predict them. :class:`PretextTask` owns
+everything tasks have in common, in the manner of a base loss that validates and a subclass
+that computes:
+
+* ``forward`` validates the images once (shape, dtype, channels, size, device), then calls
+  the subclass's :meth:`~PretextTask.make_inputs`, :meth:`~PretextTask.compute_logits` and
+  :meth:`~PretextTask.compute_loss`, and checks what they return;
+* the ``encoder`` (attribute name fixed, so that checkpoints hold ``encoder.*`` keys that a
+  classifier can load) and the ``tiler``;
+* the ``config`` needed to rebuild the task, ``predict`` and ``accuracy`` helpers.
+
+The shared shortcut defences of the jigsaw literature (normalising each patch on its own,
+colour dropping) live here as :class:`PatchDefences`, so that every task can use them.
+
+References:
+    Noroozi & Favaro, "Unsupervised Learning of Visual Representations by Solving Jigsaw
+    Puzzles", ECCV 2016, arXiv:1603.09246.
+    Doersch, Gupta & Efros, "Unsupervised Visual Representation Learning by Context
+    Prediction", ICCV 2015, arXiv:1505.05192.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from patchssl.tiling import PatchTiler
+
+__all__ = [
+    "COLOR_DROP_MODES",
+    "PatchDefences",
+    "PretextOutput",
+    "PretextTask",
+    "default_tiler",
+    "random_integers",
+    "random_uniform",
+]
+
+#: The colour-dropping modes :class:`PatchDefences` understands.
+COLOR_DROP_MODES = ("grayscale", "channel_jitter", "both")
+
+
+class PretextOutput(NamedTuple):
+    """What a pretext task returns for one batch.
+
+    Attributes:
+        loss: Scalar tensor (differentiable in training).
+        logits: Tensor of shape ``(B, num_classes)`` (or ``(B, ..., num_classes)`` for tasks
+            with several predictions per image).
+        targets: Long tensor of shape ``(B,)`` (or ``(B, ...)``, matching ``logits``) with
+            values in ``[0, num_classes)``.
+    """
+
+    loss: Tensor
+    logits: Tensor
+    targets: Tensor
+
+
+# --------------------------------------------------------------------------------------------
+# Randomness helpers: draw on the generator's device (CPU by default), then move.
+# --------------------------------------------------------------------------------------------
+def random_integers(
+    high: int,
+    size: tuple[int, ...],
+    *,
+    generator: torch.Generator | None,
+    device: torch.device | str,
+) -> Tensor:
+    """Uniform integers in ``[0, high)`` drawn from ``generator`` and moved to ``device``.
+
+    The numbers are drawn where the generator lives (the CPU when ``generator`` is None), so
+    that a seeded CPU generator gives the same draws whatever device the batch is on.
+
+    Args:
+        high: Exclusive upper bound (> 0).
+        size: Output shape.
+        generator: Source of randomness; None uses torch's global CPU generator.
+        device: Where the result goes.
+
+    Returns:
+        Long tensor of shape ``size`` on ``device``.
+    """
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+    out = torch.randint(high, size, generator=generator, device=gen_device)
+    return out.to(device, non_blocking=True)
+
+
+def random_uniform(
+    size: tuple[int, ...],
+    *,
+    generator: torch.Generator | None,
+    device: torch.device | str,
+) -> Tensor:
+    """Uniform floats in ``[0, 1)`` drawn from ``generator`` and moved to ``device``.
+
+    Args:
+        size: Output shape.
+        generator: Source of randomness; None uses torch's global CPU generator.
+        device: Where the result goes.
+
+    Returns:
+        Float32 tensor of shape ``size`` on ``device``.
+    """
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+    out = torch.rand(size, generator=generator, device=gen_device)
+    return out.to(device, non_blocking=True)
+
+
+def _pair(value: int | tuple[int, int] | list[int], what: str) -> tuple[int, int]:
+    if isinstance(value, int):
+        return (value, value)
+    pair = tuple(int(v) for v in value)
+    if len(pair) != 2:
+        raise ValueError(f"{what} must be an int or a pair of ints; got {value!r}")
+    return pair  # type: ignore[return-value]
+
+
+def default_tiler(
+    patch_size: int | tuple[int, int],
+    grid: int | tuple[int, int] = (3, 3),
+    image_size: int | tuple[int, int] | None = None,
+) -> PatchTiler:
+    """The tiler a task builds when none is given: the paper's geometry, scaled.
+
+    Chae et al. cut 512 px images into a 3x3 grid of 153 px patches, which leaves about 17 px
+    per cell for the gap and the jitter. This keeps that ratio for any patch size:
+    ``image_size = ceil(rows * patch * 512 / 459)`` (so 153 px patches give 512 px images).
+    The gap and jitter are the tiler's defaults.
+
+    Args:
+        patch_size: Patch side ``h`` (or ``(h, w)``), normally the encoder's.
+        grid: ``rows`` (square grid) or ``(rows, cols)``.
+        image_size: Override the image size ``H`` (or ``(H, W)``).
+
+    Returns:
+        A :class:`patchssl.tiling.PatchTiler`.
+    """
+    from patchssl.tiling import PatchTiler
+
+    ph, pw = _pair(patch_size, "patch_size")
+    rows, cols = _pair(grid, "grid")
+    if image_size is None:
+        image_size = (-(-rows * ph * 512 // 459), -(-cols * pw * 512 // 459))
+    return PatchTiler(grid=(rows, cols), patch_size=(ph, pw), image_size=image_size)
+
+
+# --------------------------------------------------------------------------------------------
+# Shortcut defences shared by the tasks.
+# --------------------------------------------------------------------------------------------
+class PatchDefences(nn.Module):
+    """Batched defences against low-level shortcuts: colour dropping and per-patch normalisation.
+
+    A network asked where a patch belongs will happily read the answer from low-level cues
+    instead of learning what the patch shows: vignetting and lighting gradients (a patch's
+    mean and contrast), and chromatic aberration (colour fringes that grow towards the lens
+    border). Noroozi & Favaro (2016) normalise the mean and standard deviation of each tile
+    independently and jitter the colour channels of each tile by a few pixels; Doersch et al.
+    (2015) drop colour channels or project colours to gray. This module applies those ideas
+    to a whole batch of patches at once, every random choice drawn from the caller's
+    generator. Nothing here has parameters.
+
+    Order: convert to float in ``[0, 1]``; in training only, colour dropping; then (always,
+    also in eval) per-patch normalisation.
+
+    Args:
+        per_patch_norm: Standardise each channel of each patch by its own mean and standard
+            deviation. The encoder must then skip its own normalisation
+            (``encoder(patches, normalized=True)``), which :attr:`normalizes` tells the task.
+        color_drop: ``None`` (off), ``"grayscale"`` (each patch turned gray with probability
+            ``color_drop_prob``), ``"channel_jitter"`` (each colour channel of each patch
+            shifted by up to ``channel_shift`` px in x and y, edges replicated), or ``"both"``.
+            A no-op on one-channel images.
+        color_drop_prob: Probability that a patch is turned gray (``"grayscale"``/``"both"``).
+        channel_shift: Largest channel shift in px (``"channel_jitter"``/``"both"``).
+        eps: Added to the standard deviation in per-patch normalisation.
+
+    Shape:
+        - Input: ``(B, N, C, h, w)``, uint8 or floating.
+        - Output: ``(B, N, C, h, w)`` float (float32 for uint8 input).
+
+    References:
+        Noroozi & Favaro, ECCV 2016, arXiv:1603.09246 (Sec. 3.2).
+        Doersch, Gupta & Efros, ICCV 2015, arXiv:1505.05192 (Sec. 3.1).
+    """
+
+    def __init__(
+        self,
+        *,
+        per_patch_norm: bool = False,
+        color_drop: str | None = None,
+        color_drop_prob: float = 0.3,
+        channel_shift: int = 2,
+        eps: float = 1e-5,
+    ) -> None:
+        super().__init__()
+        if color_drop is not None and color_drop not in COLOR_DROP_MODES:
+            raise ValueError(
+                f"color_drop must be None or one of {COLOR_DROP_MODES}; got {color_drop!r}"
+            )
+        if not 0.0 <= float(color_drop_prob) <= 1.0:
+            raise ValueError(f"color_drop_prob must be in [0, 1]; got {color_drop_prob}")
+        if int(channel_shift) != channel_shift or channel_shift < 0:
+            raise ValueError(f"channel_shift must be an int >= 0 (px); got {channel_shift!r}")
+        if eps <= 0:
+            raise ValueError(f"eps must be > 0; got {eps}")
+        self.per_patch_norm = bool(per_patch_norm)
+        self.color_drop = color_drop
+        self.color_drop_prob = float(color_drop_prob)
+        self.channel_shift = int(channel_shift)
+        self.eps = float(eps)
+
+    @property
+    def normalizes(self) -> bool:
+        """Whether the output is already standardised (call the encoder with normalized=True)."""
+        return self.per_patch_norm
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The constructor arguments (JSON-able)."""
+        return {
+            "per_patch_norm": self.per_patch_norm,
+            "color_drop": self.color_drop,
+            "color_drop_prob": self.color_drop_prob,
+            "channel_shift": self.channel_shift,
+        }
+
+    def forward(self, patches: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
+        """Apply the defences to a batch of patches.
+
+        Args:
+            patches: Tensor of shape ``(B, N, C, h, w)``, uint8 (0..255) or float (0..1).
+            generator: Source of randomness for colour dropping.
+
+        Returns:
+            Float tensor of shape ``(B, N, C, h, w)``.
+        """
+        x = patches.float() / 255.0 if patches.dtype == torch.uint8 else patches
+        channels = x.shape[2]
+        if self.training and self.color_drop is not None and channels > 1:
+            if self.color_drop in ("channel_jitter", "both") and self.channel_shift > 0:
+                x = channel_jitter(x, self.channel_shift, generator=generator)
+            if self.color_drop in ("grayscale", "both") and self.color_drop_prob > 0:
+                x = random_grayscale(x, self.color_drop_prob, generator=generator)
+        if self.per_patch_norm:
+            x = standardize_patches(x, eps=self.eps)
+        return x
+
+
+def standardize_patches(patches: Tensor, *, eps: float = 1e-5) -> Tensor:
+    """Standardise each channel of each patch by its own mean and standard deviation.
+
+    Args:
+        patches: Float tensor of shape ``(B, N, C, h, w)``.
+        eps: Added to the standard deviation (flat patches become zeros, not NaN).
+
+    Returns:
+        Tensor of shape ``(B, N, C, h, w)``: zero mean, unit variance per (patch, channel).
+    """
+    mean = patches.mean(dim=(-2, -1), keepdim=True)
+    std = patches.std(dim=(-2, -1), keepdim=True, unbiased=False)
+    return (patches - mean) / (std + eps)
+
+
+def random_grayscale(
+    patches: Tensor, prob: float, *, generator: torch.Generator | None = None
+) -> Tensor:
+    """Turn each patch gray with probability ``prob`` (luma for 3 channels, mean otherwise).
+
+    Args:
+        patches: Float tensor of shape ``(B, N, C, h, w)``.
+        prob: Probability per patch.
+        generator: Source of randomness.
+
+    Returns:
+        Tensor of shape ``(B, N, C, h, w)``; gray patches have all channels equal.
+    """
+    b, n, c = patches.shape[:3]
+    if c == 3:
+        weights = patches.new_tensor([0.299, 0.587, 0.114]).view(1, 1, 3, 1, 1)
+        gray = (patches * weights).sum(dim=2, keepdim=True)
+    else:
+        gray = patches.mean(dim=2, keepdim=True)
+    mask = random_uniform((b, n), generator=generator, device=patches.device) < prob
+    return torch.where(mask.view(b, n, 1, 1, 1), gray.expand_as(patches), patches)
+
+
+def channel_jitter(
+    patches: Tensor, max_shift: int, *, generator: torch.Generator | None = None
+) -> Tensor:
+    """Shift each colour channel of each patch by up to ``max_shift`` px in x and y.
+
+    Chromatic aberration displaces the colour channels against each other by an amount that
+    depends on the position in the frame; random displacements of the same size hide that
+    cue. Borders are replicated. Two gathers, no Python loop over the batch.
+
+    Args:
+        patches: Float tensor of shape ``(B, N, C, h, w)``.
+        max_shift: Largest shift in px; shifts are uniform in ``[-max_shift, max_shift]``.
+        generator: Source of randomness.
+
+    Returns:
+        Tensor of shape ``(B, N, C, h, w)``: ``out[..., c, y, x] = in[..., c, y - dy, x - dx]``
+        with clamped indices.
+    """
+    b, n, c, h, w = patches.shape
+    shifts = random_integers(
+        2 * max_shift + 1, (2, b, n, c, 1), generator=generator, device=patches.device
+    )
+    shifts = shifts - max_shift
+    rows = (torch.arange(h, device=patches.device) - shifts[0]).clamp_(0, h - 1)  # (B,N,C,h)
+    cols = (torch.arange(w, device=patches.device) - shifts[1]).clamp_(0, w - 1)  # (B,N,C,w)
+    out = patches.gather(3, rows.unsqueeze(-1).expand(b, n, c, h, w))
+    return out.gather(4, cols.unsqueeze(-2).expand(b, n, c, h, w))
+
+
+# --------------------------------------------------------------------------------------------
+# The contract.
+# --------------------------------------------------------------------------------------------
+class PretextTask(nn.Module):
+    """Base class of every pretext task: the base checks, the subclass computes.
+
+    A subclass implements three methods and one property:
+
+    * :meth:`make_inputs` ``(images, generator) -> (inputs, targets)``: tile, transform and
+      label a batch (random choices from ``generator``, batched, on the images' device);
+    * :meth:`compute_logits` ``(inputs) -> logits``: encoder and head;
+    * :meth:`compute_loss` ``(logits, targets) -> loss`` (optional; the default is
+      cross-entropy with :attr:`label_smoothing`);
+    * :attr:`config`: the JSON-able keyword arguments that rebuild the task given the same
+      encoder and tiler (``type(task)(encoder, tiler=tiler, **task.config)``); extend
+      ``super().config``.
+
+    and sets :attr:`num_classes` in ``__init__``. It may also override :meth:`example_kwargs`
+    (small settings for the contract test, :func:`patchssl.pretext.testing.check_pretext_contract`)
+    and :attr:`permutation_fingerprint`.
+
+    The base owns ``encoder`` (a :class:`patchssl.encoder.SharedPatchEncoder` or anything
+    with ``in_chans`` and ``forward((B, N, C, h, w)) -> (B, N, D)``; the attribute name is
+    fixed so that checkpoints hold ``encoder.*`` keys) and ``tiler`` (a
+    :class:`patchssl.tiling.PatchTiler`, which follows the task's ``train()``/``eval()``: jitter
+    in training, centred patches in eval). :meth:`forward` checks the images (4-D
+    ``(B, C, H, W)``, uint8 or floating, ``C == encoder.in_chans``, ``(H, W) ==
+    tiler.image_size``, on the parameters' device) and what the subclass returns (integer
+    targets with a batch dimension ``B``, logits of shape ``(*targets.shape, num_classes)``,
+    a scalar loss).
+
+    Args:
+        encoder: The shared patch encoder, ``(B, N, C, h, w) -> (B, N, D)``.
+        tiler: The patch tiler. Subclasses build a default (:func:`default_tiler`) when None.
+        label_smoothing: Label smoothing of the default cross-entropy loss, in ``[0, 1)``.
+
+    Attributes:
+        name: Registry name, set by :func:`patchssl.pretext.register_pretext`.
+        num_classes: Number of classes the task predicts (set by the subclass).
+    """
+
+    name: ClassVar[str] = ""
+    num_classes: int
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        *,
+        tiler: PatchTiler | None = None,
+        label_smoothing: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if not isinstance(encoder, nn.Module):
+            raise TypeError(
+                f"encoder must be an nn.Module (e.g. patchssl.SharedPatchEncoder); "
+                f"got {type(encoder).__name__}"
+            )
+        if not hasattr(encoder, "in_chans"):
+            raise TypeError(
+                f"encoder {type(encoder).__name__} has no 'in_chans' attribute; wrap the "
+                "backbone in patchssl.SharedPatchEncoder(backbone, in_chans=...)"
+            )
+        if tiler is None:
+            patch_size = getattr(encoder, "patch_size", None)
+            if patch_size is None:
+                raise ValueError(
+                    f"tiler=None needs the encoder's patch size, but "
+                    f"{type(encoder).__name__} has no 'patch_size'; pass "
+                    "tiler=PatchTiler(grid=..., patch_size=..., image_size=...)"
+                )
+            tiler = default_tiler(patch_size)
+        if not 0.0 <= float(label_smoothing) < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1); got {label_smoothing}")
+        self.encoder = encoder
+        self.tiler = tiler
+        self.label_smoothing = float(label_smoothing)
+
+    # ---- hooks a subclass writes ------------------------------------------------------------
+    def make_inputs(self, images: Tensor, generator: torch.Generator | None) -> tuple[Any, Tensor]:
+        """Turn a validated batch into the task's inputs and targets.
+
+        Args:
+            images: Tensor of shape ``(B, C, H, W)``, uint8 or float, on the task's device.
+            generator: Source of every random choice (None: torch's global generator).
+
+        Returns:
+            ``(inputs, targets)``: whatever :meth:`compute_logits` takes, and a long tensor of
+            shape ``(B,)`` (or ``(B, ...)``) on the images' device.
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement make_inputs()")
+
+    def compute_logits(self, inputs: Any) -> Tensor:
+        """Encode the inputs and apply the head.
+
+        Args:
+            inputs: What :meth:`make_inputs` returned.
+
+        Returns:
+            Tensor of shape ``(B, num_classes)`` (or ``(*targets.shape, num_classes)``).
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement compute_logits()")
+
+    def compute_loss(self, logits: Tensor, targets: Tensor) -> Tensor:
+        """Cross-entropy (with :attr:`label_smoothing`), averaged over every prediction.
+
+        Args:
+            logits: Tensor of shape ``(B, ..., num_classes)``.
+            targets: Long tensor of shape ``(B, ...)``.
+
+        Returns:
+            Scalar tensor.
+        """
+        return F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]).float(),
+            targets.reshape(-1),
+            label_smoothing=self.label_smoothing,
+        )
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """JSON-able keyword arguments that rebuild the task given the same encoder and tiler.
+
+        ``type(task)(encoder, tiler=tiler, **task.config)`` builds an equivalent task.
+        Subclasses extend this dict (``{**super().config, ...}``).
+        """
+        return {"label_smoothing": self.label_smoothing}
+
+    @classmethod
+    def example_kwargs(cls) -> dict[str, Any]:
+        """Small constructor settings for the contract test (override in subclasses).
+
+        :func:`patchssl.pretext.testing.check_pretext_contract` builds the task with these
+        keyword arguments around a tiny encoder (a few thousand parameters, 16-32 px patches),
+        so they should keep heads small and avoid anything slow.
+        """
+        return {}
+
+    # ---- what the base owns -----------------------------------------------------------------
+    @property
+    def permutation_fingerprint(self) -> str | None:
+        """Content hash of the task's permutation set (None for tasks without one)."""
+        return None
+
+    @property
+    def model_config(self) -> dict[str, Any]:
+        """The checkpoint's ``model_config`` layout: pretext name and kwargs, encoder and tiler.
+
+        Returns:
+            ``{"pretext": name, "pretext_kwargs": config, "encoder": encoder.config or None,
+            "tiler": tiler.config}``; rebuild with
+            :func:`patchssl.pretext.pretext_from_config`.
+        """
+        return {
+            "pretext": self.name,
+            "pretext_kwargs": self.config,
+            "encoder": getattr(self.encoder, "config", None),
+            "tiler": self.tiler.config,
+        }
+
+    def _param_device(self) -> torch.device | None:
+        for tensor in self.parameters():
+            return tensor.device
+        for tensor in self.buffers():
+            return tensor.device
+        return None
+
+    def validate_images(self, images: Tensor) -> None:
+        """Check a batch of images against the encoder, the tiler and the task's device.
+
+        Args:
+            images: Tensor of shape ``(B, C, H, W)``, uint8 (0..255) or float (0..1).
+
+        Raises:
+            TypeError: Not a tensor, or a dtype other than uint8 or floating.
+            ValueError: Wrong number of dimensions, channels or size, or an empty batch.
+            RuntimeError: Images on another device than the task.
+        """
+        task = type(self).__name__
+        if not isinstance(images, Tensor):
+            raise TypeError(f"{task} expects a torch.Tensor of images; got {type(images).__name__}")
+        if images.ndim != 4:
+            hint = " (add a batch dimension: images.unsqueeze(0))" if images.ndim == 3 else ""
+            raise ValueError(
+                f"{task} expects images of shape (B, C, H, W); got {images.ndim}-D shape "
+                f"{tuple(images.shape)}{hint}"
+            )
+        if images.dtype != torch.uint8 and not images.is_floating_point():
+            raise TypeError(
+                f"{task} expects uint8 (0..255) or floating (0..1) images; got {images.dtype} "
+                "(convert with images.to(torch.uint8) or images.float() / 255)"
+            )
+        b, c, h, w = images.shape
+        if b == 0:
+            raise ValueError(f"{task} got an empty batch (B = 0)")
+        in_chans = int(self.encoder.in_chans)
+        if c != in_chans:
+            hint = (
+                " (channels-last input? use images.permute(0, 3, 1, 2))"
+                if images.shape[-1] == in_chans
+                else ""
+            )
+            raise ValueError(
+                f"{task}: the encoder takes {in_chans} channel(s) but the images have {c} "
+                f"(shape {tuple(images.shape)}){hint}; convert the images or build the encoder "
+                f"with in_chans={c}"
+            )
+        expected = tuple(int(v) for v in _pair(self.tiler.image_size, "image_size"))
+        if (h, w) != expected:
+            raise ValueError(
+                f"{task}: the tiler expects {expected[0]}x{expected[1]} (H x W) images; got "
+                f"{h}x{w}. Resize the images (e.g. patchssl.data load_image(path, image_size=...)) "
+                f"or build the tiler with image_size=({h}, {w})"
+            )
+        device = self._param_device()
+        if device is not None and images.device != device:
+            raise RuntimeError(
+                f"{task}: the images are on {images.device} but the task is on {device}; "
+                f"move one of them (images.to({str(device)!r}) or task.to({str(images.device)!r}))"
+            )
+
+    def _check_targets(self, batch: int, targets: Tensor) -> None:
+        task = type(self).__name__
+        if not isinstance(targets, Tensor) or targets.dtype != torch.long:
+            got = targets.dtype if isinstance(targets, Tensor) else type(targets).__name__
+            raise TypeError(f"{task}.make_inputs must return long targets; got {got}")
+        if targets.ndim < 1 or targets.shape[0] != batch:
+            raise ValueError(
+                f"{task}.make_inputs must return targets of shape (B, ...) with B = {batch}; "
+                f"got {tuple(targets.shape)}"
+            )
+
+    def _check_logits(self, logits: Tensor, targets: Tensor) -> None:
+        expected = (*targets.shape, int(self.num_classes))
+        if not isinstance(logits, Tensor) or tuple(logits.shape) != expected:
+            got = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+            raise ValueError(
+                f"{type(self).__name__}.compute_logits must return logits of shape {expected} "
+                f"(targets shape + num_classes); got {got}"
+            )
+
+    def _check_loss(self, loss: Tensor) -> None:
+        if not isinstance(loss, Tensor) or loss.ndim != 0:
+            got = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+            raise ValueError(
+                f"{type(self).__name__}.compute_loss must return a scalar tensor; got {got}"
+            )
+
+    def forward(self, images: Tensor, *, generator: torch.Generator | None = None) -> PretextOutput:
+        """Validate, make inputs and targets, predict, and score.
+
+        Args:
+            images: Tensor of shape ``(B, C, H, W)``, uint8 (0..255) or float (0..1), on the
+                task's device, ``C == encoder.in_chans`` and ``(H, W) == tiler.image_size``.
+            generator: Source of every random choice (tiling jitter, the task's draws). A
+                seeded CPU generator repeats exactly, whatever device the task is on.
+
+        Returns:
+            :class:`PretextOutput` ``(loss, logits, targets)``: scalar loss, logits of shape
+            ``(B, num_classes)``, long targets of shape ``(B,)``.
+        """
+        self.validate_images(images)
+        inputs, targets = self.make_inputs(images, generator)
+        self._check_targets(images.shape[0], targets)
+        logits = self.compute_logits(inputs)
+        self._check_logits(logits, targets)
+        loss = self.compute_loss(logits, targets)
+        self._check_loss(loss)
+        return PretextOutput(loss, logits, targets)
+
+    @torch.no_grad()
+    def predict(self, images: Tensor, *, generator: torch.Generator | None = None) -> PretextOutput:
+        """:meth:`forward` without gradients, in the task's current train/eval mode.
+
+        Args:
+            images: Tensor of shape ``(B, C, H, W)``.
+            generator: Source of randomness.
+
+        Returns:
+            :class:`PretextOutput` (no autograd graph).
+        """
+        return self(images, generator=generator)
+
+    @torch.no_grad()
+    def accuracy(self, images: Tensor, *, generator: torch.Generator | None = None) -> float:
+        """Fraction of predictions (argmax of the logits) equal to the targets.
+
+        Call ``task.eval()`` first for held-out figures (centred tiles, no colour dropping).
+
+        Args:
+            images: Tensor of shape ``(B, C, H, W)``.
+            generator: Source of randomness (seed it for a repeatable figure).
+
+        Returns:
+            Accuracy in ``[0, 1]``; chance is ``1 / num_classes``.
+        """
+        out = self(images, generator=generator)
+        return float((out.logits.argmax(dim=-1) == out.targets).float().mean().item())
+
+    @property
+    def chance(self) -> float:
+        """Accuracy of uniform guessing, ``1 / num_classes``."""
+        return 1.0 / float(self.num_classes)
+
+    def extra_repr(self) -> str:
+        """Name and number of classes, shown in ``repr(task)``."""
+        return f"name={self.name!r}, num_classes={getattr(self, 'num_classes', '?')}"
