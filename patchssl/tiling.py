@@ -249,12 +249,13 @@ class PatchTiler(nn.Module):
             )
         use_jitter = self.training if jitter is None else jitter
         corners = self._corners(batch, images.device, use_jitter, generator)  # (B, N, 2)
-        rows = corners[..., 0, None] + self._offsets_y.to(images.device)  # (B, N, h)
-        cols = corners[..., 1, None] + self._offsets_x.to(images.device)  # (B, N, w)
-        b = torch.arange(batch, device=images.device)[:, None, None, None]
-        # One advanced-indexing gather: (B, N, h, w, C); the sliced channel axis goes last.
-        patches = images[b, :, rows[..., :, None], cols[..., None, :]]
-        patches = patches.permute(0, 1, 4, 2, 3)
+        ph, pw = self.patch_size
+        # A view of every possible window, (B, C, H - ph + 1, W - pw + 1, ph, pw), costs no copy;
+        # one advanced index on its two window axes gathers all patches of the batch at once,
+        # copying whole patch rows (much faster than indexing every pixel).
+        windows = images.unfold(2, ph, 1).unfold(3, pw, 1)
+        b = torch.arange(batch, device=images.device)[:, None]
+        patches = windows[b, :, corners[..., 0], corners[..., 1]]  # (B, N, C, ph, pw)
         y0, x0 = corners[..., 0], corners[..., 1]
         boxes = torch.stack([x0, y0, x0 + self.patch_size[1], y0 + self.patch_size[0]], dim=-1)
         return TiledPatches(patches, boxes)
