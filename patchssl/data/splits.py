@@ -1,0 +1,501 @@
+"""Patient-grouped, label-stratified splits; saved splits; overlap between pretraining and test.
+
+Images of one patient look alike (same cervix, same day, same camera), so a split that puts
+one patient's images on both sides measures memory, not diagnosis. Every split here is
+*grouped* (no group, i.e. patient, on both sides) and *stratified* (each side keeps about the
+class proportions of the whole).
+
+References:
+    Chae et al., "Attentive Transfer Learning via Self-supervised Learning for Cervical
+    Dysplasia Diagnosis", JIPS 2021 (80/20 split of 978 labeled images).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import warnings
+from collections.abc import Hashable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from patchssl.data.manifest import Record
+
+__all__ = [
+    "Overlap",
+    "exclude_overlap",
+    "file_sha1",
+    "find_overlap",
+    "grouped_kfold",
+    "grouped_stratified_split",
+    "grouped_train_val_split",
+    "load_split",
+    "records_from_split",
+    "save_split",
+    "split_records",
+]
+
+SPLIT_FORMAT = "patchssl-split"
+SPLIT_FORMAT_VERSION = 1
+
+
+def _encode(
+    labels: Sequence[int] | np.ndarray, groups: Sequence[Hashable] | np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[Hashable]]:
+    """Labels -> class codes (n,), groups -> group codes (n,), count matrix (G, C), names."""
+    y = np.asarray(labels)
+    if y.ndim != 1:
+        raise ValueError(f"labels must be one-dimensional, got shape {y.shape}")
+    n = len(y)
+    if n == 0:
+        raise ValueError("cannot split an empty set of labels")
+    _, y_code = np.unique(y, return_inverse=True)
+    if groups is None:
+        g_code = np.arange(n)
+        names: list[Hashable] = list(range(n))
+    else:
+        g_list = list(groups)
+        if len(g_list) != n:
+            raise ValueError(
+                f"labels and groups must have the same length; got {n} and {len(g_list)}"
+            )
+        index: dict[Hashable, int] = {}
+        g_code = np.empty(n, dtype=np.int64)
+        for i, g in enumerate(g_list):
+            g_code[i] = index.setdefault(g, len(index))
+        names = list(index)
+    counts = np.zeros((len(names), int(y_code.max()) + 1), dtype=np.int64)
+    np.add.at(counts, (g_code, y_code), 1)
+    return y_code, g_code, counts, names
+
+
+def _check_class_groups(counts: np.ndarray, labels: np.ndarray, need: int, what: str) -> None:
+    classes = np.unique(np.asarray(labels))
+    groups_per_class = (counts > 0).sum(axis=0)
+    short = [(classes[c], int(k)) for c, k in enumerate(groups_per_class) if k < need]
+    if short:
+        listed = ", ".join(f"class {c!r} in {k} group(s)" for c, k in short)
+        raise ValueError(
+            f"cannot stratify {what}: every class needs at least {need} patient groups, but "
+            f"{listed}. Collect more patients of that class, merge it with another class in "
+            "the label map, lower the number of splits, or drop it."
+        )
+
+
+def grouped_stratified_split(
+    labels: Sequence[int] | np.ndarray,
+    groups: Sequence[Hashable] | np.ndarray | None,
+    *,
+    test_size: float = 0.2,
+    seed: int = 0,
+    num_restarts: int = 32,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Split sample indices in two, grouped by patient and stratified by label.
+
+    No group lands on both sides. Groups are assigned greedily (larger groups first, ties in
+    a seeded random order) to bring every class's test count as close as possible to
+    ``test_size`` times its total; the best of ``num_restarts`` random orders is kept, and
+    every class is then made present on both sides.
+
+    Args:
+        labels: Class of each sample, shape ``(n,)``.
+        groups: Group (patient) of each sample, shape ``(n,)``; None means every sample is
+            its own group (an ordinary stratified split).
+        test_size: Fraction of the samples for the second part, in (0, 1).
+        seed: Seed of the random order.
+        num_restarts: Random orders tried.
+
+    Returns:
+        ``(train_idx, test_idx)``: sorted int64 arrays that partition ``range(n)``.
+
+    Raises:
+        ValueError: For ``test_size`` outside (0, 1), fewer than 2 groups, or a class found
+            in fewer than 2 groups (it cannot be on both sides).
+    """
+    if not 0.0 < float(test_size) < 1.0:
+        raise ValueError(f"test_size must be a fraction in (0, 1), got {test_size!r}")
+    _y_code, g_code, counts, _ = _encode(labels, groups)
+    num_groups, _ = counts.shape
+    if num_groups < 2:
+        raise ValueError(f"a split needs at least 2 patient groups, got {num_groups}")
+    _check_class_groups(counts, np.asarray(labels), 2, "a train/test split")
+    target = counts.sum(axis=0) * float(test_size)
+    sizes = counts.sum(axis=1)
+    rng = np.random.default_rng(seed)
+    best: tuple[float, np.ndarray] | None = None
+    for _ in range(max(1, num_restarts)):
+        order = rng.permutation(num_groups)
+        order = order[np.argsort(-sizes[order], kind="stable")]
+        in_test = np.zeros(num_groups, dtype=bool)
+        test = np.zeros(counts.shape[1], dtype=np.float64)
+        for g in order:
+            with_g = test + counts[g]
+            if np.abs(with_g - target).sum() < np.abs(test - target).sum():
+                in_test[g] = True
+                test = with_g
+        _ensure_both_sides(in_test, counts)
+        cost = float(np.abs(counts[in_test].sum(axis=0) - target).sum())
+        if best is None or cost < best[0]:
+            best = (cost, in_test.copy())
+    assert best is not None
+    test_mask = best[1][g_code]
+    return np.flatnonzero(~test_mask).astype(np.int64), np.flatnonzero(test_mask).astype(np.int64)
+
+
+def _ensure_both_sides(in_test: np.ndarray, counts: np.ndarray) -> None:
+    """Move the smallest groups so that every class is on both sides (in place)."""
+    sizes = counts.sum(axis=1)
+    for c in range(counts.shape[1]):
+        has_c = counts[:, c] > 0
+        for side in (True, False):
+            if (has_c & (in_test == side)).any():
+                continue
+            # No group of class c on this side: move the smallest one over, if that does not
+            # empty the other side of class c.
+            donors = np.flatnonzero(has_c & (in_test != side))
+            if len(donors) < 2:
+                continue
+            g = donors[np.argmin(sizes[donors])]
+            in_test[g] = side
+
+
+def grouped_train_val_split(
+    labels: Sequence[int] | np.ndarray,
+    groups: Sequence[Hashable] | np.ndarray | None,
+    *,
+    val_size: float = 0.1,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Train/validation split, grouped and stratified like :func:`grouped_stratified_split`.
+
+    Args:
+        labels: Class of each sample, shape ``(n,)``.
+        groups: Patient of each sample, shape ``(n,)``, or None.
+        val_size: Fraction for validation, in (0, 1).
+        seed: Seed.
+
+    Returns:
+        ``(train_idx, val_idx)``: sorted int64 arrays.
+    """
+    return grouped_stratified_split(labels, groups, test_size=val_size, seed=seed)
+
+
+def grouped_kfold(
+    labels: Sequence[int] | np.ndarray,
+    groups: Sequence[Hashable] | np.ndarray | None,
+    n_splits: int = 5,
+    *,
+    seed: int = 0,
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """K-fold cross-validation folds, grouped by patient and stratified by label.
+
+    Uses scikit-learn's ``StratifiedGroupKFold`` with seeded shuffling. Every sample is in
+    exactly one test fold; no group is in a fold's train and test parts at once.
+
+    Args:
+        labels: Class of each sample, shape ``(n,)``.
+        groups: Patient of each sample, shape ``(n,)``, or None (each sample its own group).
+        n_splits: Number of folds ``k`` (>= 2).
+        seed: Seed of the shuffling.
+
+    Returns:
+        ``k`` pairs ``(train_idx, test_idx)`` of sorted int64 arrays.
+
+    Raises:
+        ValueError: If ``n_splits < 2``, there are fewer groups than folds, or a class is
+            found in fewer groups than folds (some test folds would have none of it).
+    """
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    if isinstance(n_splits, bool) or not isinstance(n_splits, int) or n_splits < 2:
+        raise ValueError(f"n_splits must be an integer >= 2, got {n_splits!r}")
+    y_code, g_code, counts, _ = _encode(labels, groups)
+    num_groups = counts.shape[0]
+    if num_groups < n_splits:
+        raise ValueError(
+            f"n_splits={n_splits} folds need at least {n_splits} patient groups, got "
+            f"{num_groups}; lower n_splits or add patients"
+        )
+    _check_class_groups(counts, np.asarray(labels), n_splits, f"{n_splits} folds")
+    splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=int(seed))
+    folds = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        for train, test in splitter.split(np.zeros(len(y_code)), y_code, g_code):
+            if len(test) == 0:
+                raise ValueError(
+                    f"fold assignment left a fold empty ({num_groups} groups, {n_splits} "
+                    "folds); lower n_splits"
+                )
+            folds.append((np.sort(train).astype(np.int64), np.sort(test).astype(np.int64)))
+    return folds
+
+
+def split_records(
+    records: Sequence[Record],
+    *,
+    test_size: float = 0.2,
+    val_size: float = 0.0,
+    seed: int = 0,
+) -> dict[str, list[Record]]:
+    """Split manifest records into train / (val) / test, grouped by patient.
+
+    Args:
+        records: Manifest records (see :func:`patchssl.data.manifest.read_manifest`).
+        test_size: Fraction of all records for testing (the paper: 0.2).
+        val_size: Fraction of all records for validation, taken from the non-test part;
+            0 for no validation split.
+        seed: Seed.
+
+    Returns:
+        ``{"train": [...], "test": [...]}`` plus ``"val"`` when ``val_size > 0``; record
+        order inside each part follows the manifest.
+    """
+    labels = np.array([r.label for r in records])
+    groups = [r.patient for r in records]
+    train, test = grouped_stratified_split(labels, groups, test_size=test_size, seed=seed)
+    parts = {"train": [records[i] for i in train], "test": [records[i] for i in test]}
+    if val_size > 0:
+        if val_size + test_size >= 1.0:
+            raise ValueError(f"val_size + test_size must be below 1, got {val_size} + {test_size}")
+        rel = val_size / (1.0 - test_size)
+        sub_tr, sub_val = grouped_stratified_split(
+            labels[train], [groups[i] for i in train], test_size=rel, seed=seed + 1
+        )
+        parts = {
+            "train": [records[train[i]] for i in sub_tr],
+            "val": [records[train[i]] for i in sub_val],
+            "test": parts["test"],
+        }
+    return parts
+
+
+def save_split(
+    path: str | os.PathLike[str],
+    split: Mapping[str, Sequence[str | os.PathLike[str] | Record]],
+    *,
+    meta: Mapping[str, Any] | None = None,
+) -> Path:
+    """Save a split (part name -> image paths) as JSON, atomically, so a run can reuse it.
+
+    Args:
+        path: Output ``.json`` file.
+        split: For example ``{"train": [...], "val": [...], "test": [...]}``; items are paths
+            or :class:`Record` objects (their ``path`` is stored).
+        meta: Anything JSON-able to store alongside (seed, sizes, manifest path).
+
+    Returns:
+        The written path.
+
+    Raises:
+        ValueError: If one image is in two parts.
+    """
+    parts: dict[str, list[str]] = {}
+    owner: dict[str, str] = {}
+    clashes: list[str] = []
+    for name, items in split.items():
+        paths = [str(it.path if isinstance(it, Record) else it) for it in items]
+        for p in paths:
+            if p in owner and owner[p] != name:
+                clashes.append(f"{p} ({owner[p]} and {name})")
+            owner[p] = name
+        parts[name] = paths
+    if clashes:
+        raise ValueError(
+            f"{len(clashes)} image(s) are in two parts of the split: {', '.join(clashes[:5])}"
+        )
+    payload = {
+        "format": SPLIT_FORMAT,
+        "format_version": SPLIT_FORMAT_VERSION,
+        "parts": parts,
+        "counts": {k: len(v) for k, v in parts.items()},
+        "meta": dict(meta or {}),
+    }
+    return _write_json_atomic(Path(path), payload)
+
+
+def _write_json_atomic(path: Path, payload: Mapping[str, Any]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(payload, fh, indent=1)
+            fh.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_split(path: str | os.PathLike[str]) -> dict[str, list[str]]:
+    """Load a split written by :func:`save_split`.
+
+    Args:
+        path: The JSON file.
+
+    Returns:
+        Part name -> list of image paths (strings). The stored ``meta`` is available with
+        ``json.load`` if needed.
+
+    Raises:
+        FileNotFoundError: If the file does not exist.
+        ValueError: If it is not a patchssl split file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"split file {path} does not exist")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"split file {path} is not valid JSON: {err}") from err
+    if not isinstance(data, dict) or data.get("format") != SPLIT_FORMAT:
+        raise ValueError(f"{path} is not a patchssl split file (no 'format': '{SPLIT_FORMAT}')")
+    if data.get("format_version", 0) > SPLIT_FORMAT_VERSION:
+        raise ValueError(
+            f"split file {path} has format_version {data['format_version']}, newer than this "
+            f"patchssl understands ({SPLIT_FORMAT_VERSION}); upgrade patchssl"
+        )
+    return {str(k): [str(p) for p in v] for k, v in data["parts"].items()}
+
+
+def records_from_split(
+    records: Sequence[Record], split: Mapping[str, Sequence[str | os.PathLike[str]]]
+) -> dict[str, list[Record]]:
+    """Select the records of each part of a saved split (matched by absolute path).
+
+    Args:
+        records: Manifest records.
+        split: Part name -> paths (as :func:`load_split` returns).
+
+    Returns:
+        Part name -> records, in the split's order.
+
+    Raises:
+        KeyError: If the split names images the records do not have (the first few are
+            listed): the manifest changed since the split was saved.
+    """
+    by_path = {os.path.abspath(r.path): r for r in records}
+    out: dict[str, list[Record]] = {}
+    missing: list[str] = []
+    for name, paths in split.items():
+        part = []
+        for p in paths:
+            r = by_path.get(os.path.abspath(p))
+            if r is None:
+                missing.append(str(p))
+            else:
+                part.append(r)
+        out[name] = part
+    if missing:
+        raise KeyError(
+            f"{len(missing)} image(s) of the saved split are not in the manifest (first: "
+            f"{', '.join(missing[:5])}); the manifest changed since the split was saved. "
+            "Make a new split, or restore the manifest."
+        )
+    return out
+
+
+# -- overlap between pretraining and labeled images --------------------------------------------
+
+
+@dataclass(frozen=True)
+class Overlap:
+    """One image that is in both the pretraining set and the labeled set.
+
+    Attributes:
+        pretrain: Path in the pretraining set.
+        labeled: Path in the labeled set.
+        reason: ``"same file"`` (same resolved path) or ``"same content"`` (identical bytes,
+            by SHA-1).
+    """
+
+    pretrain: Path
+    labeled: Path
+    reason: Literal["same file", "same content"]
+
+
+def file_sha1(path: str | os.PathLike[str], chunk_size: int = 1 << 20) -> str:
+    """SHA-1 hex digest of a file's bytes."""
+    h = hashlib.sha1(usedforsecurity=False)
+    with open(path, "rb") as fh:
+        while chunk := fh.read(chunk_size):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _sizes(paths: Iterable[Path]) -> dict[Path, int]:
+    out = {}
+    for p in paths:
+        try:
+            out[p] = os.stat(p).st_size
+        except OSError:
+            continue
+    return out
+
+
+def find_overlap(
+    pretrain_paths: Iterable[str | os.PathLike[str]],
+    labeled_paths: Iterable[str | os.PathLike[str]],
+    *,
+    by_content: bool = True,
+    workers: int = 4,
+) -> list[Overlap]:
+    """Find images that are both in the pretraining set and in the labeled set.
+
+    Two checks: the same file (equal resolved path, symlinks followed), and, with
+    ``by_content``, the same bytes (SHA-1). Only files whose size equals the size of a file
+    on the other side are hashed, so the content check costs little. Identical pictures
+    stored differently (a resized cache copy against the original, another JPEG quality) are
+    not detected: compare like with like (originals with originals).
+
+    Args:
+        pretrain_paths: Images used for self-supervised pretraining.
+        labeled_paths: Labeled images (especially the test split).
+        by_content: Also compare file contents.
+        workers: Threads used for hashing.
+
+    Returns:
+        The overlaps, sorted by pretraining path; empty if none.
+    """
+    pre = [Path(p) for p in pretrain_paths]
+    lab = [Path(p) for p in labeled_paths]
+    pre_real = {p: os.path.realpath(p) for p in pre}
+    lab_by_real: dict[str, Path] = {}
+    for p in lab:
+        lab_by_real.setdefault(os.path.realpath(p), p)
+    found: dict[tuple[str, str], Overlap] = {}
+    for p, real in pre_real.items():
+        if real in lab_by_real:
+            found[(real, real)] = Overlap(p, lab_by_real[real], "same file")
+    if by_content:
+        pre_sizes = _sizes(p for p in pre if pre_real[p] not in lab_by_real)
+        lab_sizes = _sizes(lab_by_real.values())
+        common = set(pre_sizes.values()) & set(lab_sizes.values())
+        pre_c = [p for p, s in pre_sizes.items() if s in common]
+        lab_c = [p for p, s in lab_sizes.items() if s in common]
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            pre_h = dict(zip(pre_c, pool.map(file_sha1, pre_c)))
+            lab_h = dict(zip(lab_c, pool.map(file_sha1, lab_c)))
+        by_hash: dict[str, Path] = {}
+        for p, h in lab_h.items():
+            by_hash.setdefault(h, p)
+        for p, h in pre_h.items():
+            if h in by_hash:
+                key = (pre_real[p], os.path.realpath(by_hash[h]))
+                found.setdefault(key, Overlap(p, by_hash[h], "same content"))
+    return sorted(found.values(), key=lambda o: (str(o.pretrain), str(o.labeled)))
+
+
+def exclude_overlap(
+    pretrain_paths: Iterable[str | os.PathLike[str]], overlaps: Iterable[Overlap]
+) -> list[Path]:
+    """The pretraining paths without those listed in ``overlaps`` (order kept)."""
+    drop = {os.path.realpath(o.pretrain) for o in overlaps}
+    return [Path(p) for p in pretrain_paths if os.path.realpath(p) not in drop]
