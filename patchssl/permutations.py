@@ -56,7 +56,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
-__all__ = ["METHODS", "PermutationSet"]
+__all__ = ["METHODS", "PermutationSet", "fingerprint_of"]
 
 #: Names accepted by ``PermutationSet.generate(method=...)``.
 METHODS: tuple[str, ...] = ("auto", "max_avg", "max_min", "projective")
@@ -223,8 +223,8 @@ class PermutationSet:
     def min_hamming(self) -> int:
         """The smallest Hamming distance between two distinct rows.
 
-        Computed exactly over all K(K-1)/2 pairs (vectorised, in blocks; about 20 ms for
-        K = 2000, N = 9).
+        Computed exactly over all K(K-1)/2 pairs, as a blocked product of one-hot encodings
+        (a fraction of a second for K = 2000, N = 9).
 
         Returns:
             The minimum number of positions at which two rows differ (2..N).
@@ -608,9 +608,10 @@ def _count_matrix(rows: np.ndarray) -> np.ndarray:
     return np.bincount(flat, minlength=n * n).reshape(n, n)
 
 
-def _max_pairwise_agreement(rows: np.ndarray, block: int = 1024) -> int:
+def _max_pairwise_agreement(rows: np.ndarray) -> int:
     """Largest number of equal positions between two distinct rows of ``rows`` (K, N)."""
     k, n = rows.shape
+    block = max(1, min(1024, (1 << 24) // k))  # agreement blocks of at most 64 MB
     best = 0
     if n * n <= 4096:
         # Agreements as a matrix product of one-hot encodings: (K, N*N) @ (N*N, K).
@@ -867,17 +868,18 @@ def _generate_projective(k: int, n: int, rng: np.random.Generator) -> np.ndarray
     # shuffled so that ties in the greedy fall at random.
     alpha, beta = rng.permutation(9), rng.permutation(9)
     cands = alpha[group[:, beta]][rng.permutation(len(group))]
-    sum_agree = np.zeros(len(cands), dtype=np.int64)
-    taken = np.zeros(len(cands), dtype=bool)
+    m = len(cands)
+    # Agreements with a row, for every candidate at once: one-hot rows (m, 81) times its one-hot.
+    onehot = np.zeros((m, 81), dtype=np.float32)
+    onehot[np.repeat(np.arange(m), 9), (np.arange(9) * 9 + cands).reshape(-1)] = 1.0
+    sum_agree = np.zeros(m, dtype=np.float32)  # exact: sums stay far below 2**24
     chosen = np.empty((k, 9), dtype=np.int64)
     pick = 0
     for i in range(k):
         chosen[i] = cands[pick]
-        taken[pick] = True
-        sum_agree += (cands == cands[pick]).sum(axis=1)
-        if i + 1 < k:
-            masked = np.where(taken, np.iinfo(np.int64).max, sum_agree)
-            pick = int(np.argmin(masked))  # largest average distance to the chosen rows
+        sum_agree += onehot @ onehot[pick]
+        sum_agree[pick] = np.inf  # never again
+        pick = int(np.argmin(sum_agree))  # largest average distance; first in seeded order
     return chosen
 
 
@@ -963,7 +965,7 @@ def _load_default() -> PermutationSet:
     return PermutationSet._from_bytes(data, name=f"patchssl/assets/{_DEFAULT_ASSET}", npy=False)
 
 
-def write_default_asset(directory: PathLike | None = None) -> Path:
+def _write_default_asset(directory: PathLike | None = None) -> Path:
     """Regenerate the shipped default set and its checksum file (for maintainers).
 
     Args:
@@ -1010,7 +1012,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )  # maintainers: regenerate patchssl/assets/permutations_1000x9.*
     args = parser.parse_args(argv)
     if args.write_default_asset:
-        print(write_default_asset())
+        print(_write_default_asset())
         return 0
     if args.load is not None:
         ps = PermutationSet.load(args.load)

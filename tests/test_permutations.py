@@ -397,7 +397,7 @@ def test_default_set_checksum_matches_shipped_file():
 
 
 def test_default_set_checksum_mismatch_raises(tmp_path, monkeypatch):
-    path = perm_module.write_default_asset(tmp_path)
+    path = perm_module._write_default_asset(tmp_path)
     (tmp_path / "permutations_1000x9.sha256").write_text("0" * 64 + "\n")
 
     class FakeFiles:
