@@ -13,6 +13,9 @@ from typing import Any
 
 import torch
 
+#: Where benchmark results are written by default (git-ignored).
+RESULTS = Path(__file__).resolve().parent / "results"
+
 
 def machine() -> dict[str, Any]:
     """The machine and library versions, printed with every figure."""

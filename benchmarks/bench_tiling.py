@@ -14,7 +14,7 @@ import argparse
 import random
 
 import torch
-from _common import describe_machine, save_results, timeit
+from _common import RESULTS, describe_machine, save_results, timeit
 
 from patchssl.tiling import PatchTiler
 
@@ -56,7 +56,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default=None, help="cpu or cuda (default: every one present)")
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--out", default="benchmarks/results/tiling.json")
+    parser.add_argument("--out", default=str(RESULTS / "tiling.json"))
     args = parser.parse_args()
     devices = (
         [args.device] if args.device else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
