@@ -24,6 +24,7 @@ References:
 from __future__ import annotations
 
 import os
+import struct
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -288,6 +289,9 @@ def _reason(err: BaseException) -> str:
         return "is a directory, not a file"
     if isinstance(err, PermissionError):
         return "permission denied"
+    if isinstance(err, SyntaxError | EOFError | struct.error) or "truncated" in text.lower():
+        # Pillow's parsers signal a broken file this way (e.g. "Truncated File Read").
+        return f"corrupt or truncated file ({text})"
     return text
 
 
@@ -337,7 +341,14 @@ def load_pil_image(
                 image = to_8bit(image, channels)
     except ImageReadError:
         raise
-    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as err:
+    except (
+        OSError,
+        ValueError,
+        SyntaxError,
+        EOFError,
+        struct.error,
+        Image.DecompressionBombError,
+    ) as err:
         raise ImageReadError(path, _reason(err)) from err
     except Exception as err:  # third-party plugins raise anything
         raise ImageReadError(path, f"{type(err).__name__}: {err}") from err
