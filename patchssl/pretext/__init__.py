@@ -23,6 +23,8 @@ Write your own by subclassing :class:`PretextTask`; see ``docs/pretext_tasks.md`
 from __future__ import annotations
 
 from patchssl.pretext.base import PatchDefences, PretextOutput, PretextTask, default_tiler
+from patchssl.pretext.heads import PatchConcatHead, PooledPatchHead
+from patchssl.pretext.jigsaw import JigsawPretext
 from patchssl.pretext.registry import (
     ENTRY_POINT_GROUP,
     PretextPluginError,
@@ -33,13 +35,21 @@ from patchssl.pretext.registry import (
     pretext_from_config,
     register_pretext,
 )
+from patchssl.pretext.relative_position import DIRECTIONS, RelativePositionPretext
+from patchssl.pretext.rotation import RotationPretext
 
 __all__ = [
+    "DIRECTIONS",
     "ENTRY_POINT_GROUP",
+    "JigsawPretext",
+    "PatchConcatHead",
     "PatchDefences",
+    "PooledPatchHead",
     "PretextOutput",
     "PretextPluginError",
     "PretextTask",
+    "RelativePositionPretext",
+    "RotationPretext",
     "UnknownPretextError",
     "create_pretext",
     "default_tiler",

@@ -392,6 +392,15 @@ class PretextTask(nn.Module):
                     "tiler=PatchTiler(grid=..., patch_size=..., image_size=...)"
                 )
             tiler = default_tiler(patch_size)
+        enc_patch = getattr(encoder, "patch_size", None)
+        if enc_patch is not None and _pair(enc_patch, "patch_size") != tuple(tiler.patch_size):
+            eh, ew = _pair(enc_patch, "patch_size")
+            th, tw = tiler.patch_size
+            raise ValueError(
+                f"the tiler cuts {th}x{tw} patches but the encoder was built for {eh}x{ew}; "
+                f"build the encoder with patch_size=({th}, {tw}) or the tiler with "
+                f"patch_size=({eh}, {ew})"
+            )
         if not 0.0 <= float(label_smoothing) < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1); got {label_smoothing}")
         self.encoder = encoder
@@ -443,10 +452,12 @@ class PretextTask(nn.Module):
     def config(self) -> dict[str, Any]:
         """JSON-able keyword arguments that rebuild the task given the same encoder and tiler.
 
-        ``type(task)(encoder, tiler=tiler, **task.config)`` builds an equivalent task.
-        Subclasses extend this dict (``{**super().config, ...}``).
+        ``type(task)(encoder, tiler=tiler, **task.config)`` builds an equivalent task, so the
+        dict holds exactly the task's own constructor arguments (every one a subclass's
+        ``__init__`` accepts and that differs from instance to instance). The base
+        contributes nothing: a task that exposes ``label_smoothing`` adds it itself.
         """
-        return {"label_smoothing": self.label_smoothing}
+        return {}
 
     @classmethod
     def example_kwargs(cls) -> dict[str, Any]:

@@ -1,0 +1,245 @@
+"""The jigsaw puzzle: which permutation shuffled the tiles? (the paper's pretext task).
+
+Each image is cut into a grid of tiles (3x3 by default), the tiles are reordered by one of K
+fixed permutations chosen far apart in Hamming distance, and the network predicts which one
+was used (a K-way classification). To solve it the shared encoder must recognise what each
+tile shows and where such content sits in an image.
+
+References:
+    Noroozi & Favaro, "Unsupervised Learning of Visual Representations by Solving Jigsaw
+    Puzzles", ECCV 2016, arXiv:1603.09246.
+    Chae, Zimmermann, Kim & Kim, "Attentive Transfer Learning via Self-supervised Learning
+    for Cervical Dysplasia Diagnosis", JIPS 17(3), 2021 (3x3 tiles of 153 px from 512 px
+    cervix images, 1,000 permutations, weight-sharing ResNet50).
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from patchssl.permutations import PermutationSet
+from patchssl.pretext.base import PatchDefences, PretextTask, random_integers
+from patchssl.pretext.heads import PatchConcatHead
+from patchssl.pretext.registry import register_pretext
+
+if TYPE_CHECKING:
+    from patchssl.tiling import PatchTiler
+
+__all__ = ["JigsawPretext"]
+
+
+@lru_cache(maxsize=1)
+def _default_fingerprint() -> str:
+    return PermutationSet.default().fingerprint
+
+
+def _as_permutation_set(value: Any) -> PermutationSet:
+    if value is None or (isinstance(value, str) and value == "default"):
+        return PermutationSet.default()
+    if isinstance(value, PermutationSet):
+        return value
+    if isinstance(value, (str, os.PathLike)):
+        return PermutationSet.load(value)
+    if isinstance(value, (Tensor, np.ndarray, list, tuple)):
+        return PermutationSet(value)
+    raise TypeError(
+        "permutations must be a PermutationSet, None or 'default' (the shipped 1000x9 set), "
+        f"the path of a saved set, or rows of shape (K, N); got {type(value).__name__}"
+    )
+
+
+@register_pretext("jigsaw")
+class JigsawPretext(PretextTask):
+    """Solve jigsaw puzzles: predict which of K permutations shuffled an image's tiles.
+
+    For each image of the batch a permutation index ``t`` is drawn from ``generator``, the
+    tiles are reordered in one gather on the device (``shuffled[b, k] =
+    patches[b, perm_t[k]]``, no Python loop over the batch), every tile is encoded with the
+    shared encoder, and the head (Noroozi & Favaro's context-free network, as in Chae et al.)
+    classifies: a fully connected layer shared by the tiles (``D -> hidden_dim``, ReLU), the
+    tile outputs concatenated in position order (``N * hidden_dim``), then
+    ``fc -> ReLU -> fc`` to K classes. The loss is cross-entropy against ``t``.
+
+    Defences against shortcuts (ways to solve the puzzle without learning what tiles show),
+    each an option:
+
+    * gap and random jitter between tiles, so that edges do not line up: the tiler's ``gap``
+      and ``jitter`` (jitter in ``train()`` mode only; tiles are centred in ``eval()``);
+    * ``per_patch_norm=True`` (default): each tile's channels standardised by the tile's own
+      mean and standard deviation, so that brightness and contrast gradients across the
+      image (vignetting, uneven illumination, common in colposcopy and fundus photographs)
+      do not give away position;
+    * ``color_drop="grayscale"`` (default, probability 0.3 per tile) or ``"channel_jitter"``
+      (each colour channel shifted by up to ``channel_shift`` px) or ``"both"``: against
+      chromatic aberration, whose colour fringes point away from the lens centre. Training
+      mode only.
+
+    Args:
+        encoder: The shared patch encoder, ``(B, N, C, h, w) -> (B, N, D)``.
+        permutations: The K permutations of the N tiles. ``None`` or ``"default"``: the
+            shipped 1000x9 set (:meth:`patchssl.permutations.PermutationSet.default`); also a
+            :class:`PermutationSet`, the path of a saved set, or rows of shape ``(K, N)``.
+            ``N`` must equal the tiler's number of patches.
+        tiler: The tiler; default :func:`patchssl.pretext.default_tiler` for the encoder's
+            patch size (3x3 tiles, images about 3.35 patch sides wide: 512 px for 153 px).
+        hidden_dim: Width of the shared per-tile layer.
+        concat_dim: Width of the layer after the concatenation.
+        dropout: Dropout before the last layer.
+        per_patch_norm: Standardise each tile on its own (see above).
+        color_drop: ``"grayscale"``, ``"channel_jitter"``, ``"both"`` or ``None``.
+        color_drop_prob: Probability that a tile is turned gray.
+        channel_shift: Largest channel shift in px for ``"channel_jitter"``.
+        label_smoothing: Label smoothing of the cross-entropy.
+
+    Shape:
+        - Input: ``(B, C, H, W)`` uint8 or float, ``(H, W) == tiler.image_size``.
+        - Output: :class:`~patchssl.pretext.PretextOutput` with logits ``(B, K)`` and targets
+          ``(B,)`` (the index of the permutation applied to each image).
+
+    Raises:
+        ValueError: The permutations do not shuffle as many tiles as the tiler cuts, or the
+            tiler's patch size differs from the encoder's.
+
+    Example:
+        >>> encoder = SharedPatchEncoder("resnet18", patch_size=64)
+        >>> task = JigsawPretext(encoder, PermutationSet.generate(100, 9))   # 215 px images
+        >>> images = torch.randint(0, 256, (8, 3, 215, 215), dtype=torch.uint8)
+        >>> loss, logits, targets = task(images, generator=torch.Generator().manual_seed(0))
+
+    References:
+        Noroozi & Favaro, ECCV 2016, arXiv:1603.09246. Chae et al., JIPS 17(3), 2021.
+    """
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        permutations: PermutationSet | str | Tensor | list[list[int]] | None = None,
+        tiler: PatchTiler | None = None,
+        *,
+        hidden_dim: int = 512,
+        concat_dim: int = 1024,
+        dropout: float = 0.0,
+        per_patch_norm: bool = True,
+        color_drop: str | None = "grayscale",
+        color_drop_prob: float = 0.3,
+        channel_shift: int = 2,
+        label_smoothing: float = 0.0,
+    ) -> None:
+        super().__init__(encoder, tiler=tiler, label_smoothing=label_smoothing)
+        perm_set = _as_permutation_set(permutations)
+        num_patches = self.tiler.num_patches
+        if perm_set.num_tiles != num_patches:
+            rows, cols = self.tiler.grid
+            raise ValueError(
+                f"the permutation set shuffles {perm_set.num_tiles} tiles but the tiler cuts "
+                f"{num_patches} patches (grid {rows}x{cols}); use "
+                f"PermutationSet.generate(K, {num_patches}) or a tiler whose grid has "
+                f"{perm_set.num_tiles} cells"
+            )
+        self.permutation_set = perm_set
+        self.num_classes = perm_set.num_permutations
+        self.register_buffer("permutations", perm_set.permutations.clone(), persistent=False)
+        self.defences = PatchDefences(
+            per_patch_norm=per_patch_norm,
+            color_drop=color_drop,
+            color_drop_prob=color_drop_prob,
+            channel_shift=channel_shift,
+        )
+        self.head = PatchConcatHead(
+            num_patches,
+            int(encoder.out_dim),
+            self.num_classes,
+            hidden_dim=hidden_dim,
+            concat_dim=concat_dim,
+            dropout=dropout,
+        )
+        self._head_config = {"hidden_dim": hidden_dim, "concat_dim": concat_dim, "dropout": dropout}
+
+    @property
+    def permutation_fingerprint(self) -> str:
+        """The permutation set's content hash (stored in checkpoints to catch a mismatch)."""
+        return self.permutation_set.fingerprint
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """JSON-able kwargs: ``"default"`` for the shipped set, else the permutation rows."""
+        if self.permutation_set.fingerprint == _default_fingerprint():
+            perms: str | list[list[int]] = "default"
+        else:
+            perms = self.permutation_set.permutations.tolist()
+        return {
+            **super().config,
+            "label_smoothing": self.label_smoothing,
+            "permutations": perms,
+            **self._head_config,
+            **self.defences.config,
+        }
+
+    @classmethod
+    def example_kwargs(cls) -> dict[str, Any]:
+        """Ten permutations and a narrow head, for the contract test."""
+        return {
+            "permutations": PermutationSet.generate(10, 9, seed=0),
+            "hidden_dim": 16,
+            "concat_dim": 32,
+        }
+
+    def shuffle(
+        self, patches: Tensor, *, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Shuffle each image's tiles by a randomly drawn permutation of the set.
+
+        Args:
+            patches: Tensor of shape ``(B, N, C, h, w)``, tiles in row-major order.
+            generator: Source of the permutation draws (drawn on its device, CPU by default).
+
+        Returns:
+            ``(shuffled, index)``: ``shuffled`` of shape ``(B, N, C, h, w)`` with
+            ``shuffled[b, k] = patches[b, permutations[index[b], k]]``, and ``index`` a long
+            tensor of shape ``(B,)`` with values in ``[0, K)``.
+        """
+        batch = patches.shape[0]
+        index = random_integers(
+            self.num_classes, (batch,), generator=generator, device=patches.device
+        )
+        order = self.permutations.to(patches.device)[index]  # (B, N)
+        rows = torch.arange(batch, device=patches.device)[:, None]
+        return patches[rows, order], index
+
+    def make_inputs(
+        self, images: Tensor, generator: torch.Generator | None
+    ) -> tuple[Tensor, Tensor]:
+        """Tile, shuffle and defend.
+
+        Args:
+            images: Tensor of shape ``(B, C, H, W)``.
+            generator: Source of the jitter, the permutation draws and colour dropping.
+
+        Returns:
+            ``(tiles, targets)``: float tiles of shape ``(B, N, C, h, w)`` in shuffled order,
+            and the permutation indices, shape ``(B,)``.
+        """
+        patches = self.tiler(images, generator=generator).patches
+        shuffled, targets = self.shuffle(patches, generator=generator)
+        return self.defences(shuffled, generator=generator), targets
+
+    def compute_logits(self, inputs: Tensor) -> Tensor:
+        """Encode the shuffled tiles and classify the permutation.
+
+        Args:
+            inputs: Float tiles of shape ``(B, N, C, h, w)``.
+
+        Returns:
+            Logits of shape ``(B, K)``.
+        """
+        if self.defences.normalizes:
+            features = self.encoder(inputs, normalized=True)
+        else:
+            features = self.encoder(inputs)
+        return self.head(features)
