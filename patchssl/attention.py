@@ -1,0 +1,172 @@
+"""Per-patch attention: the paper's sigmoid gate and Ilse et al.'s attention pooling.
+
+References:
+    Chae, Zimmermann, Kim, Kim. "Attentive Transfer Learning via Self-supervised Learning for
+    Cervical Dysplasia Diagnosis." Journal of Information Processing Systems 17(3), 2021.
+
+    Ilse, Tomczak, Welling. "Attention-based Deep Multiple Instance Learning." ICML 2018,
+    arXiv:1802.04712.
+"""
+
+from __future__ import annotations
+
+import difflib
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["ATTENTION_MODES", "PatchAttention"]
+
+#: The weighting rules :class:`PatchAttention` offers.
+ATTENTION_MODES: tuple[str, ...] = ("sigmoid", "softmax", "gated")
+
+
+class PatchAttention(nn.Module):
+    r"""One weight per patch, and the features reweighted by it.
+
+    For the features ``h_n`` (n = 1..N) of one image's patches, each mode computes a weight
+    ``a_n`` and returns ``h_n' = a_n * h_n`` together with the weights:
+
+    * ``"sigmoid"`` (the paper's gate, Chae et al. 2021): each weight is independent,
+
+          a_n = sigmoid(w^T h_n + b + c_n),   0 < a_n < 1,
+
+      where ``h_n`` is the patch's globally average pooled feature (the encoder's output),
+      ``w`` and ``b`` are shared by all patches and ``c_n`` is a learned bias per grid position
+      (a spatial prior: the centre patches of a cervix image hold the transformation zone more
+      often). ``c`` starts at zero.
+    * ``"softmax"`` (attention pooling, Ilse et al. 2018, eq. 8): the weights compete,
+
+          a_n = exp(w^T tanh(V h_n)) / sum_m exp(w^T tanh(V h_m)),   sum_n a_n = 1.
+
+    * ``"gated"`` (gated attention pooling, Ilse et al. 2018, eq. 9):
+
+          a_n = softmax_n(w^T (tanh(V h_n) ⊙ sigmoid(U h_n))),
+
+      with ``V, U`` of shape ``(hidden_dim, dim)`` and ``w`` of shape ``(hidden_dim,)``.
+
+    Summing the reweighted features over ``n`` (the classifier's ``head="pooled"``) gives Ilse's
+    bag embedding ``z = sum_n a_n h_n``. The per-position bias ``c_n`` is on by default for
+    ``"sigmoid"`` only (``position_bias``); the softmax modes are permutation invariant without
+    it, as in multiple-instance learning.
+
+    Args:
+        dim: feature width ``D``.
+        num_patches: patches per image ``N`` (the grid's cells); checked at every forward.
+        mode: ``"sigmoid"``, ``"softmax"`` or ``"gated"``.
+        hidden_dim: width of ``V`` (and ``U``) in the softmax modes; unused by ``"sigmoid"``.
+        position_bias: learn ``c_n``; default ``True`` for ``"sigmoid"``, ``False`` otherwise.
+
+    Shape:
+        - Input: ``(B, N, D)``.
+        - Output: reweighted features ``(B, N, D)`` and weights ``(B, N)``.
+
+    References:
+        Chae et al., "Attentive Transfer Learning via Self-supervised Learning for Cervical
+        Dysplasia Diagnosis", JIPS 2021. Ilse, Tomczak & Welling, "Attention-based Deep
+        Multiple Instance Learning", ICML 2018.
+
+    Example:
+        >>> att = PatchAttention(512, 9, mode="softmax")
+        >>> feats, weights = att(torch.randn(2, 9, 512))
+        >>> feats.shape, weights.shape
+        (torch.Size([2, 9, 512]), torch.Size([2, 9]))
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_patches: int,
+        mode: str = "sigmoid",
+        hidden_dim: int = 128,
+        *,
+        position_bias: bool | None = None,
+    ) -> None:
+        super().__init__()
+        for what, value in (("dim", dim), ("num_patches", num_patches), ("hidden_dim", hidden_dim)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{what} must be a positive int; got {value!r}")
+        if mode not in ATTENTION_MODES:
+            hint = difflib.get_close_matches(str(mode), ATTENTION_MODES, n=1)
+            extra = f" Did you mean {hint[0]!r}?" if hint else ""
+            raise ValueError(
+                f"unknown attention mode {mode!r}; choose one of {list(ATTENTION_MODES)}.{extra}"
+            )
+        self.dim = dim
+        self.num_patches = num_patches
+        self.mode = mode
+        self.hidden_dim = hidden_dim
+        self.position_bias = mode == "sigmoid" if position_bias is None else bool(position_bias)
+        if mode == "sigmoid":
+            self.score = nn.Linear(dim, 1)
+        else:
+            self.V = nn.Linear(dim, hidden_dim)
+            self.U = nn.Linear(dim, hidden_dim) if mode == "gated" else None
+            self.score = nn.Linear(hidden_dim, 1, bias=False)
+        if self.position_bias:
+            self.pos_bias = nn.Parameter(torch.zeros(num_patches))
+        else:
+            self.register_parameter("pos_bias", None)
+
+    def logits(self, features: Tensor) -> Tensor:
+        """Unnormalised scores before the sigmoid or softmax.
+
+        Args:
+            features: ``(B, N, D)``.
+
+        Returns:
+            Scores of shape ``(B, N)``.
+        """
+        if features.ndim != 3 or features.shape[2] != self.dim:
+            raise ValueError(
+                f"expected features of shape (B, N, {self.dim}); got {tuple(features.shape)}"
+            )
+        if features.shape[1] != self.num_patches:
+            raise ValueError(
+                f"PatchAttention was built for num_patches={self.num_patches} but got "
+                f"{features.shape[1]} patches per image; build it with "
+                f"num_patches={features.shape[1]} (the tiler's grid rows * cols)"
+            )
+        if self.mode == "sigmoid":
+            scores = self.score(features)
+        else:
+            hidden = torch.tanh(self.V(features))
+            if self.U is not None:
+                hidden = hidden * torch.sigmoid(self.U(features))
+            scores = self.score(hidden)
+        scores = scores.squeeze(-1)
+        if self.pos_bias is not None:
+            scores = scores + self.pos_bias
+        return scores
+
+    def forward(self, features: Tensor) -> tuple[Tensor, Tensor]:
+        """Weight every patch.
+
+        Args:
+            features: ``(B, N, D)`` per-patch features.
+
+        Returns:
+            ``(reweighted, weights)``: ``(B, N, D)`` features ``a_n * h_n`` and ``(B, N)``
+            weights (in (0, 1) for ``"sigmoid"``; summing to 1 over N for the softmax modes).
+        """
+        scores = self.logits(features)
+        weights = torch.sigmoid(scores) if self.mode == "sigmoid" else scores.softmax(dim=1)
+        return features * weights.unsqueeze(-1), weights
+
+    @property
+    def config(self) -> dict[str, object]:
+        """JSON-able arguments that rebuild this block (``PatchAttention(**config)``)."""
+        return {
+            "dim": self.dim,
+            "num_patches": self.num_patches,
+            "mode": self.mode,
+            "hidden_dim": self.hidden_dim,
+            "position_bias": self.position_bias,
+        }
+
+    def extra_repr(self) -> str:
+        """Mode, width, patch count and whether the position bias is learned."""
+        return (
+            f"mode={self.mode!r}, dim={self.dim}, num_patches={self.num_patches}, "
+            f"position_bias={self.position_bias}"
+        )
