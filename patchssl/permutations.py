@@ -432,7 +432,7 @@ class PermutationSet:
             num_permutations: K >= 1, at most N!.
             num_tiles: N >= 2 (9 for a 3x3 grid, 16 for 4x4).
             method: One of ``"auto"``, ``"max_avg"``, ``"max_min"``, ``"projective"``.
-            seed: Seed of every random choice.
+            seed: Seed (>= 0) of every random choice.
             num_candidates: ``max_min`` only: how many candidate permutations to scan. ``None``
                 scans all N! when N <= 9, else samples 100,000. A value >= N! scans all.
 
@@ -452,7 +452,7 @@ class PermutationSet:
         """
         k = _check_int("num_permutations", num_permutations, minimum=1)
         n = _check_int("num_tiles", num_tiles, minimum=2)
-        seed = _check_int("seed", seed)
+        seed = _check_int("seed", seed, minimum=0)
         if num_candidates is not None:
             num_candidates = _check_int("num_candidates", num_candidates, minimum=1)
         if not isinstance(method, str) or method not in METHODS:

@@ -345,6 +345,7 @@ def test_projective_distances(k, expected_min):
         ({"num_tiles": 1}, ValueError, r"num_tiles must be >= 2"),
         ({"num_permutations": 2.5}, TypeError, r"must be an int"),
         ({"seed": None}, TypeError, r"seed must be an int"),
+        ({"seed": -1}, ValueError, r"seed must be >= 0"),
         ({"method": "projective", "num_tiles": 16}, ValueError, r"max_min"),
         ({"method": "projective", "num_permutations": 1513}, ValueError, r"1512.*max_min"),
         ({"method": "max_avg", "num_candidates": 5000}, ValueError, r"max_min' only"),
