@@ -78,13 +78,14 @@ def _encode(
 def _check_class_groups(counts: np.ndarray, labels: np.ndarray, need: int, what: str) -> None:
     classes = np.unique(np.asarray(labels))
     groups_per_class = (counts > 0).sum(axis=0)
-    short = [(classes[c], int(k)) for c, k in enumerate(groups_per_class) if k < need]
+    short = [(classes[c].item(), int(k)) for c, k in enumerate(groups_per_class) if k < need]
     if short:
         listed = ", ".join(f"class {c!r} in {k} group(s)" for c, k in short)
+        fewer = "lower the number of splits, " if need > 2 else ""
         raise ValueError(
             f"cannot stratify {what}: every class needs at least {need} patient groups, but "
-            f"{listed}. Collect more patients of that class, merge it with another class in "
-            "the label map, lower the number of splits, or drop it."
+            f"{listed}. Collect more patients of that class, {fewer}merge it with another "
+            "class in the label map, or drop its images."
         )
 
 

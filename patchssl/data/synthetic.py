@@ -356,7 +356,7 @@ def render_cervix(
                 ey = (wy - (ly + by * lr)) ** 2
                 field += np.exp(-(ex + ey) * inv)
             rough = _smooth_noise(tex, size, max(8, size // 7))[0][y0:y1, x0:x1]
-            speck = _smooth_noise(rng, size, max(8, size // 8))[0][y0:y1, x0:x1]
+            speck = _smooth_noise(tex, size, max(8, size // 8))[0][y0:y1, x0:x1]
             win = _smoothstep(0.45, 0.8, field + f32(0.25) * rough) * cervix[y0:y1, x0:x1]
             win *= f32(0.85) + f32(0.15) * speck
             lesion_mask[y0:y1, x0:x1] = np.clip(win, 0.0, 1.0)
@@ -449,7 +449,7 @@ def render_cervix(
 
     box = None
     if lesion:
-        ys, xs = np.nonzero(lesion_mask > 0.25)
+        ys, xs = np.nonzero(lesion_mask > 0.1)
         if len(xs):
             box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
     return CervixImage(out, box, lesion_mask)
