@@ -45,6 +45,8 @@ __all__ = [
     "TrainConfig",
     "apply_overrides",
     "load_config",
+    "merge_dicts",
+    "read_config_file",
     "save_config",
 ]
 
@@ -175,6 +177,8 @@ class TrainConfig:
         device: ``auto`` (CUDA if available), ``cpu``, ``cuda``, ``cuda:1``...
         seed: Seed of every random choice; a seeded CPU run repeats exactly.
         class_weights: ``inverse`` (inverse class frequency in the loss) or ``none``.
+        augment: Fine-tuning augmentation on the device: ``flip`` (random horizontal and
+            vertical flips) or ``none``.
         patience: Early stopping after this many epochs without improvement (0 = off).
         monitor: Validation metric that selects ``best.pt`` and drives early stopping
             (``auto``: ``val_auc`` when fine-tuning, ``val_loss`` when pretraining).
@@ -199,6 +203,7 @@ class TrainConfig:
     device: str = "auto"
     seed: int = 0
     class_weights: str = "inverse"
+    augment: str = "flip"
     patience: int = 10
     monitor: str = "auto"
     grad_clip: float | None = None
@@ -403,22 +408,55 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
     Raises:
         ConfigError: When the file is missing, unreadable, or holds unknown keys or bad values.
     """
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        text = path.read_text(encoding="utf-8")
-        try:
-            data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
-        except (json.JSONDecodeError, yaml.YAMLError) as err:
-            raise ConfigError(f"cannot parse config file {path}: {err}") from err
-        if data is None:
-            data = {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    data = read_config_file(path) if path is not None else {}
     config = Config.from_dict(data)
     return apply_overrides(config, overrides)
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML or JSON config file into a nested dict (not yet validated).
+
+    Args:
+        path: The file.
+
+    Returns:
+        The nested dict.
+
+    Raises:
+        ConfigError: When the file is missing or cannot be parsed.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as err:
+        raise ConfigError(f"cannot parse config file {path}: {err}") from err
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return data
+
+
+def merge_dicts(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """Recursively merge ``update`` into a copy of ``base`` (sections merge, values replace).
+
+    Args:
+        base: Nested dict.
+        update: Nested dict whose values win.
+
+    Returns:
+        The merged dict.
+    """
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict) and key != "options":
+            merged[key] = merge_dicts(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 def _parse_override(text: str) -> tuple[list[str], Any]:

@@ -289,7 +289,9 @@ def build_scheduler(
 
 def _better(value: float, best: float | None, mode: str) -> bool:
     if best is None or math.isnan(best):
-        return not math.isnan(value)
+        return True
+    if math.isnan(value):
+        return False
     return value < best if mode == "min" else value > best
 
 

@@ -1,0 +1,575 @@
+"""The ``patchssl`` command line.
+
+Commands: ``prepare``, ``pretrain``, ``finetune``, ``evaluate``, ``explain``, ``demo``,
+``pretexts`` (list the registered pretext tasks) and ``permutations`` (describe or generate a
+permutation set). Every training command reads a YAML/JSON config (``--config``), then the
+common flags (``--epochs``, ``--lr``...), then ``--set section.key=value`` overrides, in that
+order. Exit status: 0 on success, 2 on a usage or configuration error (a message, no traceback;
+``--debug`` shows it), 1 when training stops on a non-finite loss, 130 when interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["build_parser", "main"]
+
+EPILOG = (
+    "Options are applied in this order: defaults < --config file < flags < --set overrides. "
+    "See docs/cli.md for every option and example runs."
+)
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Show defaults and keep the descriptions' line breaks."""
+
+
+class UsageError(Exception):
+    """A command-line mistake (exit status 2)."""
+
+
+# ------------------------------------------------------------------------------------ options
+def _add_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--config",
+        "-c",
+        metavar="FILE",
+        help="YAML or JSON config file (sections data, model, pretext, train, eval, explain)",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any config option by its dotted path, e.g. --set train.epochs=3 "
+        "--set pretext.options.num_permutations=100 (repeatable; values parsed as YAML)",
+    )
+    p.add_argument("--out", "-o", metavar="DIR", help="output folder of the run (config: out)")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+
+
+def _add_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N (train.device)")
+    p.add_argument("--workers", type=int, help="data-loader worker processes (data.workers)")
+    p.add_argument("--batch-size", type=int, help="images per step (train.batch_size)")
+    p.add_argument(
+        "--amp",
+        choices=["auto", "bf16", "fp16", "none"],
+        help="mixed precision on the GPU (train.amp); ignored on the CPU",
+    )
+    p.add_argument("--threads", type=int, help="CPU threads for torch (train.num_threads)")
+    p.add_argument(
+        "--no-progress", action="store_true", help="hide progress bars (train.progress=false)"
+    )
+
+
+def _add_geometry(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backbone", help="timm model name of the patch encoder (model.backbone)")
+    p.add_argument("--image-size", type=int, help="working image size in px (data.image_size)")
+    p.add_argument("--patch-size", type=int, help="patch side in px (model.patch_size)")
+    p.add_argument("--grid", type=int, help="patches per side, 3 = 3x3 (model.grid)")
+
+
+def _add_training(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--epochs", type=int, help="number of epochs (train.epochs)")
+    p.add_argument("--lr", type=float, help="peak learning rate (train.lr)")
+    p.add_argument("--seed", type=int, help="seed of every random choice (train.seed)")
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="CHECKPOINT",
+        help="continue the run in --out from its last.pt (or from CHECKPOINT); without "
+        "--config, the run's saved config.yaml is used",
+    )
+    p.add_argument(
+        "--patience", type=int, help="early stopping patience in epochs, 0 = off (train.patience)"
+    )
+
+
+def _add_labels(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--label-map",
+        help="raw label -> class: 'cervix' (CIN0/1 -> 0, CIN2+ -> 1), 'binary', "
+        "'A:0,B:1' or a YAML/JSON file (data.label_map)",
+    )
+    p.add_argument(
+        "--split",
+        metavar="FILE",
+        help="reuse a saved split.json instead of drawing one (data.split)",
+    )
+
+
+# ---------------------------------------------------------------------------------- commands
+def build_parser() -> argparse.ArgumentParser:
+    """Build the argument parser of every command.
+
+    Returns:
+        The ``patchssl`` parser with its sub-commands.
+    """
+    from patchssl import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="patchssl",
+        description="Self-supervised learning on image patches (jigsaw puzzles and friends) "
+        "with attentive transfer to a classifier, for medical images with few labels.",
+        epilog="Start with `patchssl demo` (under 5 minutes on a laptop CPU). "
+        "`patchssl COMMAND --help` explains each command's options.",
+    )
+    parser.add_argument("--version", action="version", version=f"patchssl {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    def command(name: str, help_: str, description: str) -> argparse.ArgumentParser:
+        return sub.add_parser(
+            name, help=help_, description=description, epilog=EPILOG, formatter_class=_Formatter
+        )
+
+    p = command(
+        "prepare",
+        "resize images into a cache, check the manifest, draw the split",
+        "Resize a folder of large originals once into <out>/cache (in parallel, resumable, "
+        "reporting unreadable files), check a labeled manifest (unknown labels are refused), "
+        "draw the patient-grouped split (<out>/split.json) and report labeled evaluation "
+        "images that are also in the unlabeled folder.",
+    )
+    _add_config(p)
+    p.add_argument("--data", metavar="PATH", help="unlabeled image folder, or a manifest .csv")
+    p.add_argument("--manifest", metavar="CSV", help="labeled manifest (data.manifest)")
+    p.add_argument("--image-size", type=int, help="working image size in px (data.image_size)")
+    p.add_argument("--workers", type=int, help="parallel resize workers (data.workers)")
+    p.add_argument("--seed", type=int, help="seed of the split (train.seed)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    _add_labels(p)
+
+    p = command(
+        "pretrain",
+        "self-supervised pretraining on unlabeled images",
+        "Pretrain a pretext task (default: the jigsaw puzzle) on a folder of unlabeled images. "
+        "Writes config.yaml, metrics.csv, last.pt (every epoch) and best.pt (lowest validation "
+        "pretext loss) in --out.",
+    )
+    _add_config(p)
+    p.add_argument("--data", metavar="DIR", help="folder of unlabeled images (data.unlabeled)")
+    p.add_argument(
+        "--manifest",
+        metavar="CSV",
+        help="labeled manifest, to detect evaluation images inside the unlabeled folder",
+    )
+    p.add_argument("--pretext", help="pretext task name, see `patchssl pretexts` (pretext.name)")
+    p.add_argument(
+        "--permutations",
+        metavar="FILE",
+        help="jigsaw permutation file (pretext.options.permutations)",
+    )
+    p.add_argument(
+        "--exclude-overlap",
+        action="store_true",
+        help="leave labeled evaluation images out of pretraining (data.exclude_overlap)",
+    )
+    _add_geometry(p)
+    _add_training(p)
+    _add_device(p)
+
+    p = command(
+        "finetune",
+        "fine-tune the patch-attention classifier on labeled images",
+        "Fine-tune a patch classifier from a pretraining checkpoint (--init) or from scratch. "
+        "The labeled images are split by patient (train/val/test, saved as split.json); the "
+        "val part selects best.pt and drives early stopping; the test part is left for "
+        "`patchssl evaluate`.",
+    )
+    _add_config(p)
+    p.add_argument("--data", metavar="CSV", help="labeled manifest, or a folder with labeled.csv")
+    p.add_argument(
+        "--init",
+        metavar="CHECKPOINT",
+        help="pretraining checkpoint to start from (model.init); omit to train from scratch",
+    )
+    p.add_argument(
+        "--attention",
+        choices=["sigmoid", "softmax", "gated", "none"],
+        help="patch attention (model.attention; the paper: sigmoid)",
+    )
+    _add_labels(p)
+    _add_geometry(p)
+    _add_training(p)
+    _add_device(p)
+
+    p = command(
+        "evaluate",
+        "evaluate a fine-tuned classifier on the test split",
+        "Choose the decision threshold on the validation split, then report accuracy, "
+        "specificity, sensitivity, precision, AUC, F1, sensitivity at a target specificity and "
+        "the confusion matrix on the test split, with bootstrap confidence intervals that "
+        "resample patients. Writes eval.json, eval.md and predictions_*.csv.",
+    )
+    _add_config(p)
+    p.add_argument(
+        "--checkpoint", metavar="FILE", help="classifier checkpoint (default <out>/best.pt)"
+    )
+    p.add_argument("--data", metavar="CSV", help="labeled manifest (default: the run's)")
+    p.add_argument(
+        "--threshold",
+        help="'youden', 'f1', 'specificity' (chosen on the val split) or a fixed number",
+    )
+    p.add_argument("--n-boot", type=int, help="bootstrap resamples (eval.n_boot)")
+    p.add_argument("--specificity", type=float, help="target specificity (eval.target_specificity)")
+    _add_labels(p)
+    _add_device(p)
+
+    p = command(
+        "explain",
+        "attention overlays and the t-SNE embedding plot",
+        "Draw each patch's attention weight onto the images (patches above the mean weight "
+        "outlined; the paper's Fig. 4b), a t-SNE map of the classifier features (Fig. 4a), and "
+        "score lesion localisation when the manifest records lesion boxes.",
+    )
+    _add_config(p)
+    p.add_argument(
+        "--checkpoint", metavar="FILE", help="classifier checkpoint (default <out>/best.pt)"
+    )
+    p.add_argument("--data", metavar="CSV", help="labeled manifest (default: the run's)")
+    p.add_argument("--part", choices=["train", "val", "test", "all"], help="split part to explain")
+    p.add_argument("--num-images", type=int, help="attention overlays to draw")
+    _add_labels(p)
+    _add_device(p)
+
+    p = command(
+        "demo",
+        "synthetic end-to-end run: SSL + attention against a baseline",
+        "Generate a seeded synthetic cervix-like dataset, pretrain the jigsaw task on its "
+        "unlabeled part, fine-tune the attention classifier from the pretrained encoder and "
+        "from scratch, evaluate both on held-out patients, and write report.md/report.json "
+        "with metrics, confidence intervals, attention overlays, the embedding plot and the "
+        "lesion-localisation score.",
+    )
+    p.add_argument("--out", "-o", metavar="DIR", default="patchssl-demo", help="output folder")
+    p.add_argument("--fast", action="store_true", help="a much smaller run (about a minute)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data and the training")
+    p.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument(
+        "--config",
+        "-c",
+        metavar="FILE",
+        help="YAML/JSON file whose options replace the demo's (e.g. model.backbone)",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a demo option by its dotted path, e.g. --set model.backbone=resnet18",
+    )
+    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+
+    p = command(
+        "pretexts",
+        "list the registered pretext tasks",
+        "List the pretext tasks that `pretrain --pretext NAME` accepts (built-in and plugins "
+        "from the 'patchssl.pretexts' entry-point group).",
+    )
+    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+
+    p = command(
+        "permutations",
+        "describe or generate a jigsaw permutation set",
+        "Describe a permutation set (size, fingerprint, Hamming distances) or generate one "
+        "with the maximal-Hamming criterion and save it.",
+    )
+    p.add_argument(
+        "action", choices=["describe", "generate"], help="describe a set, or generate one"
+    )
+    p.add_argument(
+        "path",
+        nargs="?",
+        help="describe: a permutation file (default: the shipped 1000x9 set); generate: the "
+        "output file (.npy, .pt or .txt)",
+    )
+    p.add_argument("--num", type=int, default=1000, help="generate: number of permutations")
+    p.add_argument("--tiles", type=int, default=9, help="generate: tiles per puzzle (3x3 = 9)")
+    p.add_argument(
+        "--method",
+        default="auto",
+        help="generate: auto, max_avg, max_min or projective",
+    )
+    p.add_argument("--seed", type=int, default=0, help="generate: seed")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    return parser
+
+
+# ----------------------------------------------------------------------------- config assembly
+_FLAG_KEYS: dict[str, str] = {
+    "epochs": "train.epochs",
+    "batch_size": "train.batch_size",
+    "lr": "train.lr",
+    "device": "train.device",
+    "seed": "train.seed",
+    "amp": "train.amp",
+    "threads": "train.num_threads",
+    "patience": "train.patience",
+    "workers": "data.workers",
+    "image_size": "data.image_size",
+    "manifest": "data.manifest",
+    "label_map": "data.label_map",
+    "split": "data.split",
+    "backbone": "model.backbone",
+    "patch_size": "model.patch_size",
+    "grid": "model.grid",
+    "init": "model.init",
+    "attention": "model.attention",
+    "pretext": "pretext.name",
+    "n_boot": "eval.n_boot",
+    "specificity": "eval.target_specificity",
+    "num_images": "explain.num_images",
+    "part": "explain.split",
+}
+
+
+def _config_from_args(args: argparse.Namespace) -> Any:
+    """Defaults < --config < flags < --set."""
+    from patchssl.engine.config import ConfigError, apply_overrides, load_config, set_dotted
+
+    config_file = args.config
+    out = getattr(args, "out", None)
+    if config_file is None and getattr(args, "resume", None) and out:
+        saved = Path(out) / "config.yaml"
+        if saved.is_file():
+            config_file = saved
+    config = load_config(config_file)
+    data = config.to_dict()
+
+    def put(key: str, value: Any) -> None:
+        set_dotted(data, key.split("."), value, key)
+
+    if out:
+        put("out", out)
+    for attr, key in _FLAG_KEYS.items():
+        value = getattr(args, attr, None)
+        if value is not None:
+            put(key, value)
+    if getattr(args, "data", None):
+        path = Path(args.data)
+        if args.command == "pretrain":
+            put("data.unlabeled", args.data)
+        elif args.command == "prepare":
+            put("data.manifest" if path.suffix.lower() == ".csv" else "data.unlabeled", args.data)
+        else:
+            put("data.manifest", args.data)
+    if getattr(args, "permutations", None):
+        options = dict(data["pretext"]["options"])
+        options["permutations"] = args.permutations
+        put("pretext.options", options)
+    if getattr(args, "exclude_overlap", False):
+        put("data.exclude_overlap", True)
+    if getattr(args, "no_progress", False):
+        put("train.progress", False)
+    if getattr(args, "resume", None) is not None:
+        put("train.resume", args.resume)
+    if getattr(args, "checkpoint", None):
+        put(
+            "eval.checkpoint" if args.command == "evaluate" else "explain.checkpoint",
+            args.checkpoint,
+        )
+    threshold = getattr(args, "threshold", None)
+    if threshold is not None:
+        try:
+            put("eval.threshold", float(threshold))
+        except ValueError:
+            put("eval.threshold", threshold)
+    from patchssl.engine.config import Config
+
+    try:
+        config = Config.from_dict(data)
+    except ConfigError as err:
+        raise ConfigError(f"{err} (from the command-line flags)") from err
+    return apply_overrides(config, args.overrides)
+
+
+# ------------------------------------------------------------------------------------ handlers
+def _cmd_prepare(args: argparse.Namespace) -> None:
+    from patchssl.engine import prepare
+
+    result = prepare(_config_from_args(args))
+    print(f"outputs written to {result.out_dir}")
+
+
+def _cmd_pretrain(args: argparse.Namespace) -> None:
+    from patchssl.engine import pretrain
+
+    result = pretrain(_config_from_args(args))
+    print(f"outputs written to {result.out_dir} (best: {result.best_checkpoint})")
+
+
+def _cmd_finetune(args: argparse.Namespace) -> None:
+    from patchssl.engine import finetune
+
+    result = finetune(_config_from_args(args))
+    print(f"outputs written to {result.out_dir} (best: {result.best_checkpoint})")
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> None:
+    from patchssl.engine import evaluate
+
+    result = evaluate(_config_from_args(args))
+    print(f"outputs written to {result.json_path.parent}")
+
+
+def _cmd_explain(args: argparse.Namespace) -> None:
+    from patchssl.engine import explain
+
+    result = explain(_config_from_args(args))
+    print(f"outputs written to {result.out_dir}")
+
+
+def _cmd_demo(args: argparse.Namespace) -> None:
+    from patchssl.engine import run_demo
+    from patchssl.engine.demo import demo_config
+
+    config = demo_config(
+        out=args.out,
+        fast=args.fast,
+        seed=args.seed,
+        threads=args.threads,
+        device=args.device,
+        progress=not args.no_progress,
+    )
+    if args.config:
+        from patchssl.engine.config import Config, merge_dicts, read_config_file
+
+        config = Config.from_dict(merge_dicts(config.to_dict(), read_config_file(args.config)))
+    if args.overrides:
+        from patchssl.engine.config import apply_overrides
+
+        config = apply_overrides(config, args.overrides)
+    result = run_demo(config)
+    print(f"outputs written to {result.out_dir} (report: {result.report_md})")
+
+
+def _cmd_pretexts(args: argparse.Namespace) -> None:
+    from patchssl.pretext import get_pretext_class, list_pretexts
+
+    for name in list_pretexts():
+        try:
+            cls = get_pretext_class(name)
+            doc = (cls.__doc__ or "").strip().splitlines()
+            summary = doc[0] if doc else ""
+        except Exception as err:  # a broken plugin must not hide the others
+            summary = f"(cannot load: {err})"
+        print(f"{name:20s} {summary}")
+
+
+def _cmd_permutations(args: argparse.Namespace) -> None:
+    from patchssl.permutations import PermutationSet
+
+    if args.action == "describe":
+        if args.path:
+            path = Path(args.path)
+            if not path.is_file():
+                raise UsageError(f"permutation file not found: {path}")
+            perms = PermutationSet.load(path)
+            where = str(path)
+        else:
+            perms = PermutationSet.default()
+            where = "the shipped default set"
+        print(f"permutation set: {where}")
+        for key, value in perms.describe().items():
+            print(f"  {key}: {value}")
+        return
+    if not args.path:
+        raise UsageError("permutations generate needs an output file, e.g. perms.npy")
+    perms = PermutationSet.generate(args.num, args.tiles, method=args.method, seed=args.seed)
+    perms.save(args.path)
+    print(
+        f"generated {perms.num_permutations} permutations of {perms.num_tiles} tiles "
+        f"(min Hamming {perms.min_hamming()}, mean {perms.mean_hamming():.2f}, fingerprint "
+        f"{perms.fingerprint}); written to {args.path}"
+    )
+
+
+_HANDLERS: dict[str, Callable[[argparse.Namespace], None]] = {
+    "prepare": _cmd_prepare,
+    "pretrain": _cmd_pretrain,
+    "finetune": _cmd_finetune,
+    "evaluate": _cmd_evaluate,
+    "explain": _cmd_explain,
+    "demo": _cmd_demo,
+    "pretexts": _cmd_pretexts,
+    "permutations": _cmd_permutations,
+}
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean "fix your input" (exit 2, no traceback)."""
+    from patchssl.checkpoint import CheckpointError
+    from patchssl.data import ManifestError
+    from patchssl.engine.config import ConfigError
+
+    errors: list[type[BaseException]] = [
+        UsageError,
+        ConfigError,
+        CheckpointError,
+        ManifestError,
+        FileNotFoundError,
+        ImportError,
+    ]
+    try:
+        from patchssl.pretext import UnknownPretextError
+
+        errors.append(UnknownPretextError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``patchssl`` command line.
+
+    Args:
+        argv: Arguments without the program name (default: ``sys.argv[1:]``).
+
+    Returns:
+        The exit status: 0 success, 2 usage or configuration error, 1 training stopped on a
+        non-finite loss, 130 interrupted.
+    """
+    parser = build_parser()
+    args = parser.parse_args(list(argv) if argv is not None else None)
+    debug = bool(getattr(args, "debug", False))
+    from patchssl.engine.loop import NonFiniteLossError
+
+    user_errors = _user_errors()
+    try:
+        _HANDLERS[args.command](args)
+    except user_errors as err:
+        if debug:
+            traceback.print_exc()
+        message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+        print(f"patchssl {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as err:
+        if debug:
+            traceback.print_exc()
+        print(f"patchssl {args.command}: stopped: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(
+            f"patchssl {args.command}: interrupted; continue with --resume (the last "
+            "completed epoch's checkpoint is kept)",
+            file=sys.stderr,
+        )
+        return 130
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,281 @@
+"""From a configuration to datasets, splits and overlap checks (the engine's data plumbing).
+
+Labeled images come from a CSV manifest, unlabeled ones from a folder. The split of the labeled
+images is stratified by label and grouped by patient (train / val / test), saved with the run as
+``split.json`` and reused when ``data.split`` names a saved one. When ``data.cache`` names the
+output of ``patchssl prepare``, images are read from the resized copies there, while splits and
+reports keep naming the original files.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from patchssl.engine.config import Config, ConfigError
+from patchssl.engine.logging import echo
+
+__all__ = [
+    "cache_dirs",
+    "find_eval_overlap",
+    "labeled_dataset",
+    "labeled_records",
+    "make_split",
+    "unlabeled_dataset",
+]
+
+
+def cache_dirs(config: Config) -> tuple[Path, Path] | None:
+    """``(unlabeled cache, labeled cache)`` folders of ``data.cache``, or ``None``."""
+    if not config.data.cache:
+        return None
+    root = Path(config.data.cache)
+    return root / "unlabeled", root / "labeled"
+
+
+def unlabeled_dataset(config: Config, *, exclude: list[Path] | None = None) -> Any:
+    """The :class:`patchssl.data.ImageFolderDataset` of ``data.unlabeled`` (or its cache).
+
+    Args:
+        config: Run configuration.
+        exclude: Source image paths to leave out (overlap with the labeled evaluation images).
+
+    Returns:
+        The dataset (capped at ``data.max_images`` when set).
+    """
+    from patchssl.data import ImageFolderDataset
+    from patchssl.data.prepare import cache_path
+
+    root = Path(config.data.unlabeled or "")
+    if not root.is_dir():
+        raise ConfigError(f"data.unlabeled: folder not found: {root}")
+    cache = cache_dirs(config)
+    source = root
+    if cache is not None and cache[0].is_dir():
+        source = cache[0]
+        if exclude:
+            exclude = [cache_path(p, root, cache[0]) for p in exclude]
+        echo(f"reading unlabeled images from the cache {source}")
+    try:
+        dataset = ImageFolderDataset(
+            source, config.data.image_size, channels=config.data.in_chans, exclude=exclude
+        )
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError(str(err)) from err
+    if config.data.max_images and len(dataset) > config.data.max_images:
+        dataset.paths = dataset.paths[: config.data.max_images]
+    return dataset
+
+
+def labeled_records(config: Config) -> list[Any]:
+    """Read ``data.manifest`` with the configured label map and columns.
+
+    Returns:
+        The :class:`patchssl.data.Record` list (original image paths).
+
+    Raises:
+        ConfigError: When the manifest is missing, has unknown labels (listed) or bad columns.
+    """
+    from patchssl.data import ManifestError, read_manifest
+
+    if not config.data.manifest:
+        raise ConfigError("labeled data needed: --data FILE.csv (data.manifest)")
+    manifest = Path(config.data.manifest)
+    if manifest.is_dir():
+        for name in ("labeled.csv", "manifest.csv", "labels.csv"):
+            if (manifest / name).is_file():
+                manifest = manifest / name
+                break
+        else:
+            raise ConfigError(f"data.manifest: {manifest} is a folder without a labeled.csv")
+    d = config.data
+    try:
+        records = read_manifest(
+            manifest,
+            label_map=d.label_map,
+            root=d.image_root,
+            image_column=d.path_column,
+            label_column=d.label_column,
+            patient_column=d.patient_column or None,
+            visit_column=d.visit_column or None,
+        )
+    except (ManifestError, FileNotFoundError) as err:
+        raise ConfigError(f"manifest {manifest}: {err}") from err
+    if d.max_images and len(records) > d.max_images:
+        records = records[: d.max_images]
+    return records
+
+
+def make_split(config: Config, records: list[Any], out_dir: Path) -> dict[str, list[Any]]:
+    """Load ``data.split`` or draw a new patient-grouped, label-stratified split; save it.
+
+    The split is written to ``<out>/split.json`` either way, so the run's folder always holds
+    the split it used.
+
+    Args:
+        config: Run configuration (``data.split``, ``test_size``, ``val_size``; ``train.seed``).
+        records: Manifest records.
+        out_dir: Run folder.
+
+    Returns:
+        ``{"train": [...], "val": [...], "test": [...]}`` lists of records.
+
+    Raises:
+        ConfigError: When the saved split does not match the manifest, or a new split cannot
+            be drawn (too few patients of a class).
+    """
+    from patchssl.data import load_split, records_from_split, save_split, split_records
+
+    d = config.data
+    if d.split:
+        try:
+            parts = records_from_split(records, load_split(d.split))
+        except (FileNotFoundError, KeyError, ValueError) as err:
+            message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+            raise ConfigError(f"data.split: {message}") from err
+        source = f"reused {d.split}"
+    else:
+        if not 0.0 < d.test_size < 1.0 or not 0.0 <= d.val_size < 1.0:
+            raise ConfigError(
+                f"data.test_size must be in (0, 1) and data.val_size in [0, 1); got "
+                f"{d.test_size} and {d.val_size}"
+            )
+        try:
+            parts = split_records(
+                records,
+                test_size=d.test_size,
+                val_size=d.val_size * (1.0 - d.test_size),
+                seed=config.train.seed,
+            )
+        except ValueError as err:
+            raise ConfigError(f"cannot split the labeled images: {err}") from err
+        source = f"new split (seed {config.train.seed})"
+    parts.setdefault("val", [])
+    check_patient_leakage(parts)
+    meta = {
+        "manifest": str(d.manifest),
+        "seed": config.train.seed,
+        "test_size": d.test_size,
+        "val_size": d.val_size,
+        "source": source,
+    }
+    save_split(out_dir / "split.json", parts, meta=meta)
+    counts = ", ".join(
+        f"{k} {len(v)} ({sum(r.label for r in v)} positive, {len({r.patient for r in v})} patients)"
+        for k, v in parts.items()
+    )
+    echo(f"split ({source}): {counts}; saved to {out_dir / 'split.json'}")
+    return parts
+
+
+def check_patient_leakage(parts: dict[str, list[Any]]) -> None:
+    """Refuse a split in which one patient's images are in two parts.
+
+    Raises:
+        ConfigError: Naming the patients and parts.
+    """
+    owner: dict[str, str] = {}
+    clashes: list[str] = []
+    for name, recs in parts.items():
+        for r in recs:
+            first = owner.setdefault(str(r.patient), name)
+            if first != name:
+                clashes.append(f"{r.patient} ({first} and {name})")
+    if clashes:
+        shown = ", ".join(sorted(set(clashes))[:5])
+        raise ConfigError(
+            f"patient leakage: {len(set(clashes))} patient(s) have images in two parts of the "
+            f"split: {shown}. Make a new split (drop data.split) so that patients stay together."
+        )
+
+
+def to_cache(config: Config, records: list[Any]) -> list[Any]:
+    """Point records at their resized copies in ``data.cache`` when it exists."""
+    cache = cache_dirs(config)
+    if cache is None or not cache[1].is_dir() or not records:
+        return records
+    from patchssl.data import map_records_to_cache
+
+    root = config.data.image_root or str(Path(config.data.manifest or ".").parent)
+    try:
+        return map_records_to_cache(records, root, cache[1])
+    except (ValueError, FileNotFoundError) as err:
+        raise ConfigError(f"data.cache: {err}") from err
+
+
+def labeled_dataset(config: Config, records: list[Any]) -> Any:
+    """A :class:`patchssl.data.ManifestDataset` of ``records`` (read from the cache if any)."""
+    from patchssl.data import ManifestDataset
+
+    return ManifestDataset(
+        to_cache(config, records), config.data.image_size, channels=config.data.in_chans
+    )
+
+
+def find_eval_overlap(
+    config: Config,
+    labeled_paths: list[Path] | None = None,
+    *,
+    out_dir: Path | None = None,
+    after_pretraining: bool = False,
+) -> list[Any]:
+    """Check whether labeled evaluation images are also in the unlabeled pretraining folder.
+
+    The evaluation images are ``labeled_paths`` when given, else the val and test parts of
+    ``data.split`` when set, else every image of ``data.manifest``. Overlaps are reported with a
+    warning (and written to ``<out>/overlap.json``); the caller excludes them from pretraining
+    when ``data.exclude_overlap`` is set.
+
+    Args:
+        config: Run configuration.
+        labeled_paths: Evaluation images to compare against.
+        out_dir: Where to write ``overlap.json`` (default ``config.out``).
+        after_pretraining: The check runs after pretraining (fine-tuning): the message then
+            says how to redo the pretraining without them.
+
+    Returns:
+        The :class:`patchssl.data.Overlap` list (empty when there is none).
+    """
+    from patchssl.data import find_images, find_overlap, load_split
+
+    d = config.data
+    if not d.unlabeled or not Path(d.unlabeled).is_dir():
+        return []
+    if labeled_paths is None:
+        if d.split and Path(d.split).is_file():
+            parts = load_split(d.split)
+            labeled_paths = [Path(p) for k in ("val", "test") for p in parts.get(k, [])]
+        elif d.manifest:
+            labeled_paths = [r.path for r in labeled_records(config)]
+        else:
+            return []
+    pretrain_paths = find_images(Path(d.unlabeled))
+    overlaps = find_overlap(pretrain_paths, labeled_paths)
+    if not overlaps:
+        return []
+    from patchssl.engine.common import write_json
+
+    out = Path(out_dir or config.out)
+    write_json(
+        out / "overlap.json",
+        [
+            {"pretrain": str(o.pretrain), "labeled": str(o.labeled), "reason": o.reason}
+            for o in overlaps
+        ],
+    )
+    shown = "; ".join(f"{o.pretrain} = {o.labeled} ({o.reason})" for o in overlaps[:3])
+    if after_pretraining:
+        action = (
+            "the pretrained encoder has seen them; pretrain again with "
+            "data.exclude_overlap=true for an unbiased test"
+        )
+    elif d.exclude_overlap:
+        action = "excluded from pretraining"
+    else:
+        action = "kept; set data.exclude_overlap=true to leave them out of pretraining"
+    echo(
+        f"warning: {len(overlaps)} labeled evaluation image(s) are also in the pretraining folder "
+        f"{d.unlabeled} ({action}): {shown}; list in {out / 'overlap.json'}",
+        err=True,
+    )
+    return overlaps

@@ -1,0 +1,390 @@
+"""Fine-tuning the patch-attention classifier on labeled images (``patchssl finetune``).
+
+The classifier reuses a pretrained encoder (``model.init``: a checkpoint of ``patchssl
+pretrain``, loaded with :meth:`patchssl.classifier.PatchClassifier.from_pretrained`) or starts
+from scratch (the paper's baseline). Patches are reweighted by attention (``model.attention``;
+the paper's sigmoid gate, or none), concatenated and classified. The labeled images are split
+by patient (train / val / test, saved as ``split.json``); training uses the train part, the val
+part selects ``best.pt`` (by ``val_auc``) and drives early stopping, and the test part is left
+for :func:`patchssl.engine.evaluate`.
+
+References:
+    Chae et al., "Attentive Transfer Learning via Self-supervised Learning for Cervical
+    Dysplasia Diagnosis", JIPS 2021 (Sections 3.2-3.3, Table 2).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from patchssl.engine.common import as_config, build_encoder, build_tiler, prepare_run, say
+from patchssl.engine.config import Config, ConfigError
+from patchssl.engine.data import (
+    find_eval_overlap,
+    labeled_dataset,
+    labeled_records,
+    make_split,
+)
+from patchssl.engine.evaluation import predict
+from patchssl.engine.loop import (
+    EpochSampler,
+    StepOutput,
+    Trainer,
+    TrainingResult,
+    resolve_amp,
+)
+from patchssl.engine.seeding import derive_seed
+
+__all__ = ["FinetuneTask", "build_classifier", "class_weights", "finetune"]
+
+
+def _attention(config: Config) -> str | None:
+    value = config.model.attention
+    return None if value in (None, "", "none", "None", "off") else value
+
+
+def classifier_model_config(model: nn.Module) -> dict[str, Any]:
+    """The ``model_config`` of a classifier checkpoint: encoder, tiler and classifier configs."""
+    own = getattr(model, "model_config", None)
+    if isinstance(own, dict):
+        return own
+    return {
+        "encoder": getattr(model.encoder, "config", None),
+        "tiler": model.tiler.config,
+        "classifier": model.config,
+    }
+
+
+def build_classifier(config: Config, device: torch.device) -> tuple[nn.Module, str | None, dict]:
+    """Build the classifier, from the pretraining checkpoint ``model.init`` or from scratch.
+
+    Args:
+        config: Run configuration.
+        device: Target device.
+
+    Returns:
+        ``(classifier on device, permutation fingerprint of the pretraining or None,
+        transfer report dict)``.
+
+    Raises:
+        ConfigError: When the checkpoint is missing, not a pretraining checkpoint, or was made
+            with another backbone, tiling, image size or permutation set than this run asks for.
+    """
+    from patchssl.checkpoint import CheckpointError, check_compatible, load_checkpoint
+    from patchssl.classifier import PatchClassifier
+
+    m = config.model
+    torch.manual_seed(derive_seed(config.train.seed, "init"))
+    kwargs: dict[str, Any] = {"head": m.head, "dropout": m.dropout}
+    attention = _attention(config)
+    if not m.init:
+        encoder = build_encoder(config, device)
+        tiler = build_tiler(config)
+        try:
+            model = PatchClassifier(encoder, m.num_classes, attention, tiler=tiler, **kwargs)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"cannot build the classifier: {err}") from err
+        return model.to(device), None, {}
+    path = Path(m.init)
+    try:
+        ckpt = load_checkpoint(path, kind="pretrain")
+    except FileNotFoundError as err:
+        raise ConfigError(f"model.init: {err}") from err
+    tiler = build_tiler(config)
+    wanted_fp = _expected_fingerprint(config)
+    try:
+        check_compatible(
+            ckpt,
+            source=str(path),
+            permutations_fingerprint=wanted_fp,
+            encoder={"backbone": m.backbone, "in_chans": config.data.in_chans},
+            tiler=tiler.config,
+        )
+    except CheckpointError as err:
+        raise ConfigError(f"cannot fine-tune from this checkpoint: {err}") from err
+    try:
+        model = PatchClassifier.from_pretrained(
+            ckpt, num_classes=m.num_classes, attention=attention, **kwargs
+        )
+    except (CheckpointError, ValueError, TypeError, KeyError) as err:
+        raise ConfigError(f"cannot fine-tune from {path}: {err}") from err
+    report = getattr(model, "transfer_report", None)
+    report_dict = report if isinstance(report, dict) else getattr(report, "__dict__", {}) or {}
+    return model.to(device), ckpt.get("permutations_fingerprint"), dict(report_dict)
+
+
+def _expected_fingerprint(config: Config) -> str | None:
+    """Fingerprint of the permutation set named in ``pretext.options``, if any."""
+    options = config.pretext.options
+    if "num_permutations" in options:
+        from patchssl.engine.pretraining import pretext_options
+
+        perm_set = pretext_options(config, config.model.grid**2)["permutations"]
+        return perm_set.fingerprint
+    perms = options.get("permutations")
+    if not isinstance(perms, str) or not perms or perms == "default":
+        return None
+    from patchssl.permutations import PermutationSet
+
+    try:
+        return PermutationSet.load(perms).fingerprint
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"pretext.options.permutations: {err}") from err
+
+
+def class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
+    """Inverse-frequency class weights ``n / (K * n_c)`` (1 for balanced classes).
+
+    Args:
+        labels: Integer labels of shape (n,).
+        num_classes: Number of classes K.
+
+    Returns:
+        Float tensor of shape (K,); a class absent from ``labels`` gets weight 0.
+
+    Raises:
+        ConfigError: When a label is outside ``[0, K)``.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ConfigError(
+            f"labels must lie in [0, {num_classes}); got values {sorted(set(labels.tolist()))}"
+        )
+    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    weights = np.where(counts > 0, labels.size / (num_classes * np.maximum(counts, 1)), 0.0)
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+def random_flips(images: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Flip each image horizontally and/or vertically with probability 1/2 each, on its device.
+
+    Args:
+        images: Tensor of shape (B, C, H, W).
+        generator: Source of the random choices (on the images' device).
+
+    Returns:
+        Tensor of shape (B, C, H, W).
+    """
+    b = images.shape[0]
+    draws = torch.rand((b, 2), generator=generator, device=images.device) < 0.5
+    h = draws[:, 0].view(b, 1, 1, 1)
+    v = draws[:, 1].view(b, 1, 1, 1)
+    images = torch.where(h, images.flip(-1), images)
+    return torch.where(v, images.flip(-2), images)
+
+
+class FinetuneTask:
+    """The :class:`~patchssl.engine.loop.TrainingTask` of fine-tuning.
+
+    Args:
+        model: The :class:`patchssl.classifier.PatchClassifier`.
+        val_loader: Loader of the validation part (or ``None``).
+        device: Device of the model.
+        weight: Class weights of the loss, shape (K,) (or ``None``).
+        augment: ``"flip"`` or ``"none"``.
+        amp_dtype: Autocast dtype (``None`` = float32).
+        fingerprint: Permutation fingerprint of the pretraining (recorded in checkpoints).
+    """
+
+    kind = "finetune"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        val_loader: Iterable[dict[str, Any]] | None,
+        device: torch.device,
+        *,
+        weight: torch.Tensor | None = None,
+        augment: str = "flip",
+        amp_dtype: torch.dtype | None = None,
+        fingerprint: str | None = None,
+        skipped: Any = None,
+    ) -> None:
+        if augment not in ("flip", "none"):
+            raise ConfigError(f"train.augment must be 'flip' or 'none'; got '{augment}'")
+        self.model = model
+        self.val_loader = val_loader
+        self.device = device
+        self.weight = weight.to(device) if weight is not None else None
+        self.augment = augment
+        self.amp_dtype = amp_dtype
+        self.fingerprint = fingerprint
+        self.skipped = skipped
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy with the class weights, computed in float32."""
+        return F.cross_entropy(logits.float(), labels, weight=self.weight)
+
+    def step(self, batch: dict[str, Any], generator: torch.Generator | None) -> StepOutput:
+        """One step on ``batch["image"]`` (B, C, H, W) uint8 and ``batch["label"]`` (B,)."""
+        images = batch["image"]
+        if self.augment == "flip":
+            images = random_flips(images, generator)
+        out = self.model(images)
+        labels = batch["label"]
+        loss = self.loss(out.logits, labels)
+        correct = (out.logits.detach().argmax(-1) == labels).sum()
+        return StepOutput(loss, int(labels.shape[0]), correct)
+
+    def validate(self, epoch: int) -> dict[str, float]:
+        """``val_loss``, ``val_acc`` (at probability 0.5) and ``val_auc`` on the val part."""
+        if self.val_loader is None:
+            return {}
+        from patchssl.metrics import binary_metrics
+
+        pred = predict(
+            self.model,
+            self.val_loader,
+            self.device,
+            amp_dtype=self.amp_dtype,
+            loss_fn=self.loss,
+            skipped=self.skipped,
+        )
+        self.model.train()
+        if pred.labels.size == 0:
+            return {}
+        row = {
+            "val_loss": pred.loss,
+            "val_acc": float((pred.probs.argmax(1) == pred.labels).mean()),
+        }
+        if pred.probs.shape[1] == 2:
+            metrics = binary_metrics(pred.labels, pred.scores, 0.5)
+            row["val_auc"] = float(metrics["auc"])
+        return row
+
+    def checkpoint_info(self) -> dict[str, Any]:
+        """The classifier's ``model_config`` and the pretraining's permutation fingerprint."""
+        return {
+            "model_config": classifier_model_config(self.model),
+            "permutations_fingerprint": self.fingerprint,
+        }
+
+
+def finetune(
+    config: Config | dict[str, Any] | str | Path | None,
+    *,
+    callbacks: Iterable[Callable[..., None]] = (),
+) -> TrainingResult:
+    """Fine-tune a patch classifier on the labeled images of ``data.manifest``.
+
+    Writes ``config.yaml``, ``split.json``, ``metrics.csv``, ``last.pt``, ``best.pt`` (best
+    ``val_auc``), ``transfer.json`` (which weights came from the pretraining) and skipped-file
+    reports in ``config.out``.
+
+    Args:
+        config: The run configuration (``data.manifest`` is required; ``model.init`` names the
+            pretraining checkpoint, or ``null`` to train from scratch).
+        callbacks: Called as ``callback(trainer, epoch, row)`` after each epoch.
+
+    Returns:
+        The :class:`~patchssl.engine.loop.TrainingResult`.
+
+    Raises:
+        ConfigError: On invalid settings, unknown labels, a mismatched checkpoint.
+        NonFiniteLossError: When the loss becomes NaN or infinite (``last.pt`` is kept).
+    """
+    from patchssl.data import make_loader
+    from patchssl.engine.common import write_json
+
+    config = as_config(config)
+    train_cfg = config.train
+    records = labeled_records(config)
+    out, device = prepare_run(config)
+    origin = f"from {config.model.init}" if config.model.init else "from scratch"
+    say(
+        f"fine-tuning {config.model.backbone} (attention: {config.model.attention}) {origin} "
+        f"on {device}; output: {out}"
+    )
+    parts = make_split(config, records, out)
+    if config.model.init:
+        _warn_pretrain_overlap(config, parts, out)
+    train_records = parts["train"]
+    if not train_records:
+        raise ConfigError("the training part of the split is empty; use more labeled images")
+    labels = np.array([r.label for r in train_records])
+    weight = None
+    if train_cfg.class_weights == "inverse":
+        weight = class_weights(labels, config.model.num_classes)
+        say(f"class weights (inverse frequency): {[round(w, 3) for w in weight.tolist()]}")
+    elif train_cfg.class_weights != "none":
+        raise ConfigError(
+            f"train.class_weights must be 'inverse' or 'none'; got '{train_cfg.class_weights}'"
+        )
+
+    train_set = labeled_dataset(config, train_records)
+    sampler = EpochSampler(len(train_set), seed=train_cfg.seed, shuffle=True)
+    pin = device.type == "cuda"
+    loader = make_loader(
+        train_set,
+        train_cfg.batch_size,
+        sampler=sampler,
+        num_workers=config.data.workers,
+        drop_last=len(train_set) > train_cfg.batch_size
+        and len(train_set) % train_cfg.batch_size == 1,
+        pin_memory=pin,
+        persistent_workers=config.data.workers > 0,
+        seed=train_cfg.seed,
+    )
+    val_loader = None
+    if parts["val"]:
+        val_loader = make_loader(
+            labeled_dataset(config, parts["val"]),
+            train_cfg.batch_size,
+            num_workers=config.data.workers,
+            pin_memory=pin,
+        )
+
+    model, fingerprint, transfer = build_classifier(config, device)
+    if transfer:
+        write_json(out / "transfer.json", transfer)
+    amp_dtype, _ = resolve_amp(train_cfg.amp, device)
+    task = FinetuneTask(
+        model,
+        val_loader,
+        device,
+        weight=weight,
+        augment=train_cfg.augment,
+        amp_dtype=amp_dtype,
+        fingerprint=fingerprint,
+    )
+    monitor = train_cfg.monitor
+    if monitor == "auto":
+        val_labels = {r.label for r in parts["val"]}
+        monitor = (
+            "val_auc" if len(val_labels) == 2 and config.model.num_classes == 2 else "val_loss"
+        )
+    trainer = Trainer(task, config, loader, sampler, device, monitor=monitor, callbacks=callbacks)
+    task.skipped = trainer.skipped
+    if train_cfg.resume:
+        path = Path(train_cfg.resume) if isinstance(train_cfg.resume, str) else out / "last.pt"
+        trainer.resume_from(path)
+    result = trainer.fit()
+    say(f"fine-tuning done: checkpoints {result.last_checkpoint} and {result.best_checkpoint}")
+    return result
+
+
+def _warn_pretrain_overlap(config: Config, parts: dict[str, list[Any]], out: Path) -> None:
+    """Warn when val/test images were also in the pretraining folder of ``model.init``."""
+    from patchssl.checkpoint import load_checkpoint
+
+    try:
+        saved = load_checkpoint(config.model.init).get("config") or {}
+    except Exception:  # the checkpoint is checked properly later
+        return
+    saved_data = saved.get("data") or {}
+    unlabeled = saved_data.get("unlabeled")
+    if saved_data.get("exclude_overlap") and saved_data.get("manifest") == config.data.manifest:
+        return  # the pretraining already left these images out
+    if not unlabeled or not Path(unlabeled).is_dir():
+        return
+    probe = config.copy()
+    probe.data.unlabeled = unlabeled
+    evaluation = [r.path for k in ("val", "test") for r in parts.get(k, [])]
+    find_eval_overlap(probe, evaluation, out_dir=out, after_pretraining=True)

@@ -1,0 +1,129 @@
+"""Data preparation (``patchssl prepare``): resize cache, manifest check, split, overlap check.
+
+Cervix photographs are large (about 2800 x 1900 px); decoding and resizing them at every epoch
+wastes most of a training run. ``prepare`` resizes each image once into ``<out>/cache`` (in
+parallel, resumable, reporting unreadable files), checks the manifest (unknown labels are
+refused and listed), draws the patient-grouped split (``<out>/split.json``), and reports
+labeled evaluation images that also sit in the unlabeled pretraining folder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from patchssl.engine.common import as_config, prepare_run, say, write_json
+from patchssl.engine.config import Config, ConfigError
+
+__all__ = ["PrepareResult", "prepare"]
+
+
+@dataclass
+class PrepareResult:
+    """What :func:`prepare` wrote.
+
+    Attributes:
+        out_dir: Output folder.
+        cache: The cache folder (``<out>/cache``), to pass as ``data.cache``.
+        split: ``split.json`` when a manifest was given.
+        reports: The :class:`patchssl.data.PrepareReport` of each cached folder.
+        overlap: Number of evaluation images also found in the pretraining folder.
+    """
+
+    out_dir: Path
+    cache: Path
+    split: Path | None = None
+    reports: dict[str, Any] = field(default_factory=dict)
+    overlap: int = 0
+
+
+def prepare(config: Config | dict[str, Any] | str | Path | None) -> PrepareResult:
+    """Resize images into a cache, check the manifest and draw the split.
+
+    Args:
+        config: Run configuration: ``data.unlabeled`` and/or ``data.manifest``,
+            ``data.image_size``, ``data.workers``, ``data.test_size``, ``data.val_size``,
+            ``train.seed``; outputs go to ``out``.
+
+    Returns:
+        The :class:`PrepareResult`.
+
+    Raises:
+        ConfigError: When neither data source is given, or the manifest is invalid.
+    """
+    from patchssl.data import prepare_images
+    from patchssl.engine.data import find_eval_overlap, labeled_records, make_split
+
+    config = as_config(config)
+    d = config.data
+    if not d.unlabeled and not d.manifest:
+        raise ConfigError(
+            "nothing to prepare: give --data DIR (unlabeled) and/or --manifest FILE.csv"
+        )
+    out, _ = prepare_run(config)
+    cache = out / "cache"
+    result = PrepareResult(out_dir=out, cache=cache)
+    workers = max(1, d.workers)
+    if d.unlabeled:
+        src = Path(d.unlabeled)
+        if not src.is_dir():
+            raise ConfigError(f"data.unlabeled: folder not found: {src}")
+        say(f"resizing unlabeled images from {src} to {d.image_size} px into {cache / 'unlabeled'}")
+        try:
+            report = prepare_images(
+                src,
+                cache / "unlabeled",
+                d.image_size,
+                workers=workers,
+                channels=d.in_chans,
+                progress=config.train.progress,
+            )
+        except (FileNotFoundError, ValueError) as err:
+            raise ConfigError(str(err)) from err
+        say(report.summary())
+        result.reports["unlabeled"] = report
+    if d.manifest:
+        records = labeled_records(config)
+        say(f"manifest {d.manifest}: {len(records)} labeled images, labels valid")
+        root = Path(d.image_root) if d.image_root else Path(d.manifest).parent
+        try:
+            report = prepare_images(
+                root,
+                cache / "labeled",
+                d.image_size,
+                workers=workers,
+                channels=d.in_chans,
+                files=[r.path for r in records],
+                progress=config.train.progress,
+            )
+        except (FileNotFoundError, ValueError) as err:
+            raise ConfigError(str(err)) from err
+        say(report.summary())
+        result.reports["labeled"] = report
+        parts = make_split(config, records, out)
+        result.split = out / "split.json"
+        if d.unlabeled:
+            evaluation = [r.path for k in ("val", "test") for r in parts.get(k, [])]
+            result.overlap = len(find_eval_overlap(config, evaluation, out_dir=out))
+    write_json(
+        out / "prepare.json",
+        {
+            "cache": str(cache),
+            "split": str(result.split) if result.split else None,
+            "reports": {
+                k: {
+                    "total": r.total,
+                    "written": r.written,
+                    "skipped": r.skipped,
+                    "failed": [list(f) for f in r.failed],
+                }
+                for k, r in result.reports.items()
+            },
+        },
+    )
+    hint = f"--set data.cache={cache}"
+    if result.split:
+        hint += f" --split {result.split}"
+    say(f"prepared data in {out}; train on it with: {hint}")
+    return result
