@@ -1,0 +1,543 @@
+"""The patch-attention classifier, and transfer from a pretraining checkpoint.
+
+``PatchClassifier`` = :class:`~patchssl.tiling.PatchTiler` (cut the image) ->
+:class:`~patchssl.encoder.SharedPatchEncoder` (one vector per patch) -> a fully connected layer
+per patch -> :class:`~patchssl.attention.PatchAttention` (one weight per patch) -> a head
+(concatenation, the paper's; or a weighted sum) -> logits. Every forward also returns the
+attention weights, for explanation, and the features the last layer sees, for embedding plots.
+
+References:
+    Chae, Zimmermann, Kim, Kim. "Attentive Transfer Learning via Self-supervised Learning for
+    Cervical Dysplasia Diagnosis." Journal of Information Processing Systems 17(3), 2021.
+
+    Ilse, Tomczak, Welling. "Attention-based Deep Multiple Instance Learning." ICML 2018.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from patchssl.attention import ATTENTION_MODES, PatchAttention
+from patchssl.checkpoint import CheckpointError, load_checkpoint
+from patchssl.encoder import SharedPatchEncoder
+from patchssl.tiling import PatchTiler
+
+__all__ = ["HEADS", "ClassifierOutput", "PatchClassifier", "TransferReport"]
+
+logger = logging.getLogger(__name__)
+
+#: The heads :class:`PatchClassifier` offers.
+HEADS: tuple[str, ...] = ("concat", "pooled")
+
+# Encoder options that may differ between pretraining and fine-tuning: they change how the
+# encoder runs, not which weights it has.
+_RUNTIME_OPTIONS = ("freeze", "grad_checkpointing", "channels_last", "drop_path_rate")
+_SAME_WEIGHT_NORMS = ("batch", "sync_batch")
+
+# The paper's geometry: 3x3 patches of 153 px in 512 px images.
+_PAPER_PATCH, _PAPER_IMAGE, _PAPER_GRID = 153, 512, 3
+
+
+class ClassifierOutput(NamedTuple):
+    """What :class:`PatchClassifier` returns.
+
+    Attributes:
+        logits: ``(B, num_classes)`` class scores (before softmax).
+        weights: ``(B, N)`` attention weight of each patch (all ones with ``attention=None``).
+        features: ``(B, F)`` the features the final layer sees (before dropout): ``F = N *
+            hidden_dim`` for ``head="concat"``, ``hidden_dim`` for ``head="pooled"``. For
+            embedding plots (t-SNE, Fig. 4a of the paper).
+    """
+
+    logits: Tensor
+    weights: Tensor
+    features: Tensor
+
+
+@dataclass
+class TransferReport:
+    """What :meth:`PatchClassifier.from_pretrained` took from the checkpoint.
+
+    Attributes:
+        source: The checkpoint path (``None`` when a dictionary was given).
+        loaded: Number of encoder tensors loaded (every ``encoder.*`` entry).
+        new_keys: Classifier entries that start from scratch (per-patch layer, attention, head).
+        ignored_keys: Checkpoint entries not used (the pretext task's head).
+        pretext: The pretext task the encoder was trained with.
+        permutations_fingerprint: The jigsaw permutation set's hash, if any.
+    """
+
+    source: str | None
+    loaded: int
+    new_keys: list[str] = field(default_factory=list)
+    ignored_keys: list[str] = field(default_factory=list)
+    pretext: str | None = None
+    permutations_fingerprint: str | None = None
+
+    def summary(self) -> str:
+        """One line for logs."""
+        where = self.source or "<checkpoint dict>"
+        perms = (
+            f", permutations {self.permutations_fingerprint}"
+            if self.permutations_fingerprint
+            else ""
+        )
+        return (
+            f"transfer from {where} (pretext {self.pretext!r}{perms}): loaded {self.loaded} "
+            f"encoder tensors, {len(self.new_keys)} new, {len(self.ignored_keys)} ignored"
+        )
+
+
+def _pair(value: Any) -> tuple[int, int]:
+    if isinstance(value, int):
+        return (value, value)
+    return (int(value[0]), int(value[1]))
+
+
+def _default_tiler(patch_size: tuple[int, int]) -> PatchTiler:
+    # Keep the paper's proportions: 153 px patches in 512 px images on a 3x3 grid.
+    image = tuple(
+        round(_PAPER_GRID * p * _PAPER_IMAGE / (_PAPER_GRID * _PAPER_PATCH)) for p in patch_size
+    )
+    return PatchTiler(grid=_PAPER_GRID, patch_size=patch_size, image_size=image)
+
+
+class PatchClassifier(nn.Module):
+    """Encoder, per-patch layer, attention and head: the paper's attentive transfer model.
+
+    For patches ``x_1..x_N`` of an image (cut by ``tiler``), with ``E`` the shared encoder:
+
+        g_n = ReLU(W_p E(x_n) + b_p)                  per-patch layer, shared, (hidden_dim,)
+        (g_n', a_n) = PatchAttention(g_1..g_N)         g_n' = a_n g_n
+        head="concat":  f = [g_1'; ...; g_N']          (N * hidden_dim,)  the paper's
+        head="pooled":  f = sum_n g_n'                 (hidden_dim,)      Ilse et al.'s pooling
+        logits = W_o dropout(f) + b_o
+
+    ``attention=None`` sets every ``a_n = 1`` (the weights returned are all ones): the "no
+    attention" ablation. ``head="pooled"`` goes naturally with ``"softmax"``/``"gated"``
+    attention (a weighted mean); ``"concat"`` keeps each patch's place in the grid.
+
+    Args:
+        encoder: The shared patch encoder.
+        num_classes: Number of classes (2: CIN2+ against CIN0/1 in the paper).
+        attention: ``"sigmoid"`` (the paper's), ``"softmax"``, ``"gated"`` or ``None``.
+        tiler: How images are cut. Its ``patch_size`` must equal the encoder's. Default: a
+            3x3 grid in the paper's proportions (``image_size = round(patch_size * 512 /
+            153)``, so 512 px images for 153 px patches).
+        head: ``"concat"`` or ``"pooled"``.
+        hidden_dim: Width of the per-patch layer.
+        dropout: Dropout before the final layer.
+        attention_hidden_dim: Width of ``V``/``U`` in the softmax attention modes.
+        jitter_in_training: Let the tiler jitter patches in training mode (default ``False``:
+            centre placement always; evaluation mode never jitters).
+
+    Shape:
+        - ``forward``: images ``(B, C, H, W)`` -> :class:`ClassifierOutput`.
+        - ``forward_patches``: patches ``(B, N, C, h, w)`` -> :class:`ClassifierOutput`.
+
+    References:
+        Chae et al., "Attentive Transfer Learning via Self-supervised Learning for Cervical
+        Dysplasia Diagnosis", JIPS 2021. Ilse, Tomczak & Welling, "Attention-based Deep
+        Multiple Instance Learning", ICML 2018.
+
+    Example:
+        >>> enc = SharedPatchEncoder("resnet18", patch_size=64)
+        >>> clf = PatchClassifier(enc, num_classes=2).eval()
+        >>> out = clf(torch.zeros(1, 3, *clf.tiler.image_size, dtype=torch.uint8))
+        >>> out.logits.shape, out.weights.shape
+        (torch.Size([1, 2]), torch.Size([1, 9]))
+    """
+
+    transfer_report: TransferReport | None
+
+    def __init__(
+        self,
+        encoder: SharedPatchEncoder,
+        num_classes: int = 2,
+        attention: str | None = "sigmoid",
+        *,
+        tiler: PatchTiler | None = None,
+        head: str = "concat",
+        hidden_dim: int = 256,
+        dropout: float = 0.5,
+        attention_hidden_dim: int = 128,
+        jitter_in_training: bool = False,
+    ) -> None:
+        super().__init__()
+        if not isinstance(encoder, SharedPatchEncoder):
+            raise TypeError(
+                "encoder must be a SharedPatchEncoder (wrap your backbone with "
+                f"SharedPatchEncoder(backbone)); got {type(encoder).__name__}"
+            )
+        for what, value in (("num_classes", num_classes), ("hidden_dim", hidden_dim)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{what} must be a positive int; got {value!r}")
+        if attention is not None and attention not in ATTENTION_MODES:
+            hint = difflib.get_close_matches(str(attention), ATTENTION_MODES, n=1)
+            extra = f" Did you mean {hint[0]!r}?" if hint else ""
+            raise ValueError(
+                f"unknown attention {attention!r}; choose one of {list(ATTENTION_MODES)} or "
+                f"None.{extra}"
+            )
+        if head not in HEADS:
+            raise ValueError(f"unknown head {head!r}; choose one of {list(HEADS)}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1); got {dropout}")
+        if tiler is None:
+            tiler = _default_tiler(encoder.patch_size)
+        elif not isinstance(tiler, PatchTiler):
+            raise TypeError(f"tiler must be a PatchTiler; got {type(tiler).__name__}")
+        if tuple(tiler.patch_size) != tuple(encoder.patch_size):
+            raise ValueError(
+                f"the tiler cuts {tiler.patch_size[0]}x{tiler.patch_size[1]} px patches but the "
+                f"encoder was built for {encoder.patch_size[0]}x{encoder.patch_size[1]} px; use "
+                "the same patch_size for both"
+            )
+        self.encoder = encoder
+        self.tiler = tiler
+        self.num_classes = num_classes
+        self.num_patches = tiler.num_patches
+        self.attention_mode = attention
+        self.head = head
+        self.hidden_dim = hidden_dim
+        self.dropout_p = float(dropout)
+        self.attention_hidden_dim = attention_hidden_dim
+        self.jitter_in_training = bool(jitter_in_training)
+        self.transfer_report = None
+
+        self.patch_fc = nn.Sequential(nn.Linear(encoder.out_dim, hidden_dim), nn.ReLU())
+        self.attention = (
+            PatchAttention(hidden_dim, self.num_patches, attention, attention_hidden_dim)
+            if attention is not None
+            else None
+        )
+        self.feature_dim = hidden_dim * (self.num_patches if head == "concat" else 1)
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(self.feature_dim, num_classes)
+
+    def forward(
+        self, images: Tensor, *, generator: torch.Generator | None = None
+    ) -> ClassifierOutput:
+        """Cut images with the tiler and classify them.
+
+        Args:
+            images: ``(B, C, H, W)`` uint8 (0..255) or float (0..1), ``(H, W)`` the tiler's
+                ``image_size``.
+            generator: Source of the tiler's jitter (training with ``jitter_in_training``).
+
+        Returns:
+            :class:`ClassifierOutput` with logits ``(B, num_classes)``, weights ``(B, N)`` and
+            features ``(B, F)``.
+        """
+        jitter = self.training and self.jitter_in_training
+        patches = self.tiler(images, generator=generator, jitter=jitter).patches
+        return self.forward_patches(patches)
+
+    def forward_patches(self, patches: Tensor, *, normalized: bool = False) -> ClassifierOutput:
+        """Classify images given as patches already cut.
+
+        Args:
+            patches: ``(B, N, C, h, w)`` uint8 or float, ``N`` the tiler's number of patches
+                in its row-major order.
+            normalized: the patches are already normalised with the encoder's mean and std.
+
+        Returns:
+            :class:`ClassifierOutput` (see :meth:`forward`).
+        """
+        if patches.ndim != 5 or patches.shape[1] != self.num_patches:
+            raise ValueError(
+                f"expected patches of shape (B, {self.num_patches}, C, h, w) for a "
+                f"{self.tiler.grid[0]}x{self.tiler.grid[1]} grid; got {tuple(patches.shape)}"
+            )
+        feats = self.patch_fc(self.encoder(patches, normalized=normalized))  # (B, N, hidden)
+        if self.attention is not None:
+            feats, weights = self.attention(feats)
+        else:
+            weights = feats.new_ones(feats.shape[:2])
+        features = feats.flatten(1) if self.head == "concat" else feats.sum(dim=1)
+        logits = self.fc(self.dropout(features))
+        return ClassifierOutput(logits, weights, features)
+
+    # ------------------------------------------------------------------ configs
+    @property
+    def config(self) -> dict[str, Any]:
+        """JSON-able description that rebuilds this classifier with :meth:`from_config`.
+
+        ``config["encoder"]`` is ``None`` for an encoder around a custom ``nn.Module``.
+        """
+        return {
+            "encoder": self.encoder.config,
+            "tiler": self.tiler.config,
+            "num_classes": self.num_classes,
+            "attention": self.attention_mode,
+            "head": self.head,
+            "hidden_dim": self.hidden_dim,
+            "dropout": self.dropout_p,
+            "attention_hidden_dim": self.attention_hidden_dim,
+            "jitter_in_training": self.jitter_in_training,
+        }
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> PatchClassifier:
+        """Rebuild a (randomly initialised) classifier from :attr:`config`."""
+        config = dict(config)
+        encoder_config = config.pop("encoder", None)
+        if encoder_config is None:
+            raise ValueError(
+                "this classifier's encoder was built around a custom nn.Module, which a config "
+                "cannot rebuild; build the encoder yourself, then PatchClassifier(encoder, ...) "
+                "and load_state_dict"
+            )
+        tiler_config = config.pop("tiler", None)
+        encoder = SharedPatchEncoder.from_config(encoder_config)
+        tiler = PatchTiler(**tiler_config) if tiler_config is not None else None
+        return cls(encoder, tiler=tiler, **config)
+
+    # ------------------------------------------------------------------ checkpoints
+    @classmethod
+    def from_pretrained(
+        cls,
+        checkpoint: str | os.PathLike[str] | Mapping[str, Any],
+        num_classes: int = 2,
+        attention: str | None = "sigmoid",
+        *,
+        backbone: str | None = None,
+        in_chans: int | None = None,
+        patch_size: int | tuple[int, int] | None = None,
+        tiler: PatchTiler | None = None,
+        encoder: SharedPatchEncoder | None = None,
+        encoder_options: Mapping[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> PatchClassifier:
+        """Build a classifier around the encoder of a pretraining checkpoint.
+
+        The encoder and tiler are rebuilt from the checkpoint's ``model_config`` and the
+        ``encoder.*`` weights are loaded strictly (``weights_only=True``); the per-patch
+        layer, attention and head start from scratch; the pretext head is ignored. What was
+        loaded is in ``classifier.transfer_report`` and logged in one line.
+
+        Args:
+            checkpoint: A pretraining checkpoint file (``kind="pretrain"``) written by
+                patchssl, or its loaded dictionary.
+            num_classes: Number of classes.
+            attention: ``"sigmoid"``, ``"softmax"``, ``"gated"`` or ``None``.
+            backbone: If given, must equal the checkpoint's backbone (a safety check).
+            in_chans: If given, must equal the checkpoint's channels.
+            patch_size: If given, must equal the checkpoint's patch size.
+            tiler: The tiler to use (default: the checkpoint's). Its patch size must equal the
+                checkpoint's; its grid may differ (the encoder sees single patches).
+            encoder: An encoder built by the user, needed when the checkpoint's encoder was a
+                custom ``nn.Module`` (its config is ``None``); the weights are loaded into it.
+            encoder_options: Options that may change at fine-tuning time: ``freeze``,
+                ``grad_checkpointing``, ``channels_last``, ``drop_path_rate``, and ``norm``
+                between ``"batch"`` and ``"sync_batch"``.
+            **kwargs: Further :class:`PatchClassifier` arguments (``head``, ``hidden_dim``,
+                ``dropout``, ``attention_hidden_dim``, ``jitter_in_training``).
+
+        Returns:
+            The classifier, with ``transfer_report`` set.
+
+        Raises:
+            CheckpointError: Not a patchssl checkpoint, not a pretraining one, a disagreement
+                with ``backbone``/``in_chans``/``patch_size``/``tiler`` (both values named),
+                or encoder weights that do not fit.
+            FileNotFoundError: The file does not exist.
+        """
+        payload, source = _read(checkpoint)
+        where = source or "the checkpoint"
+        kind = payload.get("kind")
+        if kind == "finetune":
+            raise CheckpointError(
+                f"{where} is a fine-tuned classifier checkpoint (kind 'finetune'); restore it "
+                "with PatchClassifier.from_checkpoint(...). from_pretrained starts from a "
+                "pretraining checkpoint (kind 'pretrain', from `patchssl pretrain`)."
+            )
+        if kind != "pretrain":
+            raise CheckpointError(
+                f"{where} has kind {kind!r}; from_pretrained needs a pretraining checkpoint "
+                "(kind 'pretrain')"
+            )
+        model_config = payload.get("model_config") or {}
+        state = payload.get("model")
+        if not isinstance(state, Mapping):
+            raise CheckpointError(f"{where} has no 'model' state dict")
+        enc_config = model_config.get("encoder")
+        tiler_config = model_config.get("tiler")
+
+        # --- the user's expectations against the checkpoint
+        if enc_config is not None:
+            _expect(where, "backbone", enc_config.get("backbone"), backbone)
+            _expect(where, "in_chans", enc_config.get("in_chans"), in_chans)
+            ckpt_patch = _pair(enc_config["patch_size"])
+        elif tiler_config is not None:
+            ckpt_patch = _pair(tiler_config["patch_size"])
+        else:
+            ckpt_patch = None
+        if patch_size is not None and ckpt_patch is not None:
+            _expect(where, "patch_size", ckpt_patch, _pair(patch_size))
+        if tiler is not None and ckpt_patch is not None and tuple(tiler.patch_size) != ckpt_patch:
+            raise CheckpointError(
+                f"{where} was pretrained with {ckpt_patch[0]}x{ckpt_patch[1]} px patches but "
+                f"the tiler given cuts {tiler.patch_size[0]}x{tiler.patch_size[1]} px patches"
+            )
+
+        # --- the encoder
+        options = dict(encoder_options or {})
+        if encoder is None:
+            if enc_config is None:
+                raise CheckpointError(
+                    f"{where} holds an encoder built around a custom nn.Module (its config is "
+                    "None), which cannot be rebuilt from the file; build the same encoder and "
+                    "pass it: PatchClassifier.from_pretrained(path, encoder=my_encoder)"
+                )
+            encoder = SharedPatchEncoder(**_with_options(where, enc_config, options))
+        else:
+            if options:
+                raise ValueError(
+                    "encoder_options only apply when the encoder is rebuilt from the "
+                    "checkpoint; set them on the encoder you pass"
+                )
+            if enc_config is not None:
+                _expect(where, "backbone", enc_config.get("backbone"), encoder.backbone_name)
+                _expect(where, "in_chans", enc_config.get("in_chans"), encoder.in_chans)
+                _expect(where, "patch_size", ckpt_patch, tuple(encoder.patch_size))
+        encoder_state = {
+            k[len("encoder.") :]: v for k, v in state.items() if k.startswith("encoder.")
+        }
+        if not encoder_state:
+            raise CheckpointError(
+                f"{where} has no 'encoder.*' weights; was it written by a patchssl pretext task?"
+            )
+        _load_strict(encoder, encoder_state, where, "encoder")
+
+        # --- the tiler and the classifier
+        if tiler is None and tiler_config is not None:
+            tiler = PatchTiler(**tiler_config)
+        classifier = cls(encoder, num_classes, attention, tiler=tiler, **kwargs)
+        report = TransferReport(
+            source=source,
+            loaded=len(encoder_state),
+            new_keys=[k for k in classifier.state_dict() if not k.startswith("encoder.")],
+            ignored_keys=[k for k in state if not k.startswith("encoder.")],
+            pretext=model_config.get("pretext"),
+            permutations_fingerprint=payload.get("permutations_fingerprint"),
+        )
+        classifier.transfer_report = report
+        logger.info(report.summary())
+        return classifier
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        checkpoint: str | os.PathLike[str] | Mapping[str, Any],
+        *,
+        map_location: str | torch.device = "cpu",
+    ) -> PatchClassifier:
+        """Restore a fine-tuned classifier (``kind="finetune"``) saved by patchssl.
+
+        The checkpoint holds ``model`` (the classifier's ``state_dict``) and
+        ``model_config["classifier"]`` (its :attr:`config`). The classifier comes back in
+        training mode, as any new module; call ``.eval()`` for inference.
+
+        Args:
+            checkpoint: The file, or its loaded dictionary.
+            map_location: Where tensors are loaded.
+
+        Raises:
+            CheckpointError: Not a patchssl checkpoint, a pretraining one, or weights that do
+                not fit the stored config.
+        """
+        payload, source = _read(checkpoint, map_location=map_location)
+        where = source or "the checkpoint"
+        kind = payload.get("kind")
+        if kind != "finetune":
+            hint = (
+                " Build a classifier from it with PatchClassifier.from_pretrained(...)."
+                if kind == "pretrain"
+                else ""
+            )
+            raise CheckpointError(
+                f"{where} is a {kind!r} checkpoint, not a fine-tuned classifier (kind "
+                f"'finetune').{hint}"
+            )
+        config = (payload.get("model_config") or {}).get("classifier")
+        if config is None:
+            raise CheckpointError(f"{where} has no model_config['classifier'] to rebuild from")
+        classifier = cls.from_config(config)
+        _load_strict(classifier, payload.get("model") or {}, where, "classifier")
+        return classifier.to(map_location)
+
+    def extra_repr(self) -> str:
+        """Classes, attention, head and widths."""
+        return (
+            f"num_classes={self.num_classes}, attention={self.attention_mode!r}, "
+            f"head={self.head!r}, hidden_dim={self.hidden_dim}, num_patches={self.num_patches}"
+        )
+
+
+def _read(
+    checkpoint: str | os.PathLike[str] | Mapping[str, Any],
+    map_location: str | torch.device = "cpu",
+) -> tuple[dict[str, Any], str | None]:
+    if isinstance(checkpoint, Mapping):
+        if checkpoint.get("format") != "patchssl":
+            raise CheckpointError(
+                "the dictionary given is not a patchssl checkpoint (no 'format': 'patchssl' entry)"
+            )
+        return dict(checkpoint), None
+    if not isinstance(checkpoint, (str, os.PathLike)):
+        raise TypeError(f"checkpoint must be a path or a dict; got {type(checkpoint).__name__}")
+    return load_checkpoint(checkpoint, map_location=map_location), str(Path(checkpoint))
+
+
+def _expect(where: str, what: str, stored: Any, asked: Any) -> None:
+    if asked is None or stored is None:
+        return
+    if isinstance(stored, (list, tuple)):
+        stored = tuple(stored)
+    if isinstance(asked, (list, tuple)):
+        asked = tuple(asked)
+    if stored != asked:
+        raise CheckpointError(
+            f"{where} was pretrained with {what} {stored!r} but {what}={asked!r} was asked for; "
+            f"leave {what} out to take the checkpoint's, or use a checkpoint pretrained with it"
+        )
+
+
+def _with_options(where: str, config: Mapping[str, Any], options: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(config)
+    for key, value in options.items():
+        if key == "norm":
+            if value not in _SAME_WEIGHT_NORMS or merged.get("norm") not in _SAME_WEIGHT_NORMS:
+                raise CheckpointError(
+                    f"{where} was pretrained with norm={merged.get('norm')!r}; norm={value!r} "
+                    f"has other weights. Only {list(_SAME_WEIGHT_NORMS)} are interchangeable"
+                )
+        elif key not in _RUNTIME_OPTIONS:
+            raise ValueError(
+                f"encoder option {key!r} cannot change after pretraining (it changes the "
+                f"weights); allowed: {[*_RUNTIME_OPTIONS, 'norm']}"
+            )
+        merged[key] = value
+    return merged
+
+
+def _load_strict(module: nn.Module, state: Mapping[str, Tensor], where: str, what: str) -> None:
+    try:
+        result = module.load_state_dict(dict(state), strict=False)
+    except RuntimeError as err:  # shape mismatches
+        raise CheckpointError(f"the {what} weights of {where} do not fit: {err}") from err
+    if result.missing_keys or result.unexpected_keys:
+        raise CheckpointError(
+            f"the {what} weights of {where} do not fit: missing {result.missing_keys[:8]}, "
+            f"unexpected {result.unexpected_keys[:8]}"
+        )

@@ -1,0 +1,312 @@
+"""PatchClassifier: heads and attention, slow reference, transfer from checkpoints, errors."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+from patchssl.checkpoint import CheckpointError, save_checkpoint
+from patchssl.classifier import PatchClassifier, TransferReport, _default_tiler
+from patchssl.encoder import SharedPatchEncoder
+from patchssl.tiling import PatchTiler
+
+PATCH = 32
+
+
+def _encoder(**kwargs) -> SharedPatchEncoder:
+    torch.manual_seed(0)
+    return SharedPatchEncoder("test_resnet", patch_size=PATCH, **kwargs)
+
+
+def _tiler() -> PatchTiler:
+    return PatchTiler(grid=(2, 2), patch_size=PATCH, image_size=80, gap=4)
+
+
+def _images(b: int = 2, size: int = 80, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (b, 3, size, size), dtype=torch.uint8, generator=gen)
+
+
+@pytest.fixture(scope="module")
+def encoder() -> SharedPatchEncoder:
+    return _encoder()
+
+
+@pytest.mark.parametrize("head", ["concat", "pooled"])
+@pytest.mark.parametrize("attention", ["sigmoid", "softmax", "gated", None])
+def test_shapes_and_slow_reference(encoder, head, attention, device):
+    torch.manual_seed(1)
+    clf = PatchClassifier(
+        encoder, num_classes=3, attention=attention, tiler=_tiler(), head=head, hidden_dim=8
+    )
+    clf = clf.to(device).eval()
+    images = _images().to(device)
+    with torch.no_grad():
+        out = clf(images)
+    assert out.logits.shape == (2, 3) and out.weights.shape == (2, 4)
+    assert out.features.shape == (2, 8 * 4 if head == "concat" else 8)
+    if attention is None:
+        assert torch.equal(out.weights, torch.ones(2, 4, device=device))
+    # Slow reference: one image and one patch at a time, with the modules' own layers.
+    with torch.no_grad():
+        for b in range(2):
+            boxes = clf.tiler.centre_boxes().tolist()
+            hs = []
+            for x0, y0, x1, y1 in boxes:
+                patch = images[b : b + 1, None, :, y0:y1, x0:x1]
+                hs.append(clf.patch_fc(clf.encoder(patch))[0, 0])
+            h = torch.stack(hs)  # (N, hidden)
+            a = torch.ones(4, device=device) if attention is None else clf.attention(h[None])[1][0]
+            g = a[:, None] * h
+            f = g.flatten() if head == "concat" else g.sum(0)
+            torch.testing.assert_close(out.weights[b], a, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(out.features[b], f, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(out.logits[b], clf.fc(f), rtol=1e-4, atol=1e-5)
+    clf.cpu()
+
+
+def test_forward_and_forward_patches_agree(encoder):
+    clf = PatchClassifier(encoder, tiler=_tiler(), hidden_dim=8).eval()
+    images = _images()
+    with torch.no_grad():
+        a = clf(images)
+        b = clf.forward_patches(clf.tiler(images).patches)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y)
+
+
+def test_backward_reaches_encoder_and_head(encoder):
+    clf = PatchClassifier(encoder, tiler=_tiler(), hidden_dim=8).train()
+    clf.zero_grad()
+    out = clf(_images())
+    nn.functional.cross_entropy(out.logits, torch.tensor([0, 1])).backward()
+    for name in ("encoder.backbone.conv1.0.weight", "patch_fc.0.weight", "attention.pos_bias"):
+        grad = dict(clf.named_parameters())[name].grad
+        assert grad is not None and grad.abs().sum() > 0, name
+
+
+def _recorder(store: list[torch.Tensor]):
+    def hook(module, args, kwargs):
+        store.append(args[0])
+
+    return hook
+
+
+def _recorder(store: list[torch.Tensor]):
+    def hook(module, args, kwargs):
+        store.append(args[0])
+
+    return hook
+
+
+def test_jitter_only_when_asked(encoder):
+    tiler = PatchTiler(grid=(2, 2), patch_size=PATCH, image_size=96, jitter=8)
+    images = _images(size=96)
+    centre = tiler.eval()(images).patches
+    for flag in (False, True):
+        clf = PatchClassifier(encoder, tiler=tiler, dropout=0.0, jitter_in_training=flag)
+        clf.train()
+        seen: list[torch.Tensor] = []
+        handle = clf.encoder.register_forward_pre_hook(_recorder(seen), with_kwargs=True)
+        clf(images, generator=torch.Generator().manual_seed(0))
+        handle.remove()
+        assert torch.equal(seen[0], centre) != flag
+
+
+def test_default_tiler_keeps_the_paper_proportions(encoder):
+    assert _default_tiler((153, 153)).image_size == (512, 512)
+    clf = PatchClassifier(encoder)
+    assert clf.tiler.grid == (3, 3) and clf.tiler.patch_size == (PATCH, PATCH)
+    assert clf.tiler.image_size == (107, 107)
+
+
+def test_argument_errors(encoder):
+    with pytest.raises(ValueError, match="cuts 40x40 px patches but the encoder .* 32x32"):
+        PatchClassifier(encoder, tiler=PatchTiler(grid=2, patch_size=40, image_size=96))
+    with pytest.raises(ValueError, match="Did you mean 'softmax'"):
+        PatchClassifier(encoder, attention="softmx", tiler=_tiler())
+    with pytest.raises(ValueError, match="unknown head"):
+        PatchClassifier(encoder, head="max", tiler=_tiler())
+    with pytest.raises(TypeError, match="SharedPatchEncoder"):
+        PatchClassifier(nn.Linear(2, 2))
+    clf = PatchClassifier(encoder, tiler=_tiler())
+    with pytest.raises(ValueError, match=r"\(B, 4, C, h, w\) for a 2x2 grid; got \(1, 9"):
+        clf.forward_patches(torch.rand(1, 9, 3, PATCH, PATCH))
+
+
+def test_config_round_trip(encoder):
+    clf = PatchClassifier(encoder, attention="gated", head="pooled", tiler=_tiler(), hidden_dim=8)
+    config = json.loads(json.dumps(clf.config))
+    again = PatchClassifier.from_config(config)
+    again.load_state_dict(clf.state_dict())
+    images = _images()
+    with torch.no_grad():
+        torch.testing.assert_close(again.eval()(images).logits, clf.eval()(images).logits)
+
+
+# ---------------------------------------------------------------- transfer
+
+
+class _TinyPretext(nn.Module):
+    """Stands in for a pretext task: an ``encoder`` attribute and a head of its own."""
+
+    def __init__(self, encoder: SharedPatchEncoder, tiler: PatchTiler) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.tiler = tiler
+        self.head = nn.Linear(encoder.out_dim * tiler.num_patches, 5)
+
+
+def _pretrain_payload(encoder: SharedPatchEncoder, tiler: PatchTiler) -> dict:
+    task = _TinyPretext(encoder, tiler)
+    # Make BatchNorm statistics non-trivial so that their transfer is visible.
+    task.train()
+    task.encoder(tiler(_images(size=tiler.image_size[0])).patches)
+    return {
+        "kind": "pretrain",
+        "model": task.state_dict(),
+        "model_config": {
+            "pretext": "jigsaw",
+            "pretext_kwargs": {"num_permutations": 5},
+            "encoder": encoder.config,
+            "tiler": tiler.config,
+        },
+        "permutations_fingerprint": "0123456789abcdef",
+    }
+
+
+@pytest.fixture(scope="module")
+def pretrain_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "pretrain.pt"
+    payload = _pretrain_payload(_encoder(), _tiler())
+    save_checkpoint(path, payload)
+    return path, payload
+
+
+def test_from_pretrained_loads_exactly_the_encoder(pretrain_file, caplog):
+    path, payload = pretrain_file
+    with caplog.at_level(logging.INFO, logger="patchssl.classifier"):
+        clf = PatchClassifier.from_pretrained(
+            path, num_classes=2, attention="softmax", hidden_dim=8
+        )
+    stored = payload["model"]
+    encoder_keys = [k for k in stored if k.startswith("encoder.")]
+    own = clf.state_dict()
+    for key in encoder_keys:
+        assert torch.equal(own[key], stored[key]), key
+    assert clf.tiler.config == payload["model_config"]["tiler"]
+    report = clf.transfer_report
+    assert isinstance(report, TransferReport)
+    assert report.loaded == len(encoder_keys)
+    assert report.ignored_keys == ["head.weight", "head.bias"]
+    assert set(report.new_keys) == {k for k in own if not k.startswith("encoder.")}
+    assert report.permutations_fingerprint == "0123456789abcdef" and report.pretext == "jigsaw"
+    assert report.source == str(path)
+    assert any(f"loaded {len(encoder_keys)} encoder tensors" in r.message for r in caplog.records)
+
+
+def test_from_pretrained_accepts_a_dict_and_runtime_options(pretrain_file):
+    _, payload = pretrain_file
+    payload = {**payload, "format": "patchssl"}
+    clf = PatchClassifier.from_pretrained(payload, encoder_options={"freeze": "all"})
+    assert clf.transfer_report.source is None
+    assert not any(p.requires_grad for p in clf.encoder.parameters())
+    assert all(p.requires_grad for p in clf.fc.parameters())
+    with pytest.raises(CheckpointError, match="norm='batch'; norm='group' has other weights"):
+        PatchClassifier.from_pretrained(payload, encoder_options={"norm": "group"})
+    with pytest.raises(ValueError, match="'in_chans' cannot change after pretraining"):
+        PatchClassifier.from_pretrained(payload, encoder_options={"in_chans": 1})
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"backbone": "resnet18"}, "backbone 'test_resnet' but backbone='resnet18' was asked"),
+        ({"patch_size": 64}, r"patch_size \(32, 32\) but patch_size=\(64, 64\) was asked"),
+        ({"in_chans": 1}, "in_chans 3 but in_chans=1 was asked"),
+        (
+            {"tiler": PatchTiler(grid=2, patch_size=48, image_size=120)},
+            "pretrained with 32x32 px patches but the tiler given cuts 48x48",
+        ),
+    ],
+)
+def test_from_pretrained_refuses_mismatches(pretrain_file, kwargs, message):
+    path, _ = pretrain_file
+    with pytest.raises(CheckpointError, match=message):
+        PatchClassifier.from_pretrained(path, **kwargs)
+
+
+def test_from_pretrained_allows_another_grid(pretrain_file):
+    path, _ = pretrain_file
+    tiler = PatchTiler(grid=3, patch_size=PATCH, image_size=107)
+    clf = PatchClassifier.from_pretrained(path, tiler=tiler, hidden_dim=8)
+    assert clf.num_patches == 9
+
+
+def test_not_a_checkpoint_and_wrong_kinds(tmp_path, pretrain_file):
+    path, payload = pretrain_file
+    plain = tmp_path / "plain.pth"
+    torch.save({"conv.weight": torch.zeros(1)}, plain)
+    with pytest.raises(CheckpointError, match="not a patchssl checkpoint"):
+        PatchClassifier.from_pretrained(plain)
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+        PatchClassifier.from_pretrained(garbage)
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        PatchClassifier.from_pretrained(tmp_path / "missing.pt")
+    with pytest.raises(
+        CheckpointError, match="use PatchClassifier.from_pretrained|from_pretrained"
+    ):
+        PatchClassifier.from_checkpoint(path)
+    clf = PatchClassifier.from_pretrained(path, hidden_dim=8)
+    finetune = tmp_path / "finetune.pt"
+    save_checkpoint(
+        finetune,
+        {"kind": "finetune", "model": clf.state_dict(), "model_config": {"classifier": clf.config}},
+    )
+    with pytest.raises(CheckpointError, match=r"fine-tuned .*from_checkpoint"):
+        PatchClassifier.from_pretrained(finetune)
+    broken = {**payload, "format": "patchssl"}
+    broken["model"] = {k: v for k, v in payload["model"].items() if "layer4" not in k}
+    with pytest.raises(CheckpointError, match="encoder weights .* do not fit: missing"):
+        PatchClassifier.from_pretrained(broken)
+
+
+def test_from_checkpoint_restores_a_finetuned_classifier(tmp_path, pretrain_file):
+    path, _ = pretrain_file
+    clf = PatchClassifier.from_pretrained(path, attention="gated", head="pooled", hidden_dim=8)
+    with torch.no_grad():
+        for p in clf.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    finetune = tmp_path / "best.pt"
+    save_checkpoint(
+        finetune,
+        {"kind": "finetune", "model": clf.state_dict(), "model_config": {"classifier": clf.config}},
+    )
+    again = PatchClassifier.from_checkpoint(finetune)
+    assert again.config == clf.config
+    images = _images()
+    with torch.no_grad():
+        a, b = clf.eval()(images), again.eval()(images)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y)
+
+
+def test_custom_encoder_needs_to_be_passed(tmp_path):
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+    encoder = SharedPatchEncoder(net, patch_size=PATCH)
+    payload = _pretrain_payload(encoder, _tiler())
+    payload["format"] = "patchssl"
+    with pytest.raises(CheckpointError, match="custom nn.Module.*encoder=my_encoder"):
+        PatchClassifier.from_pretrained(payload)
+    fresh = SharedPatchEncoder(
+        nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()),
+        patch_size=PATCH,
+    )
+    clf = PatchClassifier.from_pretrained(payload, encoder=fresh, hidden_dim=8)
+    torch.testing.assert_close(clf.encoder.backbone[1].running_mean, net[1].running_mean)
