@@ -138,7 +138,7 @@ class ModelConfig:
     norm: str = "batch"
     attention: str = "sigmoid"
     head: str = "concat"
-    dropout: float = 0.0
+    dropout: float = 0.5
     num_classes: int = 2
     init: str | None = None
     channels_last: bool = True

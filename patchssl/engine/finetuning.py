@@ -15,6 +15,7 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -109,15 +110,30 @@ def build_classifier(config: Config, device: torch.device) -> tuple[nn.Module, s
         )
     except CheckpointError as err:
         raise ConfigError(f"cannot fine-tune from this checkpoint: {err}") from err
+    options = {"channels_last": True} if (m.channels_last and device.type == "cuda") else None
     try:
         model = PatchClassifier.from_pretrained(
-            ckpt, num_classes=m.num_classes, attention=attention, **kwargs
+            ckpt,
+            num_classes=m.num_classes,
+            attention=attention,
+            backbone=m.backbone,
+            tiler=tiler,
+            encoder_options=options,
+            **kwargs,
         )
     except (CheckpointError, ValueError, TypeError, KeyError) as err:
         raise ConfigError(f"cannot fine-tune from {path}: {err}") from err
     report = getattr(model, "transfer_report", None)
-    report_dict = report if isinstance(report, dict) else getattr(report, "__dict__", {}) or {}
-    return model.to(device), ckpt.get("permutations_fingerprint"), dict(report_dict)
+    report_dict: dict[str, Any] = {}
+    if report is not None:
+        if getattr(report, "source", "x") is None:
+            report.source = str(path)
+        report_dict = dataclasses.asdict(report) if dataclasses.is_dataclass(report) else {}
+        summary = getattr(report, "summary", None)
+        if callable(summary):
+            say(summary())
+    report_dict["source"] = str(path)
+    return model.to(device), ckpt.get("permutations_fingerprint"), report_dict
 
 
 def _expected_fingerprint(config: Config) -> str | None:
@@ -227,7 +243,7 @@ class FinetuneTask:
         images = batch["image"]
         if self.augment == "flip":
             images = random_flips(images, generator)
-        out = self.model(images)
+        out = self.model(images, generator=generator)
         labels = batch["label"]
         loss = self.loss(out.logits, labels)
         correct = (out.logits.detach().argmax(-1) == labels).sum()

@@ -1,0 +1,115 @@
+"""The generic training loop with a toy task: best checkpoint, early stopping, NaN, skipped files."""
+
+from __future__ import annotations
+
+import csv
+import json
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from patchssl.checkpoint import load_checkpoint
+from patchssl.engine.config import Config
+from patchssl.engine.loop import EpochSampler, NonFiniteLossError, StepOutput, Trainer
+
+
+class ToyTask:
+    kind = "pretrain"
+
+    def __init__(self, val_metrics: list[float] | None = None, nan_at_step: int | None = None):
+        torch.manual_seed(0)
+        self.model = nn.Linear(4, 1)
+        self.val_metrics = val_metrics
+        self.nan_at_step = nan_at_step
+        self.steps = 0
+
+    def step(self, batch: dict[str, Any], generator: torch.Generator | None) -> StepOutput:
+        x = batch["image"].float()
+        loss = self.model(x).pow(2).mean()
+        self.steps += 1
+        if self.nan_at_step is not None and self.steps >= self.nan_at_step:
+            loss = loss * float("nan")
+        return StepOutput(loss, x.shape[0], None)
+
+    def validate(self, epoch: int) -> dict[str, float]:
+        if self.val_metrics is None:
+            return {}
+        return {"val_auc": self.val_metrics[epoch]}
+
+    def checkpoint_info(self) -> dict[str, Any]:
+        return {"model_config": {"pretext": "toy"}, "permutations_fingerprint": None}
+
+
+def _loader(failed_every: int | None = None) -> list[dict[str, Any]]:
+    gen = torch.Generator().manual_seed(0)
+    batches = []
+    for i in range(3):
+        failed = (
+            [(f"/data/bad{i}.png", "truncated")] if failed_every and i % failed_every == 0 else []
+        )
+        batches.append({"image": torch.randn(4, 4, generator=gen), "failed": failed})
+    return batches
+
+
+def _trainer(task: ToyTask, tmp_path, epochs: int = 5, patience: int = 0, monitor="val_auc", **kw):
+    config = Config()
+    config.out = str(tmp_path)
+    config.train.epochs = epochs
+    config.train.patience = patience
+    config.train.progress = False
+    config.train.tensorboard = "false"
+    config.train.lr = 0.01
+    loader = kw.pop("loader", _loader())
+    return Trainer(
+        task, config, loader, EpochSampler(12), torch.device("cpu"), monitor=monitor, **kw
+    )
+
+
+def test_best_checkpoint_and_early_stopping(tmp_path):
+    task = ToyTask(val_metrics=[0.5, 0.7, 0.6, 0.65, 0.9, 0.95])
+    result = _trainer(task, tmp_path, epochs=6, patience=2).fit()
+    # best at epoch index 1 (0.7); epochs 2 and 3 do not improve -> stop after epoch index 3
+    assert result.stopped_early and result.epochs_run == 4
+    assert result.best_epoch == 1 and result.best_metric == pytest.approx(0.7)
+    best = load_checkpoint(tmp_path / "best.pt")
+    last = load_checkpoint(tmp_path / "last.pt")
+    assert (best["epoch"], last["epoch"]) == (1, 3)
+    with open(tmp_path / "metrics.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [float(r["val_auc"]) for r in rows] == [0.5, 0.7, 0.6, 0.65]
+
+
+def test_missing_monitor_falls_back_to_train_loss(tmp_path):
+    result = _trainer(ToyTask(), tmp_path, epochs=2).fit()
+    assert result.best_epoch is not None and (tmp_path / "best.pt").is_file()
+
+
+def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_path):
+    task = ToyTask(nan_at_step=5)  # 3 steps per epoch: epoch 1 is clean, epoch 2 step 2 is NaN
+    trainer = _trainer(task, tmp_path, epochs=3)
+    with pytest.raises(NonFiniteLossError, match=r"epoch 2, step 2 .*global step 5"):
+        trainer.fit()
+    last = load_checkpoint(tmp_path / "last.pt")
+    assert last["epoch"] == 0
+    assert all(torch.isfinite(v).all() for v in last["model"].values())
+    assert torch.isfinite(task.model.weight).all()  # nothing was stepped with the NaN loss
+
+
+def test_skipped_files_are_counted_and_written(tmp_path):
+    task = ToyTask()
+    result = _trainer(task, tmp_path, epochs=1, loader=_loader(failed_every=2)).fit()
+    assert result.skipped_files == 2
+    text = (tmp_path / "skipped_files.txt").read_text()
+    assert "/data/bad0.png\ttruncated" in text and "/data/bad2.png" in text
+    entries = json.loads((tmp_path / "skipped_files.json").read_text())
+    assert {e["path"] for e in entries} == {"/data/bad0.png", "/data/bad2.png"}
+
+
+def test_empty_batches_are_skipped(tmp_path):
+    loader = _loader()
+    loader[1] = {"image": torch.empty(0, 4), "failed": [("/x.png", "bad")]}
+    task = ToyTask()
+    _trainer(task, tmp_path, epochs=1, loader=loader).fit()
+    assert task.steps == 2
