@@ -421,6 +421,12 @@ class SharedPatchEncoder(nn.Module):
     def _create_timm(self, name: str, pretrained_path: Path | None) -> nn.Module:
         import timm
 
+        if ":" in name:
+            raise ValueError(
+                f"backbone {name!r} names a hub or directory source, which needs a download or a "
+                "timm config file; give the architecture name (for example 'resnet50' or "
+                "'resnet50.a1_in1k') and pass the weights file with pretrained='/path/to/file'"
+            )
         if not timm.is_model(name):
             hints = difflib.get_close_matches(name, timm.list_models(), n=3)
             extra = f" Did you mean {', '.join(repr(h) for h in hints)}?" if hints else ""

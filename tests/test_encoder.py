@@ -128,6 +128,11 @@ def test_unknown_backbone_suggests_names():
         SharedPatchEncoder("resnet5")
 
 
+def test_hub_names_are_refused_with_the_way_out():
+    with pytest.raises(ValueError, match="architecture name.*pretrained="):
+        SharedPatchEncoder("hf-hub:timm/resnet50.a1_in1k")
+
+
 def test_pretrained_true_explains_local_files():
     with pytest.raises(ValueError, match=r"pretrained='/path/to/weights\.safetensors'"):
         SharedPatchEncoder("test_resnet", pretrained=True, patch_size=32)
