@@ -9,8 +9,12 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from patchssl.attention import PatchAttention
 from patchssl.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from patchssl.classifier import ClassifierOutput, PatchClassifier, TransferReport
+from patchssl.encoder import SharedPatchEncoder
 from patchssl.explain import attention_grid, draw_attention, lesion_hit_rate, plot_embedding
+from patchssl.export import export_onnx, export_torchscript
 from patchssl.metrics import (
     EvaluationReport,
     binary_metrics,
@@ -21,25 +25,50 @@ from patchssl.metrics import (
     sensitivity_at_specificity,
 )
 from patchssl.permutations import PermutationSet
+from patchssl.pretext import (
+    JigsawPretext,
+    PretextOutput,
+    PretextTask,
+    RelativePositionPretext,
+    RotationPretext,
+    create_pretext,
+    list_pretexts,
+    register_pretext,
+)
 from patchssl.tiling import PatchTiler, TiledPatches
 
 __all__ = [
     "CheckpointError",
+    "ClassifierOutput",
     "EvaluationReport",
+    "JigsawPretext",
+    "PatchAttention",
+    "PatchClassifier",
     "PatchTiler",
     "PermutationSet",
+    "PretextOutput",
+    "PretextTask",
+    "RelativePositionPretext",
+    "RotationPretext",
+    "SharedPatchEncoder",
     "TiledPatches",
+    "TransferReport",
     "__version__",
     "attention_grid",
     "binary_metrics",
     "bootstrap_ci",
     "choose_threshold",
+    "create_pretext",
     "draw_attention",
     "evaluate_predictions",
+    "export_onnx",
+    "export_torchscript",
     "format_table",
     "lesion_hit_rate",
+    "list_pretexts",
     "load_checkpoint",
     "plot_embedding",
+    "register_pretext",
     "save_checkpoint",
     "sensitivity_at_specificity",
 ]
