@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import os
 import struct
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
@@ -323,22 +322,18 @@ def load_pil_image(
     _check_resize(resize)
     size = None if image_size is None else normalize_size(image_size)
     try:
-        with warnings.catch_warnings():
-            # Pillow warns (and later raises) for decompression bombs; turn the warning into
-            # nothing here: the raise, above twice the limit, is what protects us.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                if size is not None and im.format == "JPEG":
-                    orientation = im.getexif().get(_EXIF_ORIENTATION, 1)
-                    h, w = size
-                    if orientation in _TRANSPOSING_ORIENTATIONS:
-                        h, w = w, h
-                    # DCT scaling: decode at >= the requested size, up to 8x faster.
-                    want = (w, h) if resize == "stretch" else (max(w, h), max(w, h))
-                    im.draft(im.mode, want)
-                im.load()
-                image = ImageOps.exif_transpose(im)
-                image = to_8bit(image, channels)
+        with Image.open(path) as im:
+            if size is not None and im.format == "JPEG":
+                orientation = im.getexif().get(_EXIF_ORIENTATION, 1)
+                h, w = size
+                if orientation in _TRANSPOSING_ORIENTATIONS:
+                    h, w = w, h
+                # DCT scaling: decode at >= the requested size, up to 8x faster.
+                want = (w, h) if resize == "stretch" else (max(w, h), max(w, h))
+                im.draft(im.mode, want)
+            im.load()
+            image = ImageOps.exif_transpose(im)
+            image = to_8bit(image, channels)
     except ImageReadError:
         raise
     except (
