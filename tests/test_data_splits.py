@@ -42,9 +42,7 @@ def test_split_partitions_without_group_leak(num_groups: int, seed: int, test_si
     train, test = grouped_stratified_split(labels, groups, test_size=test_size, seed=seed)
     assert np.array_equal(np.sort(np.concatenate([train, test])), np.arange(len(labels)))
     assert not set(groups[train]) & set(groups[test])
-    if (np.bincount(labels) >= 2).all() and min(
-        len(set(groups[labels == c])) for c in (0, 1)
-    ) >= 2:
+    if (np.bincount(labels) >= 2).all() and min(len(set(groups[labels == c])) for c in (0, 1)) >= 2:
         # Every class on both sides whenever two groups of it exist.
         assert set(labels[train]) == set(labels[test]) == {0, 1}
 
