@@ -63,8 +63,9 @@ class MetricsLogger:
         out_dir: Run folder.
         tensorboard: ``"auto"`` (use it when ``tensorboard`` is installed), ``"true"``/``True``
             (require it) or ``"false"``/``False``.
-        resume_epoch: When resuming, rows with ``epoch >= resume_epoch`` are dropped (they
-            belong to the interrupted attempt); ``None`` starts a new file.
+        resume_epoch: When resuming, the number of completed epochs: rows with a (1-based)
+            ``epoch`` above it are dropped (they belong to the interrupted attempt); ``None``
+            starts a new file.
         filename: CSV file name.
     """
 
@@ -90,7 +91,7 @@ class MetricsLogger:
                 self.columns = list(reader.fieldnames or [])
                 for row in reader:
                     try:
-                        if int(float(row.get("epoch", 0))) >= resume_epoch:
+                        if int(float(row.get("epoch", 0))) > resume_epoch:
                             continue
                     except ValueError:
                         pass

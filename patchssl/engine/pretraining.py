@@ -229,7 +229,8 @@ def pretrain(
     exclude = [o.pretrain for o in overlaps] if config.data.exclude_overlap else None
     dataset = unlabeled_dataset(config, exclude=exclude)
     n = len(dataset)
-    n_val = round(n * config.data.pretrain_val_size) if n >= 20 else 0
+    share = config.data.pretrain_val_size
+    n_val = min(n - 1, max(1, round(n * share))) if share > 0 and n >= 10 else 0
     order = torch.randperm(n, generator=make_generator(train_cfg.seed, "pretrain-val")).tolist()
     val_idx, train_idx = sorted(order[:n_val]), sorted(order[n_val:])
     train_set = torch.utils.data.Subset(dataset, train_idx)
@@ -245,7 +246,9 @@ def pretrain(
         train_cfg.batch_size,
         sampler=sampler,
         num_workers=config.data.workers,
-        drop_last=len(train_set) >= 2 * train_cfg.batch_size,
+        # keep every image (so that unreadable ones are all reported) except a lone last one
+        drop_last=len(train_set) > train_cfg.batch_size
+        and len(train_set) % train_cfg.batch_size == 1,
         pin_memory=pin,
         persistent_workers=config.data.workers > 0,
         seed=train_cfg.seed,

@@ -1,0 +1,143 @@
+"""Pretraining runs on tiny synthetic data: determinism, resume, mismatches, NaN, corrupt files."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from patchssl.checkpoint import load_checkpoint
+from patchssl.engine import ConfigError, NonFiniteLossError, pretrain
+from patchssl.engine.pretraining import PretrainTask
+from patchssl.engine.testing import make_tiny_dataset, tiny_config
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_tiny_dataset(tmp_path_factory.mktemp("data"), num_unlabeled=16, num_patients=8)
+
+
+@pytest.fixture(scope="module")
+def reference(data, tmp_path_factory):
+    """One uninterrupted seeded 2-epoch run."""
+    out = tmp_path_factory.mktemp("reference")
+    return pretrain(tiny_config(data, out))
+
+
+def _weights(path):
+    return load_checkpoint(path)["model"]
+
+
+def _assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_pretrain_writes_run_files(reference):
+    out = reference.out_dir
+    for name in ("config.yaml", "metrics.csv", "last.pt", "best.pt"):
+        assert (out / name).is_file(), name
+    ckpt = load_checkpoint(out / "last.pt")
+    assert ckpt["kind"] == "pretrain" and ckpt["epoch"] == 1
+    assert ckpt["model_config"]["pretext"] == "jigsaw"
+    assert ckpt["permutations_fingerprint"]
+    for key in ("optimizer", "scheduler", "scaler", "rng", "config", "library_version"):
+        assert key in ckpt, key
+    assert {"torch", "python", "generators"} <= set(ckpt["rng"])
+    assert [row["epoch"] for row in reference.history] == [1, 2]
+    assert all(row["train_loss"] > 0 for row in reference.history)
+
+
+def test_seeded_pretraining_repeats_exactly(data, reference, tmp_path):
+    again = pretrain(tiny_config(data, tmp_path))
+    assert [r["train_loss"] for r in again.history] == [r["train_loss"] for r in reference.history]
+    assert [r["val_loss"] for r in again.history] == [r["val_loss"] for r in reference.history]
+    _assert_same_weights(_weights(again.last_checkpoint), _weights(reference.last_checkpoint))
+
+
+class InterruptedRunError(Exception):
+    pass
+
+
+def test_resume_gives_the_same_final_weights(data, reference, tmp_path):
+    def stop_after_first_epoch(trainer, epoch, row):
+        if epoch == 0:
+            raise InterruptedRunError
+
+    config = tiny_config(data, tmp_path)
+    with pytest.raises(InterruptedRunError):
+        pretrain(config, callbacks=[stop_after_first_epoch])
+    assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 0
+    config.train.resume = True
+    resumed = pretrain(config)
+    assert [r["epoch"] for r in resumed.history] == [1, 2]
+    assert resumed.history[-1]["train_loss"] == reference.history[-1]["train_loss"]
+    _assert_same_weights(_weights(resumed.last_checkpoint), _weights(reference.last_checkpoint))
+    rows = (tmp_path / "metrics.csv").read_text().strip().splitlines()
+    assert len(rows) == 3  # header + one row per epoch, no duplicate of epoch 1
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"pretext.options": {"num_permutations": 10}}, "permutation set"),
+        ({"model.backbone": "test_efficientnet"}, "backbone"),
+        ({"pretext.name": "rotation"}, "pretext"),
+    ],
+)
+def test_resume_with_another_model_is_refused(data, reference, tmp_path, override, message):
+    out = tmp_path / "run"
+    shutil.copytree(reference.out_dir, out)
+    config = tiny_config(data, out)
+    for key, value in override.items():
+        section, name = key.split(".")
+        setattr(getattr(config, section), name, value)
+    config.train.resume = True
+    with pytest.raises(ConfigError, match=message):
+        pretrain(config)
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data, tmp_path, monkeypatch):
+    original = PretrainTask.step
+    calls = {"n": 0}
+
+    def poisoned(self, batch, generator):
+        out = original(self, batch, generator)
+        calls["n"] += 1
+        if calls["n"] > 2:  # 2 steps per epoch: the first step of epoch 2 is NaN
+            return out._replace(loss=out.loss * float("nan"))
+        return out
+
+    monkeypatch.setattr(PretrainTask, "step", poisoned)
+    config = tiny_config(data, tmp_path, epochs=3)
+    with pytest.raises(NonFiniteLossError, match=r"epoch 2, step 1") as err:
+        pretrain(config)
+    assert "last good checkpoint" in str(err.value)
+    ckpt = load_checkpoint(tmp_path / "last.pt")
+    assert ckpt["epoch"] == 0
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def test_huge_learning_rate_is_caught(data, tmp_path):
+    config = tiny_config(data, tmp_path, epochs=2)
+    config.train.lr = 1e30
+    config.train.warmup_epochs = 0.0
+    with pytest.raises(NonFiniteLossError, match="non-finite loss"):
+        pretrain(config)
+
+
+def test_corrupt_images_are_skipped_and_reported(data, tmp_path):
+    folder = tmp_path / "unlabeled"
+    shutil.copytree(data.unlabeled_dir, folder)
+    good = sorted(folder.glob("*.png"))[0].read_bytes()
+    (folder / "truncated.png").write_bytes(good[: len(good) // 3])
+    (folder / "garbage.png").write_bytes(b"not an image at all")
+    config = tiny_config(data, tmp_path / "run", epochs=1)
+    config.data.unlabeled = str(folder)
+    config.data.pretrain_val_size = 0.0
+    result = pretrain(config)
+    assert result.skipped_files == 2 and result.epochs_run == 1
+    text = (tmp_path / "run" / "skipped_files.txt").read_text()
+    assert "truncated.png" in text and "garbage.png" in text
