@@ -280,16 +280,13 @@ def collate_skip_failed(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
             ``"error"`` instead of ``"image"``.
 
     Returns:
-        A dict with
-
-        * ``"image"``: uint8 tensor ``(B, C, H, W)`` of the ``B`` good items (``B`` may be 0:
-          then the shape is ``(0, C, H, W)`` when the working size is known, else
-          ``(0, 0, 0, 0)``; check ``batch["image"].shape[0]`` and skip such a batch);
-        * ``"index"``: long tensor ``(B,)``;
-        * ``"label"``: long tensor ``(B,)``, when the items have labels;
-        * ``"path"`` and any other per-item fields (``"patient"``, ``"visit"``): lists of
-          length ``B``;
-        * ``"failed"``: list of ``(path, reason)`` for the items that could not be read.
+        A dict with ``"image"``, a uint8 tensor ``(B, C, H, W)`` of the ``B`` good items
+        (``B`` may be 0: then the shape is ``(0, C, H, W)`` when the working size is known,
+        else ``(0, 0, 0, 0)``; check ``batch["image"].shape[0]`` and skip such a batch);
+        ``"index"``, a long tensor ``(B,)``; ``"label"``, a long tensor ``(B,)`` when the
+        items have labels; ``"path"`` and any other per-item fields (``"patient"``,
+        ``"visit"``) as lists of length ``B``; and ``"failed"``, a list of ``(path, reason)``
+        for the items that could not be read.
 
     Raises:
         ValueError: If the good images have different shapes (set an ``image_size``).
