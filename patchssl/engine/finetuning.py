@@ -96,7 +96,7 @@ def build_classifier(config: Config, device: torch.device) -> tuple[nn.Module, s
     path = Path(m.init)
     try:
         ckpt = load_checkpoint(path, kind="pretrain")
-    except FileNotFoundError as err:
+    except (FileNotFoundError, CheckpointError) as err:
         raise ConfigError(f"model.init: {err}") from err
     tiler = build_tiler(config)
     wanted_fp = _expected_fingerprint(config)
