@@ -209,7 +209,7 @@ class TrainConfig:
     grad_clip: float | None = None
     max_steps_per_epoch: int | None = None
     progress: bool = True
-    tensorboard: str = "auto"
+    tensorboard: bool | str = "auto"
     num_threads: int | None = None
     resume: bool | str = False
 

@@ -1,0 +1,157 @@
+"""The patchssl command line: every command on tiny synthetic data, exit codes, help texts."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from patchssl.checkpoint import load_checkpoint
+from patchssl.cli import build_parser, main
+from patchssl.engine.testing import make_tiny_dataset
+
+TINY = [
+    "--backbone",
+    "test_resnet",
+    "--image-size",
+    "96",
+    "--patch-size",
+    "32",
+    "--batch-size",
+    "8",
+    "--workers",
+    "0",
+    "--no-progress",
+    "--set",
+    "train.tensorboard=false",
+    "--set",
+    "pretext.options.num_permutations=8",
+]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_tiny_dataset(tmp_path_factory.mktemp("data"), num_unlabeled=12, num_patients=16)
+
+
+def test_help_of_every_command_documents_every_option(capsys):
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    assert set(sub.choices) == {
+        "prepare",
+        "pretrain",
+        "finetune",
+        "evaluate",
+        "explain",
+        "demo",
+        "pretexts",
+        "permutations",
+    }
+    for name, command in sub.choices.items():
+        for action in command._actions:
+            assert action.help, f"{name} {action.option_strings or action.dest} has no help"
+        with pytest.raises(SystemExit) as exit_info:
+            main([name, "--help"])
+        assert exit_info.value.code == 0
+        assert "usage: patchssl" in capsys.readouterr().out
+
+
+def test_python_dash_m_runs_and_lists_pretexts():
+    proc = subprocess.run(
+        [sys.executable, "-m", "patchssl", "pretexts"], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "jigsaw" in proc.stdout and "rotation" in proc.stdout
+
+
+def test_permutations_generate_and_describe(tmp_path, capsys):
+    path = tmp_path / "perms.npy"
+    assert main(["permutations", "generate", str(path), "--num", "24", "--seed", "1"]) == 0
+    assert path.is_file() and "generated 24 permutations" in capsys.readouterr().out
+    assert main(["permutations", "describe", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "fingerprint" in out and str(path) in out
+    assert main(["permutations", "describe", str(tmp_path / "missing.npy")]) == 2
+
+
+def test_full_pipeline_through_the_cli(data, tmp_path, capsys):
+    prep, pre, ft = tmp_path / "prep", tmp_path / "pre", tmp_path / "ft"
+    assert (
+        main(
+            [
+                "prepare",
+                "--data",
+                str(data.unlabeled_dir),
+                "--manifest",
+                str(data.manifest),
+                "--image-size",
+                "96",
+                "--workers",
+                "1",
+                "--out",
+                str(prep),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    assert f"outputs written to {prep}" in capsys.readouterr().out
+    assert (prep / "split.json").is_file() and (prep / "cache" / "unlabeled").is_dir()
+    cache = ["--set", f"data.cache={prep / 'cache'}"]
+    args = ["pretrain", "--data", str(data.unlabeled_dir), "--out", str(pre), "--epochs", "1"]
+    assert main(args + TINY + cache) == 0
+    assert f"outputs written to {pre}" in capsys.readouterr().out
+    args = ["finetune", "--data", str(data.manifest), "--out", str(ft), "--epochs", "1"]
+    args += ["--init", str(pre / "best.pt"), "--split", str(prep / "split.json")]
+    assert main(args + TINY + cache) == 0
+    assert f"outputs written to {ft}" in capsys.readouterr().out
+    assert main(["evaluate", "--out", str(ft), "--n-boot", "20", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "| Accuracy (%)" in out and f"outputs written to {ft}" in out
+    assert json.loads((ft / "eval.json").read_text())["test"]["counts"]["n"] > 0
+    assert main(["explain", "--out", str(ft), "--num-images", "1", "--no-progress"]) == 0
+    assert "outputs written to" in capsys.readouterr().out
+    assert (ft / "explain" / "embedding_tsne.png").is_file()
+
+
+def test_resume_through_the_cli_uses_the_saved_config(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    base = ["pretrain", "--data", str(data.unlabeled_dir), "--out", str(out), *TINY]
+    assert main([*base, "--epochs", "1"]) == 0
+    assert load_checkpoint(out / "last.pt")["epoch"] == 0
+    # no --config: the run's config.yaml is the base; --epochs extends the run
+    assert main(["pretrain", "--out", str(out), "--resume", "--epochs", "2", "--no-progress"]) == 0
+    assert "resumed from" in capsys.readouterr().out
+    assert load_checkpoint(out / "last.pt")["epoch"] == 1
+    # another backbone on resume: refused, exit 2
+    code = main(["pretrain", "--out", str(out), "--resume", "--backbone", "test_efficientnet"])
+    assert code == 2
+    assert "backbone" in capsys.readouterr().err
+
+
+def test_user_errors_exit_2_without_traceback(data, tmp_path, capsys):
+    rows = data.manifest.read_text().splitlines()
+    col = rows[0].split(",").index("label")
+    cells = rows[1].split(",")
+    cells[col] = "CIN7"
+    manifest = tmp_path / "bad.csv"
+    manifest.write_text("\n".join([rows[0], ",".join(cells), *rows[2:]]) + "\n")
+    args = ["finetune", "--data", str(manifest), "--out", str(tmp_path / "ft"), *TINY]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "CIN7" in err and "Traceback" not in err
+    assert main([*args, "--debug"]) == 2
+    assert "Traceback" in capsys.readouterr().err
+    assert main(["pretrain", "--set", "train.epoch=3"]) == 2
+    assert "Did you mean 'epochs'" in capsys.readouterr().err
+    assert main(["pretrain", "--out", str(tmp_path / "x")]) == 2
+    assert "unlabeled" in capsys.readouterr().err
+
+
+def test_non_finite_loss_exits_1(data, tmp_path, capsys):
+    args = ["pretrain", "--data", str(data.unlabeled_dir), "--out", str(tmp_path), *TINY]
+    args += ["--lr", "1e30", "--epochs", "1", "--set", "train.warmup_epochs=0"]
+    assert main(args) == 1
+    assert "non-finite loss" in capsys.readouterr().err
