@@ -77,20 +77,34 @@ GEOMETRIES = {
     "tiny": Geometry("tiny", 112, 32, "test_resnet"),  # smoke tests only
 }
 
-# Batch sizes swept per geometry, and the batch at which the options are compared.
+# Batch sizes swept per geometry (every "sweep" variant runs at each of them).
 BATCHES = {
     "cpu": {"small": [2, 8, 16], "paper": [1, 2], "tiny": [2]},
     "cuda": {"small": [64, 128, 256], "paper": [32, 64, 128], "tiny": [8]},
 }
+SWEEP = {"cpu": ["fp32"], "cuda": ["fp32", "bf16-cl"]}
+# Options compared at one batch size. "bf16@inference" runs in inference mode only: this
+# CPU has no bf16 instructions (no AVX512-BF16/AMX), so autocast to bf16 is emulated and a
+# bf16 training step costs about 30 times an fp32 one; one row says so, more would waste time.
 COMPARE_BATCH = {
+    "cpu": {"small": 2, "paper": 1, "tiny": 2},
+    "cuda": {"small": 128, "paper": 64, "tiny": 8},
+}
+COMPARE = {
+    "cpu": {"small": ["fp32-cl", "bf16@inference"], "paper": ["fp32-cl"], "tiny": []},
+    "cuda": {
+        "small": ["fp32", "fp32-cl", "bf16", "bf16-cl"],
+        "paper": ["fp32", "fp32-cl", "bf16", "bf16-cl"],
+        "tiny": ["bf16-cl"],
+    },
+}
+COMPILED = {"cpu": "fp32-compile", "cuda": "bf16-cl-compile"}
+# The two ratios: at which batch, with which variants, with how many loader workers.
+RATIO_BATCH = {
     "cpu": {"small": 8, "paper": 1, "tiny": 2},
     "cuda": {"small": 128, "paper": 64, "tiny": 8},
 }
-# Options run at every batch size ("sweep") and at the comparison batch only ("compare").
-SWEEP = {"cpu": ["fp32"], "cuda": ["fp32", "bf16-cl"]}
-COMPARE = {"cpu": ["fp32", "fp32-cl", "bf16"], "cuda": ["fp32", "fp32-cl", "bf16", "bf16-cl"]}
 RATIOS = {"cpu": ["fp32"], "cuda": ["fp32", "bf16-cl"]}
-COMPILED = {"cpu": "fp32-compile", "cuda": "bf16-cl-compile"}
 MODES = ("pretrain", "finetune", "inference")
 
 
@@ -337,7 +351,9 @@ def endless(dataset: Dataset, batch: int, workers: int, device: torch.device) ->
 def pipeline_steps(
     geom: Geometry, batch: int, variant: Variant, workers: int, device: torch.device
 ) -> dict[str, Callable[[], None]]:
-    """The library's step, the bare backbone's step and the two end-to-end pipelines."""
+    """The library's step, the bare backbone's step, the two end-to-end pipelines, and the
+    data preparation of each pipeline alone (the library's on the device, the classic one's
+    per-sample loader work with no workers)."""
     task = build_task(geom, variant, device)
     opt = make_optimizer(task.parameters())
     pool = random_images(max(4 * batch, 32), geom, torch.device("cpu"), seed=2)
@@ -375,7 +391,18 @@ def pipeline_steps(
         loss.backward()
         opt.step()
 
+    classic_alone = endless(classic_data, batch, 0, torch.device("cpu"))
+
+    def classic_loader() -> None:
+        next(classic_alone)  # the classic per-sample work alone, on this process
+
+    def library_prep() -> None:
+        with torch.no_grad(), variant.autocast(device):
+            task.make_inputs(on_device, gen)  # tiling, shuffling and defences alone
+
     return {
+        "library_prep": library_prep,
+        "classic_loader": classic_loader,
         "bare_backbone": bare_backbone_step(task, batch, variant, device),
         "library_step": library_in_memory,
         "library_pipeline": library_pipeline,
@@ -449,7 +476,7 @@ def run_ratios(
     device: torch.device,
     timing: dict[str, Any],
 ) -> dict[str, Any]:
-    """Interleaved timing of the four steps; the ratios of their medians."""
+    """Interleaved timing of the steps of :func:`pipeline_steps`; the ratios of their medians."""
     row: dict[str, Any] = {
         "geometry": geom.name,
         "backbone": geom.backbone,
@@ -472,6 +499,8 @@ def run_ratios(
         row["pipeline_over_step"] = (
             times["library_pipeline"].median_s / times["library_step"].median_s
         )
+        row["library_prep_ms_per_image"] = times["library_prep"].median_s * 1e3 / batch
+        row["classic_loader_ms_per_image"] = times["classic_loader"].median_s * 1e3 / batch
     except Exception as err:
         row["error"] = _error_text(err)
         if os.environ.get("PATCHSSL_BENCH_DEBUG"):
@@ -504,6 +533,16 @@ def _str_list(text: str) -> list[str]:
     return [v for v in text.split(",") if v]
 
 
+def parse_variant_spec(spec: str) -> tuple[Variant, tuple[str, ...]]:
+    """``"bf16-cl@inference+finetune"`` -> the variant and the modes it runs in."""
+    name, _, modes = spec.partition("@")
+    chosen = tuple(m for m in modes.split("+") if m) or MODES
+    for mode in chosen:
+        if mode not in MODES:
+            raise SystemExit(f"unknown mode {mode!r} in {spec!r}; choose from {', '.join(MODES)}")
+    return Variant.parse(name), chosen
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0],
@@ -511,17 +550,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         epilog="\n".join(__doc__.splitlines()[1:]),
     )
     add_common_args(parser, default_out="benchmarks/results/throughput.json")
-    parser.add_argument("--geometries", type=_str_list, default=None, help="small,paper")
+    parser.add_argument(
+        "--geometries", type=_str_list, default=None, help="small,paper (tiny: smoke tests)"
+    )
     parser.add_argument("--modes", type=_str_list, default=list(MODES), help=",".join(MODES))
     parser.add_argument(
         "--batches", type=_int_list, default=None, help="batch sizes swept (all geometries)"
     )
-    parser.add_argument(
-        "--compare-batch", type=int, default=None, help="batch at which options are compared"
-    )
     parser.add_argument("--sweep", type=_str_list, default=None, help="variants at every batch")
     parser.add_argument(
-        "--compare", type=_str_list, default=None, help="variants at the comparison batch"
+        "--compare",
+        type=_str_list,
+        default=None,
+        help="variants at the comparison batch, e.g. fp32-cl,bf16@inference,bf16-cl-compile",
+    )
+    parser.add_argument(
+        "--compare-batch", type=int, default=None, help="batch at which options are compared"
     )
     parser.add_argument(
         "--compile",
@@ -532,8 +576,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--ratio-variants", type=_str_list, default=None, help="variants for the ratios"
     )
+    parser.add_argument("--ratio-batch", type=int, default=None, help="batch for the ratios")
     parser.add_argument(
-        "--workers", type=int, default=None, help="DataLoader workers for the pipeline ratio"
+        "--workers",
+        type=_int_list,
+        default=None,
+        help="DataLoader workers for the pipeline ratio, e.g. 0,2 (default: 0 on CPU, "
+        "min(8, cores) on CUDA)",
     )
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=None)
@@ -552,92 +601,85 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     kind = "cuda" if device.type == "cuda" else "cpu"
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    if args.quick:
-        geometries = args.geometries or ["tiny"]
-        defaults = {
-            "batches": None,
-            "sweep": ["fp32"],
-            "compare": ["fp32"],
-            "warmup": 1,
-            "repeats": 1,
-            "min_time": 0.0,
-        }
-    else:
-        geometries = args.geometries or ["small", "paper"]
-        defaults = {
-            "batches": None,
-            "sweep": SWEEP[kind],
-            "compare": COMPARE[kind],
-            "warmup": 2 if kind == "cuda" else 1,
-            "repeats": 5 if kind == "cuda" else 3,
-            "min_time": 1.0 if kind == "cuda" else 0.5,
-        }
-    sweep = [Variant.parse(v) for v in (args.sweep or defaults["sweep"])]
-    compare = [Variant.parse(v) for v in (args.compare or defaults["compare"])]
-    if args.compile:
-        compare.append(Variant.parse(COMPILED[kind]))
-    default_ratios = RATIOS[kind]
-    ratio_variants = [Variant.parse(v) for v in (args.ratio_variants or default_ratios)]
-    workers = args.workers if args.workers is not None else min(8, os.cpu_count() or 1)
-    if args.quick and args.workers is None:
-        workers = 0
-    timing = {
-        "warmup": args.warmup if args.warmup is not None else defaults["warmup"],
-        "repeats": args.repeats if args.repeats is not None else defaults["repeats"],
-        "min_time": args.min_time if args.min_time is not None else defaults["min_time"],
-    }
+    geometries = args.geometries or (["tiny"] if args.quick else ["small", "paper"])
     for mode in args.modes:
         if mode not in MODES:
             raise SystemExit(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
     for name in geometries:
         if name not in GEOMETRIES:
             raise SystemExit(f"unknown geometry {name!r}; choose from {', '.join(GEOMETRIES)}")
+    if args.quick:
+        timing = {"warmup": 1, "repeats": 1, "min_time": 0.0}
+    elif kind == "cuda":
+        timing = {"warmup": 3, "repeats": 5, "min_time": 1.0}
+    else:
+        timing = {"warmup": 1, "repeats": 3, "min_time": 0.5}
+    for key in ("warmup", "repeats", "min_time"):
+        if getattr(args, key) is not None:
+            timing[key] = getattr(args, key)
+    sweep = [Variant.parse(v) for v in (args.sweep or (["fp32"] if args.quick else SWEEP[kind]))]
+    workers_list = args.workers or (
+        [0] if kind == "cpu" or args.quick else [min(8, os.cpu_count() or 1)]
+    )
+    ratio_variants = [Variant.parse(v) for v in (args.ratio_variants or RATIOS[kind])]
 
     print(f"machine: {describe_machine()}")
-    print(f"settings: device={device} threads={torch.get_num_threads()} timing={timing}")
+    print(
+        f"settings: device={device} torch threads={torch.get_num_threads()} timing={timing} "
+        f"optimizer=SGD(momentum 0.9) cudnn.benchmark={torch.backends.cudnn.benchmark}"
+    )
     started = time.perf_counter()
     rows: list[dict[str, Any]] = []
     ratio_rows: list[dict[str, Any]] = []
     for name in geometries:
         geom = GEOMETRIES[name]
         batches = args.batches or BATCHES[kind][name]
-        cmp_batch = args.compare_batch or COMPARE_BATCH[kind][name]
-        if args.quick:
-            cmp_batch = batches[0]
-        plan: list[tuple[int, Variant]] = [(b, v) for b in batches for v in sweep]
-        plan += [(cmp_batch, v) for v in compare if (cmp_batch, v) not in plan]
+        cmp_batch = args.compare_batch or (batches[0] if args.quick else COMPARE_BATCH[kind][name])
+        specs = (
+            args.compare
+            if args.compare is not None
+            else ([] if args.quick else COMPARE[kind][name])
+        )
+        compare = [parse_variant_spec(v) for v in specs]
+        if args.compile:
+            compare.append((Variant.parse(COMPILED[kind]), MODES))
         for mode in args.modes:
+            plan = [(b, v) for b in batches for v in sweep]
+            plan += [(cmp_batch, v) for v, modes in compare if mode in modes]
+            seen: set[tuple[int, str]] = set()
             for batch, variant in plan:
+                if (batch, variant.name) in seen:
+                    continue
+                seen.add((batch, variant.name))
                 row = run_one(mode, geom, variant, batch, device, timing)
                 _print_row(row)
                 rows.append(row)
-        if not args.no_ratios:
-            for variant in ratio_variants:
-                row = run_ratios(geom, variant, cmp_batch, workers, device, timing)
+        if args.no_ratios:
+            continue
+        ratio_batch = args.ratio_batch or (batches[0] if args.quick else RATIO_BATCH[kind][name])
+        for variant in ratio_variants:
+            for workers in workers_list:
+                row = run_ratios(geom, variant, ratio_batch, workers, device, timing)
                 ratio_rows.append(row)
-                if "error" in row:
-                    print(f"ratios {geom.name} B={cmp_batch} {variant.name}: ERROR {row['error']}")
-                else:
-                    print(
-                        f"ratios {geom.name} B={cmp_batch} {variant.name} workers={workers}: "
-                        f"bare backbone {row['bare_backbone_ms']:.1f} ms, library step "
-                        f"{row['library_step_ms']:.1f} ms (x{row['step_over_bare']:.2f}), "
-                        f"library pipeline {row['library_pipeline_ms']:.1f} ms, classic "
-                        f"pipeline {row['classic_pipeline_ms']:.1f} ms "
-                        f"(classic/library x{row['classic_over_library']:.2f})",
-                        flush=True,
-                    )
+                _print_ratio_row(row)
     elapsed = time.perf_counter() - started
     print(f"total {elapsed:.0f} s")
     columns = ["mode", "geometry", "backbone", "batch", "variant", "images_per_s"]
     columns += ["ms_per_step", "peak_mib", "step_mib", "first_call_s", "error"]
     print(markdown_table(rows, columns))
+    if ratio_rows:
+        print(markdown_table(ratio_rows, RATIO_COLUMNS))
     out = save_results(
         args.out,
         [
             *({"table": "throughput", **r} for r in rows),
             *({"table": "ratios", **r} for r in ratio_rows),
-            {"table": "run", "argv": sys.argv[1:] if argv is None else argv, "seconds": elapsed},
+            {
+                "table": "run",
+                "argv": sys.argv[1:] if argv is None else argv,
+                "seconds": elapsed,
+                "timing": timing,
+            },
         ],
     )
     save_csv(out.with_suffix(".csv"), rows)
@@ -645,6 +687,40 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         save_csv(out.with_name(out.stem + "_ratios.csv"), ratio_rows)
     print(f"results written to {out}")
     return rows + ratio_rows
+
+
+RATIO_COLUMNS = [
+    "geometry",
+    "batch",
+    "variant",
+    "workers",
+    "bare_backbone_ms",
+    "library_step_ms",
+    "step_over_bare",
+    "library_pipeline_ms",
+    "classic_pipeline_ms",
+    "classic_over_library",
+    "library_prep_ms_per_image",
+    "classic_loader_ms_per_image",
+    "error",
+]
+
+
+def _print_ratio_row(row: dict[str, Any]) -> None:
+    head = f"ratios {row['geometry']} B={row['batch']} {row['variant']} workers={row['workers']}"
+    if "error" in row:
+        print(f"{head}: ERROR {row['error']}", flush=True)
+        return
+    print(
+        f"{head}: bare backbone {row['bare_backbone_ms']:.1f} ms, library step "
+        f"{row['library_step_ms']:.1f} ms (x{row['step_over_bare']:.2f}), library pipeline "
+        f"{row['library_pipeline_ms']:.1f} ms, classic pipeline "
+        f"{row['classic_pipeline_ms']:.1f} ms "
+        f"(classic/library x{row['classic_over_library']:.2f}); "
+        f"prep per image: library {row['library_prep_ms_per_image']:.2f} ms, classic loader "
+        f"{row['classic_loader_ms_per_image']:.2f} ms",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -1,0 +1,92 @@
+"""Smoke tests for the benchmark scripts: they run end to end on tiny settings (no timing asserts)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(autouse=True)
+def _bench_on_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(BENCH))
+
+
+def test_throughput_quick(tmp_path: Path) -> None:
+    import bench_throughput
+
+    out = tmp_path / "throughput.json"
+    rows = bench_throughput.main(
+        ["--quick", "--device", "cpu", "--threads", "1", "--out", str(out)]
+    )
+    assert not [r for r in rows if "error" in r], rows
+    steps = [r for r in rows if "mode" in r]
+    assert {r["mode"] for r in steps} == {"pretrain", "finetune", "inference"}
+    for row in steps:
+        assert row["images_per_s"] > 0 and math.isfinite(row["peak_mib"])
+    (ratios,) = [r for r in rows if "step_over_bare" in r]
+    assert ratios["step_over_bare"] > 0 and ratios["classic_over_library"] > 0
+    saved = json.loads(out.read_text())
+    assert saved["machine"]["torch"] and len(saved["results"]) == len(rows) + 1
+    assert out.with_suffix(".csv").is_file()
+
+
+def test_throughput_records_a_failing_option(tmp_path: Path) -> None:
+    import bench_throughput
+
+    # A configuration that cannot build becomes a row with the error, not a crash.
+    geom = bench_throughput.Geometry("broken", 112, 32, "no_such_backbone")
+    variant = bench_throughput.Variant.parse("fp32")
+    timing = {"warmup": 1, "repeats": 1, "min_time": 0.0}
+    row = bench_throughput.run_one(
+        "inference", geom, variant, 2, bench_throughput.torch.device("cpu"), timing
+    )
+    assert "no_such_backbone" in row["error"]
+
+
+def test_variant_names() -> None:
+    import bench_throughput
+
+    v = bench_throughput.Variant.parse("bf16-cl-compile")
+    assert (v.bf16, v.channels_last, v.compile) == (True, True, True)
+    with pytest.raises(ValueError, match="unknown variant"):
+        bench_throughput.Variant.parse("fp16")
+    variant, modes = bench_throughput.parse_variant_spec("bf16@inference")
+    assert variant.bf16 and modes == ("inference",)
+
+
+def test_classic_dataset_matches_the_permutation(tmp_path: Path) -> None:
+    """The classic loader's tiles are the tiler's centre crops, reordered by the drawn permutation."""
+    import bench_throughput
+    import torch
+
+    from patchssl.tiling import PatchTiler
+
+    tiler = PatchTiler(3, 32, 112, jitter=0)
+    images = torch.randint(0, 256, (2, 3, 112, 112), dtype=torch.uint8)
+    perms = [[8, 7, 6, 5, 4, 3, 2, 1, 0], [0, 1, 2, 3, 4, 5, 6, 7, 8]]
+    data = bench_throughput.ClassicJigsawDataset(images, tiler, perms, gray_prob=0.0)
+    tiles, label = data[1]
+    reference = tiler.eval()(images[1:2].float() / 255).patches[0]  # (9, C, h, w) row-major
+    mean = reference.mean(dim=(2, 3), keepdim=True)
+    std = reference.std(dim=(2, 3), keepdim=True)
+    expected = ((reference - mean) / std)[perms[label]]
+    torch.testing.assert_close(tiles, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_dataloading_quick(tmp_path: Path) -> None:
+    pytest.importorskip("skimage")
+    import bench_dataloading
+
+    out = tmp_path / "dataloading.json"
+    rows = bench_dataloading.main(
+        ["--quick", "--count", "2", "--original-size", "640", "424", "--out", str(out)]
+    )
+    names = {r["name"] for r in rows}
+    assert {"pil_resize_original", "load_image_original", "load_image_cache_png"} <= names
+    assert all(r["images_per_s"] > 0 for r in rows)
+    assert json.loads(out.read_text())["results"][-1]["table"] == "run"
