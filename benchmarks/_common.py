@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -229,12 +230,24 @@ def _rss_bytes() -> tuple[int, str]:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale, "ru_maxrss"
 
 
+def _release_freed_memory() -> None:
+    """Give memory freed by earlier runs back to the OS (glibc ``malloc_trim``), so that the
+    RSS growth of the next block counts what it allocates instead of reusing freed pages."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 class PeakMemory:
     """Peak memory while the block runs.
 
     CUDA: ``torch.cuda.max_memory_allocated`` (the caching allocator's peak of live tensors).
     CPU: the process's resident set size sampled every ``interval`` seconds by a thread
-    (psutil when installed, else ``/proc/self/statm``; ``ru_maxrss`` as a last resort).
+    (psutil when installed, else ``/proc/self/statm``; ``ru_maxrss`` as a last resort), after
+    handing freed heap pages back to the OS (glibc ``malloc_trim``).
     ``peak_mib`` is the absolute peak; ``step_mib`` is the peak minus what was held when
     the block started (with the model and inputs already built: activations, gradients,
     optimizer state and workspace).
@@ -262,6 +275,7 @@ class PeakMemory:
             self._base = torch.cuda.memory_allocated(self.device)
             self.method = "torch.cuda.max_memory_allocated"
         else:
+            _release_freed_memory()
             self._base, self.method = _rss_bytes()
             self._peak = self._base
             if self.method != "ru_maxrss":
