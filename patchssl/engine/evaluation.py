@@ -25,7 +25,7 @@ from torch import nn
 
 from patchssl.engine.common import as_config, prepare_run, say, write_json
 from patchssl.engine.config import Config, ConfigError
-from patchssl.engine.logging import SkippedFiles, progress
+from patchssl.engine.logging import SkippedFiles, echo, progress
 from patchssl.engine.loop import autocast_context, move_batch, resolve_amp
 
 __all__ = ["EvaluationResult", "Predictions", "evaluate", "load_classifier", "predict"]
@@ -363,7 +363,7 @@ def evaluate(
     if val is not None:
         _write_predictions(out / "predictions_val.csv", val, threshold)
     say(f"evaluation written to {json_path} and {markdown_path}")
-    print(table, flush=True)
+    echo(table)
     return EvaluationResult(
         test=test_report,
         val=val_report,

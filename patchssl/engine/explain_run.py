@@ -44,8 +44,9 @@ class ExplainResult:
         overlays: One attention overlay PNG per explained image.
         grid: Contact sheet of the overlays.
         embedding: t-SNE plot PNG (``None`` when not drawn).
-        lesion: Lesion-localisation score (``hit_rate``, ``hits``, ``count``, ``chance``), or
-            ``None`` without recorded lesions.
+        lesion: Lesion-localisation score (``hit_rate``, ``hits``, ``count``, ``chance``, and
+            ``centre_patch_rate``: the rate of always pointing at the middle patch), or ``None``
+            without recorded lesions.
         json_path: ``explain.json``.
     """
 
@@ -168,6 +169,12 @@ def explain(config: Config | dict[str, Any] | str | Path | None) -> ExplainResul
         )
     if lesions is not None:
         result.lesion = lesion_hit_rate(boxes, pred.weights, lesions, pred.labels)
+        # Reference: always pointing at the middle patch (lesions tend to sit near the centre).
+        centre = np.zeros_like(pred.weights)
+        centre[:, pred.weights.shape[1] // 2] = 1.0
+        result.lesion["centre_patch_rate"] = lesion_hit_rate(boxes, centre, lesions, pred.labels)[
+            "hit_rate"
+        ]
     result.json_path = write_json(
         target / "explain.json",
         {
