@@ -13,9 +13,9 @@ Run::
     python examples/fundus_histology/run.py --out runs/fundus_histology
     python examples/fundus_histology/run.py --manifest labels.csv --label-map "benign:0,malignant:1"
 
-It takes a few minutes on a 2-core CPU with the defaults. The tiles of two images are far too
-few to learn much; the point is the plumbing: any folder of images can be the pretraining set,
-and the checkpoint transfers to any labeled set with the same patch geometry.
+With the defaults it took 16 minutes (one thread, a busy 2-core CPU). The tiles of two images
+are far too few to learn much; the point is the plumbing: any folder of images can be the
+pretraining set, and the checkpoint transfers to any labeled set with the same patch geometry.
 
 References:
     Chae, Zimmermann, Kim, Kim. "Attentive Transfer Learning via Self-supervised Learning for
