@@ -4,7 +4,7 @@
 #
 #   bash benchmarks/run_all.sh                    # CUDA if present, else CPU
 #   bash benchmarks/run_all.sh --device cpu --threads 1   # what docs/benchmarks.md shows
-#   bash benchmarks/run_all.sh --quick            # seconds: smoke run
+#   bash benchmarks/run_all.sh --quick            # about a minute: smoke run
 #   COMPILE=1 bash benchmarks/run_all.sh          # add torch.compile rows (slow warm-up on CPU)
 #
 # Extra arguments go to bench_throughput.py and bench_dataloading.py (the flags they share:
