@@ -6,11 +6,16 @@ permutation set). Every training command reads a YAML/JSON config (``--config``)
 common flags (``--epochs``, ``--lr``...), then ``--set section.key=value`` overrides, in that
 order. Exit status: 0 on success, 2 on a usage or configuration error (a message, no traceback;
 ``--debug`` shows it), 1 when training stops on a non-finite loss, 130 when interrupted.
+
+``pretrain`` and ``finetune`` also run under ``torchrun`` (one process per GPU, e.g.
+``torchrun --standalone --nproc_per_node 8 -m patchssl pretrain --config run.yaml``; see
+``docs/distributed.md``); the other commands run in a single process.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -31,6 +36,24 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
 
 class UsageError(Exception):
     """A command-line mistake (exit status 2)."""
+
+
+# commands that may run under torchrun (several processes); the others refuse it
+DISTRIBUTED_COMMANDS = ("pretrain", "finetune")
+
+
+def _launched_rank() -> tuple[int, int]:
+    """``(RANK, WORLD_SIZE)`` set by torchrun, ``(0, 1)`` without it."""
+    try:
+        return int(os.environ.get("RANK", 0) or 0), int(os.environ.get("WORLD_SIZE", 1) or 1)
+    except ValueError:
+        return 0, 1
+
+
+def _done(message: str) -> None:
+    """Print the closing line of a command (on rank 0 only under torchrun)."""
+    if _launched_rank()[0] == 0:
+        print(message)
 
 
 # ------------------------------------------------------------------------------------ options
@@ -408,14 +431,14 @@ def _cmd_pretrain(args: argparse.Namespace) -> None:
     from patchssl.engine import pretrain
 
     result = pretrain(_config_from_args(args))
-    print(f"outputs written to {result.out_dir} (best: {result.best_checkpoint})")
+    _done(f"outputs written to {result.out_dir} (best: {result.best_checkpoint})")
 
 
 def _cmd_finetune(args: argparse.Namespace) -> None:
     from patchssl.engine import finetune
 
     result = finetune(_config_from_args(args))
-    print(f"outputs written to {result.out_dir} (best: {result.best_checkpoint})")
+    _done(f"outputs written to {result.out_dir} (best: {result.best_checkpoint})")
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
@@ -548,22 +571,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     from patchssl.engine.loop import NonFiniteLossError
 
     user_errors = _user_errors()
+    rank, world = _launched_rank()
+    name = f"patchssl {args.command}" + (f" (rank {rank})" if world > 1 else "")
+    if world > 1 and args.command not in DISTRIBUTED_COMMANDS:
+        print(
+            f"{name}: error: '{args.command}' runs in one process; start it with "
+            f"`python -m patchssl {args.command} ...` (torchrun is for "
+            f"{' and '.join(DISTRIBUTED_COMMANDS)})",
+            file=sys.stderr,
+        )
+        return 2
     try:
         _HANDLERS[args.command](args)
     except user_errors as err:
         if debug:
             traceback.print_exc()
         message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
-        print(f"patchssl {args.command}: error: {message}", file=sys.stderr)
+        print(f"{name}: error: {message}", file=sys.stderr)
         return 2
     except NonFiniteLossError as err:
         if debug:
             traceback.print_exc()
-        print(f"patchssl {args.command}: stopped: {err}", file=sys.stderr)
+        print(f"{name}: stopped: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(
-            f"patchssl {args.command}: interrupted; continue with --resume (the last "
+            f"{name}: interrupted; continue with --resume (the last "
             "completed epoch's checkpoint is kept)",
             file=sys.stderr,
         )

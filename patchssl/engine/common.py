@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from patchssl.engine.config import Config, ConfigError, load_config, save_config
-from patchssl.engine.distributed import is_main_process
+from patchssl.engine.distributed import get_world_size, is_main_process, process_device
 from patchssl.engine.logging import echo
 from patchssl.engine.loop import resolve_device
 
@@ -58,13 +58,14 @@ def prepare_run(config: Config, *, save: bool = True) -> tuple[Path, torch.devic
         save: Write ``<out>/config.yaml`` with the resolved configuration.
 
     Returns:
-        ``(out_dir, device)``.
+        ``(out_dir, device)``; under ``torchrun`` a CUDA device is this process's
+        ``cuda:LOCAL_RANK``.
     """
     if config.train.num_threads:
         if config.train.num_threads < 1:
             raise ConfigError(f"train.num_threads must be >= 1; got {config.train.num_threads}")
         torch.set_num_threads(config.train.num_threads)
-    device = resolve_device(config.train.device)
+    device = process_device(resolve_device(config.train.device))
     out = Path(config.out)
     if is_main_process():
         out.mkdir(parents=True, exist_ok=True)
@@ -107,11 +108,18 @@ def build_encoder(config: Config, device: torch.device) -> Any:
     ``channels_last`` is applied on the GPU only (on the CPU it is a no-op and a note says so).
 
     Raises:
-        ConfigError: For an unknown backbone or invalid options (the encoder's message).
+        ConfigError: For an unknown backbone or invalid options (the encoder's message), or
+            ``model.norm=sync_batch`` in a multi-process run on the CPU (torch's SyncBatchNorm
+            needs GPUs).
     """
     from patchssl.encoder import SharedPatchEncoder
 
     model = config.model
+    if model.norm == "sync_batch" and device.type == "cpu" and get_world_size() > 1:
+        raise ConfigError(
+            "model.norm=sync_batch needs GPUs (torch's SyncBatchNorm has no CPU kernel); "
+            "on the CPU use model.norm=group, whose statistics do not depend on the batch"
+        )
     channels_last = bool(model.channels_last and device.type == "cuda")
     kwargs: dict[str, Any] = {
         "pretrained": model.pretrained,

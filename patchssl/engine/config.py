@@ -1,8 +1,8 @@
 """Run configuration: dataclasses, YAML/JSON loading and dotted overrides.
 
 A run is described by one :class:`Config` with a section per concern (``data``, ``model``,
-``pretext``, ``train``, ``eval``, ``explain``, ``demo``). Every command reads the sections it
-needs and ignores the others, so one file can drive a whole study::
+``pretext``, ``train``, ``eval``, ``explain``, ``demo``, ``dist``). Every command reads the
+sections it needs and ignores the others, so one file can drive a whole study::
 
     out: runs/cervix
     data: {unlabeled: /data/cervix/unlabeled, manifest: /data/cervix/labeled.csv, image_size: 512}
@@ -38,6 +38,7 @@ __all__ = [
     "ConfigError",
     "DataConfig",
     "DemoConfig",
+    "DistConfig",
     "EvalConfig",
     "ExplainConfig",
     "ModelConfig",
@@ -164,7 +165,12 @@ class TrainConfig:
 
     Attributes:
         epochs: Number of epochs.
-        batch_size: Images per step (per process).
+        batch_size: Images per step of each process; a run of ``torchrun --nproc_per_node
+            N`` steps on ``N * batch_size`` images (see ``global_batch_size``).
+        global_batch_size: Images per step over all processes. When set, it replaces
+            ``batch_size``: each process takes ``global_batch_size / world_size`` images (it
+            must divide), so the optimisation stays the same when the number of processes
+            changes (e.g. on resume).
         lr: Peak learning rate.
         min_lr: Learning rate at the end of the cosine schedule.
         optimizer: ``adamw`` or ``sgd``.
@@ -192,6 +198,7 @@ class TrainConfig:
 
     epochs: int = 30
     batch_size: int = 32
+    global_batch_size: int | None = None
     lr: float = 1e-3
     min_lr: float = 0.0
     optimizer: str = "adamw"
@@ -252,6 +259,25 @@ class ExplainConfig:
 
 
 @dataclass
+class DistConfig:
+    """Multi-process training launched with ``torchrun`` (ignored in a single process).
+
+    Attributes:
+        backend: Process-group backend: ``auto`` (NCCL on GPUs, gloo on CPUs), ``nccl`` or
+            ``gloo``.
+        timeout_s: How long a collective operation (gradient averaging, metric reduction,
+            barrier) waits for the other processes before failing, so that a process stuck or
+            lost cannot hang the others forever.
+        find_unused_parameters: Let DistributedDataParallel tolerate parameters that get no
+            gradient in a step (slower; only for pretext tasks that skip parts of the model).
+    """
+
+    backend: str = "auto"
+    timeout_s: float = 1800.0
+    find_unused_parameters: bool = False
+
+
+@dataclass
 class DemoConfig:
     """The ``patchssl demo`` run on synthetic data.
 
@@ -275,6 +301,7 @@ class Config:
         eval: Evaluation section.
         explain: Explanation section.
         demo: Demo section.
+        dist: Multi-process (torchrun) section.
     """
 
     out: str = "runs/patchssl"
@@ -285,6 +312,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     explain: ExplainConfig = field(default_factory=ExplainConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-able nested dict of the configuration."""

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from patchssl.engine.config import Config, ConfigError
+from patchssl.engine.distributed import is_main_process
 from patchssl.engine.logging import echo
 
 __all__ = [
@@ -159,7 +160,8 @@ def make_split(config: Config, records: list[Any], out_dir: Path) -> dict[str, l
         "val_size": d.val_size,
         "source": source,
     }
-    save_split(out_dir / "split.json", parts, meta=meta)
+    if is_main_process():  # every process draws the same split; rank 0 writes it
+        save_split(out_dir / "split.json", parts, meta=meta)
     counts = ", ".join(
         f"{k} {len(v)} ({sum(r.label for r in v)} positive, {len({r.patient for r in v})} patients)"
         for k, v in parts.items()

@@ -8,6 +8,11 @@ by patient (train / val / test, saved as ``split.json``); training uses the trai
 part selects ``best.pt`` (by ``val_auc``) and drives early stopping, and the test part is left
 for :func:`patchssl.engine.evaluate`.
 
+Launched with ``torchrun --nproc_per_node N -m patchssl finetune ...``, the run trains with
+DistributedDataParallel on per-process shards of the training part; rank 0 alone computes the
+validation metrics on the whole val part (the others wait for its result, so that
+``best.pt`` and early stopping follow the same numbers everywhere) and writes every output.
+
 References:
     Chae et al., "Attentive Transfer Learning via Self-supervised Learning for Cervical
     Dysplasia Diagnosis", JIPS 2021 (Sections 3.2-3.3, Table 2).
@@ -33,12 +38,20 @@ from patchssl.engine.data import (
     labeled_records,
     make_split,
 )
+from patchssl.engine.distributed import (
+    broadcast_object,
+    distributed_session,
+    get_world_size,
+    is_main_process,
+)
 from patchssl.engine.evaluation import predict
 from patchssl.engine.loop import (
     EpochSampler,
     StepOutput,
     Trainer,
     TrainingResult,
+    describe_batch,
+    per_process_batch_size,
     resolve_amp,
 )
 from patchssl.engine.seeding import derive_seed
@@ -226,6 +239,7 @@ class FinetuneTask:
         if augment not in ("flip", "none"):
             raise ConfigError(f"train.augment must be 'flip' or 'none'; got '{augment}'")
         self.model = model
+        self.train_model: nn.Module = model
         self.val_loader = val_loader
         self.device = device
         self.weight = weight.to(device) if weight is not None else None
@@ -243,16 +257,25 @@ class FinetuneTask:
         images = batch["image"]
         if self.augment == "flip":
             images = random_flips(images, generator)
-        out = self.model(images, generator=generator)
+        out = self.train_model(images, generator=generator)
         labels = batch["label"]
         loss = self.loss(out.logits, labels)
         correct = (out.logits.detach().argmax(-1) == labels).sum()
         return StepOutput(loss, int(labels.shape[0]), correct)
 
     def validate(self, epoch: int) -> dict[str, float]:
-        """``val_loss``, ``val_acc`` (at probability 0.5) and ``val_auc`` on the val part."""
+        """``val_loss``, ``val_acc`` (at probability 0.5) and ``val_auc`` on the val part.
+
+        In a multi-process run rank 0 evaluates the whole val part (the AUC needs every
+        prediction) while the others wait, and every process receives its numbers.
+        """
         if self.val_loader is None:
             return {}
+        if get_world_size() > 1:
+            return broadcast_object(self._validate() if is_main_process() else {})
+        return self._validate()
+
+    def _validate(self) -> dict[str, float]:
         from patchssl.metrics import binary_metrics
 
         pred = predict(
@@ -292,7 +315,8 @@ def finetune(
 
     Writes ``config.yaml``, ``split.json``, ``metrics.csv``, ``last.pt``, ``best.pt`` (best
     ``val_auc``), ``transfer.json`` (which weights came from the pretraining) and skipped-file
-    reports in ``config.out``.
+    reports in ``config.out``. Under ``torchrun`` the process group is set up from the
+    environment and destroyed at the end, and rank 0 alone writes.
 
     Args:
         config: The run configuration (``data.manifest`` is required; ``model.init`` names the
@@ -306,10 +330,16 @@ def finetune(
         ConfigError: On invalid settings, unknown labels, a mismatched checkpoint.
         NonFiniteLossError: When the loss becomes NaN or infinite (``last.pt`` is kept).
     """
+    config = as_config(config)
+    with distributed_session(config):
+        return _finetune(config, callbacks)
+
+
+def _finetune(config: Config, callbacks: Iterable[Callable[..., None]]) -> TrainingResult:
+    """The body of :func:`finetune`, inside the process group (if any)."""
     from patchssl.data import make_loader
     from patchssl.engine.common import write_json
 
-    config = as_config(config)
     train_cfg = config.train
     records = labeled_records(config)
     out, device = prepare_run(config)
@@ -335,15 +365,17 @@ def finetune(
         )
 
     train_set = labeled_dataset(config, train_records)
+    batch_size = per_process_batch_size(train_cfg)
+    say(f"batch size: {describe_batch(batch_size)}")
+    # the same data order on every process, sharded by rank (padded to equal shards)
     sampler = EpochSampler(len(train_set), seed=train_cfg.seed, shuffle=True)
     pin = device.type == "cuda"
     loader = make_loader(
         train_set,
-        train_cfg.batch_size,
+        batch_size,
         sampler=sampler,
         num_workers=config.data.workers,
-        drop_last=len(train_set) > train_cfg.batch_size
-        and len(train_set) % train_cfg.batch_size == 1,
+        drop_last=len(sampler) > batch_size and len(sampler) % batch_size == 1,
         pin_memory=pin,
         persistent_workers=config.data.workers > 0,
         seed=train_cfg.seed,
@@ -352,7 +384,7 @@ def finetune(
     if parts["val"]:
         val_loader = make_loader(
             labeled_dataset(config, parts["val"]),
-            train_cfg.batch_size,
+            batch_size,
             num_workers=config.data.workers,
             pin_memory=pin,
         )

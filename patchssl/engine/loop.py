@@ -23,7 +23,17 @@ import torch
 from torch import Tensor, nn
 
 from patchssl.engine.config import Config, ConfigError, TrainConfig
-from patchssl.engine.distributed import get_rank, is_main_process, reduce_sums
+from patchssl.engine.distributed import (
+    all_gather_objects,
+    any_process,
+    get_rank,
+    get_world_size,
+    is_main_process,
+    reduce_sums,
+    sync_buffers,
+    unwrap_model,
+    wrap_model,
+)
 from patchssl.engine.logging import MetricsLogger, SkippedFiles, echo, progress
 from patchssl.engine.seeding import (
     capture_rng_state,
@@ -42,7 +52,9 @@ __all__ = [
     "autocast_context",
     "build_optimizer",
     "build_scheduler",
+    "describe_batch",
     "move_batch",
+    "per_process_batch_size",
     "resolve_amp",
     "resolve_device",
 ]
@@ -72,13 +84,18 @@ class TrainingTask(Protocol):
     Attributes:
         model: The module being trained (its ``state_dict`` goes into the checkpoints).
         kind: ``"pretrain"`` or ``"finetune"`` (stored in the checkpoint).
+        train_model: The module that :meth:`step` calls: ``model`` itself, or the
+            ``DistributedDataParallel`` wrapper that :class:`Trainer` puts here in a
+            multi-process run (so that gradients are averaged over the processes).
+            Validation and checkpoints use ``model``.
     """
 
     model: nn.Module
     kind: str
+    train_model: nn.Module
 
     def step(self, batch: dict[str, Any], generator: torch.Generator | None) -> StepOutput:
-        """Compute the loss of one batch already on the device."""
+        """Compute the loss of one batch already on the device (through ``train_model``)."""
         ...
 
     def validate(self, epoch: int) -> dict[str, float]:
@@ -93,19 +110,50 @@ class TrainingTask(Protocol):
 class EpochSampler(torch.utils.data.Sampler[int]):
     """Shuffles indices with a generator reseeded from ``(seed, epoch)`` at every epoch.
 
-    The same contract as ``torch.utils.data.DistributedSampler`` (``set_epoch``), so a
-    distributed sampler can take its place without touching the loop.
+    The same contract as ``torch.utils.data.DistributedSampler`` (``set_epoch``, ``rank``,
+    ``num_replicas``, ``drop_last``). Every process draws the same order of the whole data
+    set, and process ``rank`` takes every ``num_replicas``-th index from position ``rank``.
+    Over all processes, step ``k`` of a run therefore trains on exactly the images of step
+    ``k`` of a single process whose batch is ``num_replicas`` times larger, and the order of an
+    epoch depends only on ``(seed, epoch)``: a run can resume at an epoch boundary with
+    another number of processes.
+
+    With several processes and ``drop_last=False`` (the default) the order is padded by
+    repeating its first indices until its length divides by ``num_replicas``, so every
+    process gets the same number of images (at most ``num_replicas - 1`` images are seen
+    twice per epoch); with ``drop_last=True`` the last ``size % num_replicas`` indices of the
+    order are left out instead (different ones each epoch).
 
     Args:
         size: Number of items.
         seed: Base seed of the run.
         shuffle: Shuffle (training) or keep the order (evaluation).
+        rank: This process's rank (default: the process group's, 0 without one).
+        num_replicas: Number of processes (default: the process group's, 1 without one).
+        drop_last: Drop the tail instead of padding (only matters with several processes).
     """
 
-    def __init__(self, size: int, *, seed: int = 0, shuffle: bool = True) -> None:
+    def __init__(
+        self,
+        size: int,
+        *,
+        seed: int = 0,
+        shuffle: bool = True,
+        rank: int | None = None,
+        num_replicas: int | None = None,
+        drop_last: bool = False,
+    ) -> None:
         self.size = int(size)
         self.seed = int(seed)
         self.shuffle = shuffle
+        self.rank = get_rank() if rank is None else int(rank)
+        self.num_replicas = get_world_size() if num_replicas is None else int(num_replicas)
+        if self.num_replicas < 1 or not 0 <= self.rank < self.num_replicas:
+            raise ValueError(
+                f"EpochSampler needs 0 <= rank < num_replicas; got rank={self.rank}, "
+                f"num_replicas={self.num_replicas}"
+            )
+        self.drop_last = bool(drop_last)
         self.epoch = 0
         self.generator = torch.Generator()
 
@@ -114,15 +162,64 @@ class EpochSampler(torch.utils.data.Sampler[int]):
         self.epoch = int(epoch)
 
     def __iter__(self) -> Iterator[int]:
-        if not self.shuffle:
-            return iter(range(self.size))
-        from patchssl.engine.seeding import derive_seed
+        if self.shuffle:
+            from patchssl.engine.seeding import derive_seed
 
-        self.generator.manual_seed(derive_seed(self.seed, "data-order", self.epoch))
-        return iter(torch.randperm(self.size, generator=self.generator).tolist())
+            self.generator.manual_seed(derive_seed(self.seed, "data-order", self.epoch))
+            order = torch.randperm(self.size, generator=self.generator).tolist()
+        else:
+            order = list(range(self.size))
+        if self.num_replicas == 1:
+            return iter(order)
+        total = len(self) * self.num_replicas
+        if total <= len(order):
+            order = order[:total]
+        elif order:
+            order = (order * math.ceil(total / len(order)))[:total]
+        return iter(order[self.rank :: self.num_replicas])
 
     def __len__(self) -> int:
-        return self.size
+        if self.num_replicas == 1:
+            return self.size
+        if self.drop_last:
+            return self.size // self.num_replicas
+        return math.ceil(self.size / self.num_replicas)
+
+
+def per_process_batch_size(train: TrainConfig, world_size: int | None = None) -> int:
+    """Images per step of each process: ``batch_size``, or ``global_batch_size / world_size``.
+
+    Args:
+        train: Training section of the configuration.
+        world_size: Number of processes (default: the process group's).
+
+    Returns:
+        The per-process batch size.
+
+    Raises:
+        ConfigError: When ``global_batch_size`` does not divide by the number of processes,
+            or a size is not positive.
+    """
+    world = get_world_size() if world_size is None else int(world_size)
+    if train.global_batch_size is None:
+        if train.batch_size < 1:
+            raise ConfigError(f"train.batch_size must be >= 1; got {train.batch_size}")
+        return int(train.batch_size)
+    total = int(train.global_batch_size)
+    if total < 1 or total % world:
+        raise ConfigError(
+            f"train.global_batch_size={total} must be a positive multiple of the number of "
+            f"processes ({world}); use {max(world, total - total % world)} or set "
+            "train.batch_size (per process) instead"
+        )
+    return total // world
+
+
+def describe_batch(per_process: int, world_size: int | None = None) -> str:
+    """``"8 images per step (4 per process x 2 processes)"`` for the start-of-run message."""
+    world = get_world_size() if world_size is None else int(world_size)
+    noun = "process" if world == 1 else "processes"
+    return f"{per_process * world} images per step ({per_process} per process x {world} {noun})"
 
 
 @dataclass
@@ -341,15 +438,28 @@ class Trainer:
         self.amp_dtype, note = resolve_amp(self.train.amp, device)
         if note:
             echo(f"note: {note}")
-        self.model = task.model
+        self.model = unwrap_model(task.model)
+        self.world_size = get_world_size()
+        self.train_module: nn.Module = self.model
+        if self.world_size > 1:
+            if not hasattr(task, "train_model"):
+                raise TypeError(
+                    f"{type(task).__name__} has no 'train_model' attribute: a task trained in "
+                    "several processes must call self.train_model (the DDP wrapper) in step()"
+                )
+            self.train_module = wrap_model(
+                self.model, device, find_unused_parameters=config.dist.find_unused_parameters
+            )
+            task.train_model = self.train_module
         self.optimizer = build_optimizer(self.model, self.train)
         steps = len(loader)  # type: ignore[arg-type]
         if self.train.max_steps_per_epoch:
             steps = min(steps, self.train.max_steps_per_epoch)
+        self.batch_size = int(getattr(loader, "batch_size", None) or self.train.batch_size)
         if steps == 0:
             raise ConfigError(
-                f"no training batches: {len(sampler)} image(s) with "
-                f"batch_size={self.train.batch_size}"
+                f"no training batches: {len(sampler)} image(s) per process with "
+                f"batch_size={self.batch_size}"
             )
         self.steps_per_epoch = steps
         self.scheduler = build_scheduler(self.optimizer, self.train, steps)
@@ -367,6 +477,7 @@ class Trainer:
         self.last_path = self.out_dir / "last.pt"
         self.best_path = self.out_dir / "best.pt"
         self.data_generator = getattr(sampler, "generator", None)
+        self._template: dict[str, Tensor] | None = None
 
     # ----------------------------------------------------------------------------- checkpoints
     def _generators(self) -> dict[str, torch.Generator]:
@@ -403,11 +514,20 @@ class Trainer:
                 "best_epoch": self.best_epoch,
                 "bad_epochs": self.bad_epochs,
                 "history": self.history,
+                "steps_per_epoch": self.steps_per_epoch,
+                "world_size": self.world_size,
+                "batch_size": self.batch_size,
             },
         }
 
     def resume_from(self, path: str | Path) -> None:
         """Load ``last.pt`` (or ``path``) and continue after its epoch.
+
+        Every process loads the same file. A run may resume with another number of processes
+        (or another batch size): the data order of each epoch depends only on the seed and
+        the epoch, and when the number of steps per epoch changed, the learning-rate schedule
+        is moved to the same point of the run (the start of the next epoch) instead of
+        counting the old steps.
 
         Raises:
             ConfigError: When the checkpoint is missing or belongs to another model
@@ -442,6 +562,54 @@ class Trainer:
         self.bad_epochs = int(state.get("bad_epochs", 0))
         self.history = list(state.get("history", []))
         echo(f"resumed from {path} (epoch {self.start_epoch} of {self.train.epochs})")
+        saved_world = int(state.get("world_size", 1))
+        saved_batch = state.get("batch_size")
+        if saved_batch is not None:
+            before = int(saved_batch) * saved_world
+            now = self.batch_size * self.world_size
+            if saved_world != self.world_size or before != now:
+                hint = " (train.global_batch_size keeps it constant)" if before != now else ""
+                echo(
+                    f"note: the checkpoint was trained with "
+                    f"{describe_batch(int(saved_batch), saved_world)}; this run uses "
+                    f"{describe_batch(self.batch_size, self.world_size)}{hint}"
+                )
+        saved_steps = state.get("steps_per_epoch")
+        if saved_steps is not None and int(saved_steps) != self.steps_per_epoch:
+            self._move_schedule(self.start_epoch * self.steps_per_epoch)
+
+    def _move_schedule(self, step: int) -> None:
+        """Put the learning-rate schedule at ``step`` (after a change of steps per epoch)."""
+        scheduler = self.scheduler
+        scheduler.last_epoch = step
+        lrs = [base * fn(step) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+        for group, lr in zip(self.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        scheduler._last_lr = lrs  # what get_last_lr() reports
+
+    def _placeholder_batch(self) -> dict[str, Any]:
+        """A one-image batch whose loss is multiplied by 0 (see :meth:`train_epoch`)."""
+        if self._template is not None:
+            return self._template
+        data = self.config.data
+        size = (1, data.in_chans, data.image_size, data.image_size)
+        zeros = torch.zeros(1, dtype=torch.long, device=self.device)
+        return {
+            "image": torch.zeros(size, dtype=torch.uint8, device=self.device),
+            "label": zeros,
+            "index": zeros,
+        }
+
+    def _gather_skipped(self) -> None:
+        """Merge every process's unreadable files, so that rank 0's report lists them all."""
+        for entries in all_gather_objects(dict(self.skipped.entries)):
+            for key, entry in entries.items():
+                mine = self.skipped.entries.setdefault(
+                    key, {"path": entry["path"], "reason": entry["reason"], "seen": []}
+                )
+                for where in entry.get("seen", []):
+                    if where not in mine["seen"]:
+                        mine["seen"].append(where)
 
     def _save(self, path: Path, epoch: int, metrics: dict[str, Any]) -> None:
         if is_main_process():
@@ -457,17 +625,20 @@ class Trainer:
             epoch: 0-based epoch number.
 
         Returns:
-            ``train_loss``, ``train_acc`` (when the task reports it), ``lr``, ``images_per_s``.
+            ``train_loss``, ``train_acc`` (when the task reports it), ``lr``, ``images_per_s``,
+            each over all processes.
 
         Raises:
-            NonFiniteLossError: On a NaN or infinite loss (nothing is saved for this epoch).
+            NonFiniteLossError: On a NaN or infinite loss on any process (nothing is saved
+                for this epoch).
         """
         rank = get_rank()
         seed_everything(self.train.seed, "epoch", epoch, "rank", rank)
         generator = make_generator(self.train.seed, "step", epoch, "rank", rank, device=self.device)
         if hasattr(self.sampler, "set_epoch"):
             self.sampler.set_epoch(epoch)
-        self.model.train()
+        self.train_module.train()
+        distributed = self.world_size > 1
         sums: dict[str, float] = {"loss": 0.0, "count": 0.0, "correct": 0.0, "scored": 0.0}
         bar = progress(
             self.loader,
@@ -483,15 +654,31 @@ class Trainer:
             failed = batch.get("failed") or []
             if failed:
                 self.skipped.add(failed, where=f"{self.task.kind} epoch {epoch + 1}")
-            if batch.get("image") is None or len(batch["image"]) == 0:
+            placeholder = batch.get("image") is None or len(batch["image"]) == 0
+            if placeholder and not distributed:
                 continue
-            batch = move_batch(batch, self.device)
+            if placeholder:
+                # Every process must take part in every step (gradient averaging is a
+                # collective operation): a process whose whole batch was unreadable steps on
+                # a stand-in image with a zero loss, contributing a zero gradient.
+                batch = self._placeholder_batch()
+            else:
+                batch = move_batch(batch, self.device)
+                if self._template is None and distributed:
+                    self._template = {
+                        k: v[:1].clone() for k, v in batch.items() if torch.is_tensor(v)
+                    }
             with autocast_context(self.device, self.amp_dtype):
                 out = self.task.step(batch, generator)
-            loss = out.loss
-            if not torch.isfinite(loss.detach()).all():
+            loss = out.loss * 0.0 if placeholder else out.loss
+            local_bad = not bool(torch.isfinite(loss.detach()).all())
+            # all processes stop together (one leaving alone would hang the others)
+            if any_process(local_bad) if distributed else local_bad:
+                value = str(loss.item()) if local_bad else "on another process"
+                if local_bad and distributed:
+                    value += f" on rank {rank}"
                 raise NonFiniteLossError(
-                    f"non-finite loss ({loss.item()}) at epoch {epoch + 1}, step {index + 1} of "
+                    f"non-finite loss ({value}) at epoch {epoch + 1}, step {index + 1} of "
                     f"the epoch (global step {self.global_step + 1}); training stopped. "
                     + (
                         f"The last good checkpoint is kept at {self.last_path}."
@@ -510,6 +697,8 @@ class Trainer:
             self.scaler.update()
             self.scheduler.step()
             self.global_step += 1
+            if placeholder:
+                continue
             n = int(out.count)
             seen += n
             sums["loss"] += float(loss.detach()) * n
@@ -557,8 +746,12 @@ class Trainer:
             for epoch in range(self.start_epoch, self.train.epochs):
                 row: dict[str, Any] = {"epoch": epoch + 1}
                 row.update(self.train_epoch(epoch))
+                if self.world_size > 1:
+                    sync_buffers(self.model)  # rank 0's batch-norm statistics everywhere
                 val = self.task.validate(epoch)
                 row.update(val)
+                if self.world_size > 1:
+                    self._gather_skipped()
                 row["step"] = self.global_step
                 row["skipped"] = len(self.skipped)
                 monitored = row.get(self.monitor)

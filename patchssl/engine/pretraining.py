@@ -6,6 +6,11 @@ choices happen inside the model on the device. A small share of the images
 (``data.pretrain_val_size``) is held out to monitor the pretext loss and accuracy, which select
 ``best.pt`` and drive early stopping.
 
+Launched with ``torchrun --nproc_per_node N -m patchssl pretrain ...``, the run trains with
+DistributedDataParallel: each process takes its shard of the images and of the held-out
+images, draws its own (seeded) random choices, and rank 0 writes every output
+(see ``docs/distributed.md``).
+
 References:
     Noroozi & Favaro, "Unsupervised Learning of Visual Representations by Solving Jigsaw
     Puzzles", ECCV 2016 (arXiv:1603.09246). Chae et al., JIPS 2021 (pretraining on 44,031
@@ -24,13 +29,16 @@ from torch import nn
 from patchssl.engine.common import as_config, build_encoder, build_tiler, prepare_run, say
 from patchssl.engine.config import Config, ConfigError
 from patchssl.engine.data import find_eval_overlap, unlabeled_dataset
+from patchssl.engine.distributed import distributed_session, reduce_sums, shard
 from patchssl.engine.loop import (
     EpochSampler,
     StepOutput,
     Trainer,
     TrainingResult,
     autocast_context,
+    describe_batch,
     move_batch,
+    per_process_batch_size,
     resolve_amp,
 )
 from patchssl.engine.seeding import derive_seed, make_generator
@@ -112,7 +120,8 @@ class PretrainTask:
 
     Args:
         model: The pretext task module.
-        val_loader: Loader of held-out unlabeled images (or ``None``).
+        val_loader: Loader of held-out unlabeled images (or ``None``); in a multi-process run,
+            this process's shard of them (the metrics are summed over the processes).
         device: Device of the model.
         amp_dtype: Autocast dtype for validation (``None`` = float32).
         seed: Run seed (validation draws its random choices from a fixed generator, so the
@@ -133,6 +142,7 @@ class PretrainTask:
         skipped: Any = None,
     ) -> None:
         self.model = model
+        self.train_model: nn.Module = model
         self.val_loader = val_loader
         self.device = device
         self.amp_dtype = amp_dtype
@@ -141,12 +151,16 @@ class PretrainTask:
 
     def step(self, batch: dict[str, Any], generator: torch.Generator | None) -> StepOutput:
         """One pretext step on ``batch["image"]`` of shape (B, C, H, W) uint8."""
-        out = self.model(batch["image"], generator=generator)
+        out = self.train_model(batch["image"], generator=generator)
         return StepOutput(out.loss, int(batch["image"].shape[0]), _correct(out.logits, out.targets))
 
     @torch.no_grad()
     def validate(self, epoch: int) -> dict[str, float]:
-        """Pretext loss and accuracy on the held-out images (centred patches, fixed draws)."""
+        """Pretext loss and accuracy on the held-out images (centred patches, fixed draws).
+
+        Every process evaluates its shard and the sums are reduced over the processes, so
+        the metrics cover each held-out image once (every process must call this).
+        """
         if self.val_loader is None:
             return {}
         self.model.eval()
@@ -165,11 +179,9 @@ class PretrainTask:
             correct += float(_correct(out.logits, out.targets))
             count += n
         self.model.train()
-        if count == 0:
-            return {}
-        from patchssl.engine.distributed import reduce_sums
-
         totals = reduce_sums({"loss": loss_sum, "correct": correct, "count": float(count)})
+        if totals["count"] == 0:
+            return {}
         return {
             "val_loss": totals["loss"] / totals["count"],
             "val_acc": totals["correct"] / totals["count"],
@@ -198,7 +210,8 @@ def pretrain(
 
     Writes ``config.yaml``, ``metrics.csv``, ``last.pt`` (every epoch), ``best.pt`` (lowest
     validation pretext loss), ``skipped_files.txt``/``.json`` when images could not be read,
-    and ``tensorboard/`` when TensorBoard is installed.
+    and ``tensorboard/`` when TensorBoard is installed. Under ``torchrun`` the process group
+    is set up from the environment and destroyed at the end, and rank 0 alone writes.
 
     Args:
         config: The run configuration (``data.unlabeled`` is required).
@@ -211,13 +224,19 @@ def pretrain(
         ConfigError: On invalid settings or a checkpoint that does not match (resume).
         NonFiniteLossError: When the loss becomes NaN or infinite (``last.pt`` is kept).
     """
-    from patchssl.data import make_loader
-
     config = as_config(config)
     if not config.data.unlabeled:
         raise ConfigError(
             "pretraining needs a folder of unlabeled images: --data DIR (data.unlabeled)"
         )
+    with distributed_session(config):
+        return _pretrain(config, callbacks)
+
+
+def _pretrain(config: Config, callbacks: Iterable[Callable[..., None]]) -> TrainingResult:
+    """The body of :func:`pretrain`, inside the process group (if any)."""
+    from patchssl.data import make_loader
+
     train_cfg = config.train
     out, device = prepare_run(config)
     say(
@@ -239,16 +258,19 @@ def pretrain(
         f"{config.data.unlabeled}"
     )
 
+    batch_size = per_process_batch_size(train_cfg)
+    say(f"batch size: {describe_batch(batch_size)}")
+    # the same data order on every process, sharded by rank (padded to equal shards)
     sampler = EpochSampler(len(train_set), seed=train_cfg.seed, shuffle=True)
     pin = device.type == "cuda"
     loader = make_loader(
         train_set,
-        train_cfg.batch_size,
+        batch_size,
         sampler=sampler,
         num_workers=config.data.workers,
-        # keep every image (so that unreadable ones are all reported) except a lone last one
-        drop_last=len(train_set) > train_cfg.batch_size
-        and len(train_set) % train_cfg.batch_size == 1,
+        # keep every image (so that unreadable ones are all reported) except a lone last one;
+        # decided on the shard length, which is the same on every process
+        drop_last=len(sampler) > batch_size and len(sampler) % batch_size == 1,
         pin_memory=pin,
         persistent_workers=config.data.workers > 0,
         seed=train_cfg.seed,
@@ -256,8 +278,8 @@ def pretrain(
     val_loader = None
     if val_idx:
         val_loader = make_loader(
-            torch.utils.data.Subset(dataset, val_idx),
-            train_cfg.batch_size,
+            torch.utils.data.Subset(dataset, shard(val_idx)),
+            batch_size,
             num_workers=config.data.workers,
             pin_memory=pin,
         )
