@@ -63,9 +63,9 @@ __all__ = [
     "run_ablation",
 ]
 
-#: Settings of ``--quick``: the synthetic benchmark at the smallest size that still trains
-#: ResNet50 and VGG16 (patches of 32 px, VGG16's minimum) in about 15 CPU-minutes together
-#: (see docs/cervix.md for the measured times).
+#: Settings of ``--quick``: the synthetic benchmark at a size that trains ResNet50 and VGG16
+#: (patches of 32 px, the smallest they accept) in about 25 CPU-minutes together (38 minutes of
+#: wall time on a busy, shared 2-core machine; see docs/cervix.md).
 QUICK: dict[str, Any] = {
     "image_size": 112,
     "patch_size": 32,
