@@ -42,16 +42,17 @@ __all__ = ["DEMO_SETTINGS", "DemoResult", "demo_config", "run_demo"]
 #: Sizes of the default and the ``--fast`` demo (measured on a 2-core CPU; see docs/demo.md).
 DEMO_SETTINGS: dict[str, dict[str, Any]] = {
     "default": {
-        "num_unlabeled": 500,
-        "num_patients": 60,
+        "num_unlabeled": 240,
+        "num_patients": 48,
         "images_per_patient": 3,
-        "image_size": 160,
-        "patch_size": 48,
+        "image_size": 128,
+        "patch_size": 32,
+        "gap": 4,
         "backbone": "resnet10t",
-        "num_permutations": 64,
-        "pretrain_epochs": 4,
+        "num_permutations": 100,
+        "pretrain_epochs": 3,
         "pretrain_batch_size": 32,
-        "finetune_epochs": 8,
+        "finetune_epochs": 5,
         "finetune_batch_size": 16,
         "n_boot": 1000,
         "num_overlays": 8,
@@ -62,6 +63,7 @@ DEMO_SETTINGS: dict[str, dict[str, Any]] = {
         "images_per_patient": 2,
         "image_size": 112,
         "patch_size": 32,
+        "gap": 0,
         "backbone": "resnet10t",
         "num_permutations": 16,
         "pretrain_epochs": 2,
@@ -106,9 +108,12 @@ def demo_config(
     config.data.val_size = 0.25
     config.model.backbone = s["backbone"]
     config.model.patch_size = s["patch_size"]
+    config.model.gap = s["gap"]
     config.model.attention = "sigmoid"
     config.pretext.name = "jigsaw"
-    config.pretext.options = {"num_permutations": s["num_permutations"]}
+    # 1000 permutations: the paper's count, i.e. the shipped max-Hamming set
+    perms = s["num_permutations"]
+    config.pretext.options = {} if perms == 1000 else {"num_permutations": perms}
     config.train.batch_size = s["finetune_batch_size"]
     config.train.seed = seed
     config.train.device = device

@@ -1,0 +1,48 @@
+"""`patchssl demo --fast` end to end: report, figures, both rows of metrics."""
+
+from __future__ import annotations
+
+import json
+
+from patchssl.cli import main
+from patchssl.engine.demo import DEMO_SETTINGS, demo_config
+
+
+def test_demo_fast_end_to_end(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--fast", "--out", str(out), "--threads", "1", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert f"outputs written to {out}" in printed and "[7/7]" in printed
+    report = json.loads((out / "report.json").read_text())
+    assert report["mode"] == "fast"
+    rows = report["results"]
+    assert set(rows) == {"SSL (jigsaw) + attention", "From scratch + attention"}
+    for row in rows.values():
+        metrics, ci = row["test"]["metrics"], row["test"]["ci"]
+        for key in ("accuracy", "specificity", "sensitivity", "precision", "auc", "f1"):
+            assert key in metrics and key in ci
+        assert row["test"]["resampled_by"] == "patient"
+        lesion = row["lesion_localisation"]
+        assert lesion["count"] > 0 and 0.0 <= lesion["chance"] <= 1.0
+        for png in [
+            *row["figures"]["overlays"],
+            row["figures"]["grid"],
+            row["figures"]["embedding"],
+        ]:
+            assert (out / png).is_file() and (out / png).read_bytes()[:4] == b"\x89PNG"
+    markdown = (out / "report.md").read_text()
+    assert "| SSL (jigsaw) + attention |" in markdown
+    assert "| From scratch + attention |" in markdown
+    assert "Lesion localisation" in markdown
+    # both models were evaluated on the same held-out patients
+    counts = {json.dumps(r["test"]["counts"], sort_keys=True) for r in rows.values()}
+    assert len(counts) == 1 or len({json.loads(c)["n"] for c in counts}) == 1
+    assert report["seconds"]["total"] > 0
+
+
+def test_demo_config_defaults():
+    config = demo_config()
+    assert config.out == "patchssl-demo"
+    s = DEMO_SETTINGS["default"]
+    assert config.model.backbone == s["backbone"] and config.data.image_size == s["image_size"]
+    assert demo_config(fast=True, seed=3).train.seed == 3
