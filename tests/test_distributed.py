@@ -320,3 +320,24 @@ def test_single_process_commands_refuse_torchrun(monkeypatch, capsys):
     assert main(["pretexts"]) == 2
     err = capsys.readouterr().err
     assert "(rank 1)" in err and "runs in one process" in err
+
+
+def test_sync_batch_norm_on_cpu_processes_is_refused(monkeypatch, data, tmp_path):
+    import patchssl.engine.common as common
+
+    config = tiny_config(data, tmp_path)
+    config.model.norm = "sync_batch"
+    common.build_encoder(config, torch.device("cpu"))  # one process: plain batch norm
+    monkeypatch.setattr(common, "get_world_size", lambda: 2)
+    with pytest.raises(ConfigError, match="model.norm=group"):
+        common.build_encoder(config, torch.device("cpu"))
+
+
+def test_unwrap_model_removes_data_parallel_wrappers():
+    from patchssl.engine.distributed import unwrap_model
+
+    inner = torch.nn.Linear(2, 2)
+    wrapped = torch.nn.DataParallel(torch.nn.DataParallel(inner))
+    assert unwrap_model(wrapped) is inner
+    assert unwrap_model(inner) is inner
+    assert list(unwrap_model(wrapped).state_dict()) == ["weight", "bias"]
