@@ -124,6 +124,7 @@ def _comparable_config(data: Any, out: Path) -> Config:
     return config
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process_with_the_same_total_batch(data, tmp_path):
     from patchssl.engine.finetuning import build_classifier
 
@@ -160,6 +161,7 @@ def test_two_processes_match_one_process_with_the_same_total_batch(data, tmp_pat
             assert row_ddp[key] == pytest.approx(row_one[key], abs=1e-4), key
 
 
+@pytest.mark.slow
 def test_rank0_alone_writes_and_resume_on_one_process(data, tmp_path, capsys):
     unlabeled = tmp_path / "unlabeled"
     unlabeled.mkdir()
