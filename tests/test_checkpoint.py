@@ -84,3 +84,17 @@ def test_check_compatible_names_both_values():
         check_compatible(ckpt, source="x.pt", tiler={"patch_size": [64, 64]})
     with pytest.raises(CheckpointError, match="rotation"):
         check_compatible(ckpt, source="x.pt", pretext="rotation")
+
+
+def test_engine_payload_has_the_format_header(tmp_path):
+    from patchssl import __version__
+    from patchssl.checkpoint import FORMAT_VERSION
+    from patchssl.engine.checkpointing import checkpoint_payload, model_entries
+
+    info = model_entries({"pretext": "jigsaw"}, "abcd")
+    payload = checkpoint_payload("pretrain", info, epoch=3, model={"w": torch.zeros(2)})
+    assert payload["format_version"] == FORMAT_VERSION
+    assert payload["library_version"] == __version__
+    loaded = load_checkpoint(save_checkpoint(tmp_path / "c.pt", payload), kind="pretrain")
+    assert loaded["model_config"] == {"pretext": "jigsaw"}
+    assert loaded["permutations_fingerprint"] == "abcd" and loaded["epoch"] == 3

@@ -187,3 +187,26 @@ def test_checkpoint_compatibility_lists_every_difference():
     text = str(err.value)
     assert "permutation set" in text and "resnet34" in text and "rotation" in text
     assert config_differences({"a": [1, 2]}, {"a": (1, 2)}) == []
+    assert config_differences({"a": [[3, 3]]}, {"a": ((3, 3),)}) == []
+
+
+def test_resume_check_shares_the_transfer_check_of_the_permutation_set():
+    """The resume check names the file and words the permutation mismatch like a transfer."""
+    from patchssl.checkpoint import CheckpointError
+    from patchssl.checkpoint import check_compatible as check_transfer
+
+    saved = {"kind": "pretrain", "permutations_fingerprint": "aaaa", "model_config": {}}
+    with pytest.raises(CheckpointError) as transfer:
+        check_transfer(saved, source="run/last.pt", permutations_fingerprint="bbbb")
+    with pytest.raises(ConfigError) as resume:
+        check_compatible(
+            saved, kind="pretrain", model_config={}, fingerprint="bbbb", source="run/last.pt"
+        )
+    text = str(resume.value)
+    assert text.startswith("cannot resume run/last.pt: it does not match this run")
+    assert str(transfer.value) in text
+    assert "drop --resume" in text
+    # the permutation set is not compared when either side has none
+    check_compatible(saved, kind="pretrain", model_config={}, fingerprint=None)
+    unknown = {**saved, "permutations_fingerprint": None}
+    check_compatible(unknown, kind=None, model_config={}, fingerprint="bbbb")

@@ -141,3 +141,45 @@ def test_corrupt_images_are_skipped_and_reported(data, tmp_path):
     assert result.skipped_files == 2 and result.epochs_run == 1
     text = (tmp_path / "run" / "skipped_files.txt").read_text()
     assert "truncated.png" in text and "garbage.png" in text
+
+
+@pytest.fixture
+def broken_plugin(monkeypatch, tmp_path):
+    """A pretext plugin 'installed' (a dist-info on sys.path) whose module does not exist."""
+    from patchssl.pretext import registry
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    dist = tmp_path / "patchssl_broken_example-2.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: patchssl-broken-example\n")
+    (dist / "entry_points.txt").write_text(
+        "[patchssl.pretexts]\nbroken_task = patchssl_no_such_module_xyz:Task\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return "broken_task"
+
+
+def test_broken_pretext_plugin_is_a_config_error(broken_plugin):
+    from patchssl.engine.config import Config
+    from patchssl.engine.pretraining import build_pretext
+    from patchssl.pretext import PretextPluginError
+
+    config = Config()
+    config.pretext.name = broken_plugin
+    with pytest.raises(ConfigError) as err:
+        build_pretext(config, torch.device("cpu"))
+    text = str(err.value)
+    assert "pretext.name" in text and "patchssl pretexts" in text
+    assert "patchssl-broken-example" in text and "patchssl_no_such_module_xyz" in text
+    assert isinstance(err.value.__cause__, PretextPluginError)
+
+
+def test_unknown_pretext_name_is_a_config_error():
+    from patchssl.engine.config import Config
+    from patchssl.engine.pretraining import build_pretext
+
+    config = Config()
+    config.pretext.name = "jigsw"
+    with pytest.raises(ConfigError, match=r"pretext\.name: unknown pretext 'jigsw'.*jigsaw") as err:
+        build_pretext(config, torch.device("cpu"))
+    assert "patchssl pretexts" in str(err.value)

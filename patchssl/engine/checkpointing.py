@@ -1,25 +1,84 @@
-"""Checks that a checkpoint belongs to the model a run is about to build.
+"""The engine's checkpoints: what a payload holds, and whether one can be resumed.
 
 A checkpoint records how its model was built (``model_config``: pretext task and its options,
-encoder, tiler, classifier) and the permutation set's fingerprint. Resuming or transferring
-from a checkpoint of another backbone, pretext task, tiling or permutation set would silently
-train something else, so it is refused with a message that names each difference.
+encoder, tiler, classifier) and the permutation set's fingerprint. Resuming from a checkpoint
+of another backbone, pretext task, tiling or permutation set would silently train something
+else, so it is refused with a message that names each difference.
+
+Two checks exist on purpose, and they compare different things:
+
+- :func:`patchssl.checkpoint.check_compatible` (public) guards a *transfer*: fine-tuning from
+  a pretraining checkpoint legitimately builds a different model, so only what gives the
+  weights their meaning is compared (permutation set, pretext name, backbone and channels,
+  tiling geometry).
+- :func:`check_compatible` here guards a *resume*: the run continues the very same model, so
+  the checkpoint's kind and its whole ``model_config`` are compared (except run-time switches
+  such as ``channels_last``), and every difference is listed at once. The permutation set,
+  the one check both share, is delegated to the public function.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from patchssl.checkpoint import FORMAT_VERSION, CheckpointError
+from patchssl.checkpoint import check_compatible as check_transfer
 from patchssl.engine.config import ConfigError
 
-__all__ = ["check_compatible", "config_differences"]
+__all__ = ["check_compatible", "checkpoint_payload", "config_differences", "model_entries"]
 
 # Keys that describe run-time behaviour rather than the weights' meaning; they may change on resume.
 _IGNORED = {"pretrained", "channels_last", "grad_checkpointing", "freeze", "jitter"}
 
 
+def model_entries(
+    model_config: dict[str, Any], permutations_fingerprint: str | None
+) -> dict[str, Any]:
+    """The checkpoint entries that describe the model (a task's ``checkpoint_info``).
+
+    Args:
+        model_config: How to rebuild the model (pretext task or classifier, encoder, tiler).
+        permutations_fingerprint: Content hash of the jigsaw permutation set the weights were
+            trained with (for a classifier: that of its pretraining), or ``None``.
+
+    Returns:
+        ``{"model_config": ..., "permutations_fingerprint": ...}``.
+    """
+    return {"model_config": model_config, "permutations_fingerprint": permutations_fingerprint}
+
+
+def checkpoint_payload(kind: str, info: dict[str, Any], **state: Any) -> dict[str, Any]:
+    """Assemble a training checkpoint (the keys listed in :mod:`patchssl.checkpoint`).
+
+    Args:
+        kind: ``"pretrain"`` or ``"finetune"``.
+        info: The task's :func:`model_entries` (``model_config`` and, optionally,
+            ``permutations_fingerprint``).
+        **state: The rest of the payload: ``model``, ``optimizer``, ``scheduler``,
+            ``scaler``, ``rng``, ``epoch``, ``step``, ``config``, ``metrics``, ``trainer``.
+
+    Returns:
+        The payload for :func:`patchssl.checkpoint.save_checkpoint`.
+    """
+    from patchssl import __version__
+
+    return {
+        "format": "patchssl",
+        "format_version": FORMAT_VERSION,
+        "library_version": __version__,
+        "kind": kind,
+        "model_config": info["model_config"],
+        "permutations_fingerprint": info.get("permutations_fingerprint"),
+        **state,
+    }
+
+
 def config_differences(saved: Any, current: Any, prefix: str = "") -> list[str]:
     """List the dotted keys whose values differ between two nested configs.
+
+    Lists and tuples compare equal when their items do (a config read back from JSON holds
+    lists where the live one holds tuples). Keys present on one side only are not differences
+    (an option added by a newer version, with its default), nor are run-time switches.
 
     Args:
         saved: Config stored in the checkpoint.
@@ -31,22 +90,23 @@ def config_differences(saved: Any, current: Any, prefix: str = "") -> list[str]:
     """
     if isinstance(saved, dict) and isinstance(current, dict):
         lines: list[str] = []
-        for key in sorted(set(saved) | set(current), key=str):
+        for key in sorted(set(saved) & set(current), key=str):
             if key in _IGNORED:
                 continue
-            name = f"{prefix}{key}"
-            if key not in saved:
-                continue  # a newer option with its default; not a mismatch
-            if key not in current:
-                continue
-            lines.extend(config_differences(saved[key], current[key], f"{name}."))
+            lines.extend(config_differences(saved[key], current[key], f"{prefix}{key}."))
         return lines
-    if isinstance(saved, (list, tuple)) and isinstance(current, (list, tuple)):
-        if list(saved) == list(current):
-            return []
-    elif saved == current:
+    if _plain(saved) == _plain(current):
         return []
     return [f"{prefix.rstrip('.')}: checkpoint has {saved!r}, this run has {current!r}"]
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with every tuple turned into a list, at any depth."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
 
 
 def check_compatible(
@@ -57,6 +117,7 @@ def check_compatible(
     fingerprint: str | None,
     action: str = "resume",
     sections: tuple[str, ...] | None = None,
+    source: str = "the checkpoint",
 ) -> None:
     """Refuse a checkpoint that does not match the model of this run.
 
@@ -67,6 +128,7 @@ def check_compatible(
         fingerprint: This run's permutation-set fingerprint (``None`` when not applicable).
         action: Verb for the message (``"resume"``, ``"fine-tune from"``).
         sections: Only compare these top-level sections of ``model_config`` (default: all).
+        source: How to name the checkpoint in messages (usually its path).
 
     Raises:
         ConfigError: Naming every difference and how to proceed.
@@ -75,12 +137,10 @@ def check_compatible(
     saved_kind = checkpoint.get("kind")
     if kind is not None and saved_kind != kind:
         problems.append(f"kind: checkpoint is a '{saved_kind}' checkpoint, this run is '{kind}'")
-    saved_fp = checkpoint.get("permutations_fingerprint")
-    if fingerprint is not None and saved_fp is not None and saved_fp != fingerprint:
-        problems.append(
-            f"permutation set: checkpoint fingerprint {saved_fp}, this run's {fingerprint} "
-            "(a different set of permutations gives the classes different meanings)"
-        )
+    try:  # the permutation set is checked exactly as for a transfer
+        check_transfer(checkpoint, source=source, permutations_fingerprint=fingerprint)
+    except CheckpointError as err:
+        problems.append(str(err))
     saved_model = checkpoint.get("model_config") or {}
     keys = sections if sections is not None else tuple(model_config)
     for key in keys:
@@ -94,5 +154,5 @@ def check_compatible(
             else "use a checkpoint trained with the same backbone, tiling and permutation set"
         )
         raise ConfigError(
-            f"cannot {action} this checkpoint: it does not match this run:\n  - {listing}\n{hint}"
+            f"cannot {action} {source}: it does not match this run:\n  - {listing}\n{hint}"
         )

@@ -66,9 +66,12 @@ class DataConfig:
             patient and visit ids).
         image_root: Folder that relative paths in the manifest start from (default: the
             manifest's folder).
-        label_map: How raw labels map to classes: ``"cervix"`` (CIN0/CIN1 -> 0, CIN2/CIN3/CIN4
-            -> 1), ``"identity"`` (labels already 0/1), or a mapping ``{raw: class}``. Labels
-            missing from the map are refused and listed.
+        label_map: How raw labels map to classes (anything
+            :meth:`patchssl.data.LabelMap.from_config` accepts): the built-in ``"cervix"``
+            (alias ``"cin"``: CIN0/CIN1/normal -> 0, CIN2/CIN3/CIN4 -> 1; bare digits are not
+            accepted) or ``"binary"`` (labels already ``0``/``1`` or
+            ``negative``/``positive``), a ``"RAW:CLASS,..."`` string, a YAML/JSON file, or a
+            mapping ``{raw: class}``. Labels missing from the map are refused and listed.
         path_column: Manifest column with the image path.
         label_column: Manifest column with the raw label.
         patient_column: Manifest column with the patient id (splits are grouped by it).
@@ -124,7 +127,7 @@ class ModelConfig:
             ``gated`` or ``none``.
         head: Classifier head: ``concat`` (per-patch layers, concatenated; the paper) or
             ``pooled``.
-        dropout: Dropout before the final layer.
+        dropout: Dropout probability before the final layer (default 0.5; 0 turns it off).
         num_classes: Number of classes (2 for CIN2+ against CIN0/1).
         init: Pretraining checkpoint to start fine-tuning from; ``null`` trains from scratch.
         channels_last: Use the channels-last memory format on the GPU (no-op on the CPU).

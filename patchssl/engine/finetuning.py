@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from patchssl.engine.checkpointing import model_entries
 from patchssl.engine.common import as_config, build_encoder, build_tiler, prepare_run, say
 from patchssl.engine.config import Config, ConfigError
 from patchssl.engine.data import (
@@ -300,10 +301,7 @@ class FinetuneTask:
 
     def checkpoint_info(self) -> dict[str, Any]:
         """The classifier's ``model_config`` and the pretraining's permutation fingerprint."""
-        return {
-            "model_config": classifier_model_config(self.model),
-            "permutations_fingerprint": self.fingerprint,
-        }
+        return model_entries(classifier_model_config(self.model), self.fingerprint)
 
 
 def finetune(

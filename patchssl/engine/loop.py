@@ -103,7 +103,10 @@ class TrainingTask(Protocol):
         ...
 
     def checkpoint_info(self) -> dict[str, Any]:
-        """Return ``model_config`` and ``permutations_fingerprint`` for the checkpoint."""
+        """Return ``model_config`` and ``permutations_fingerprint`` for the checkpoint.
+
+        Build it with :func:`patchssl.engine.checkpointing.model_entries`.
+        """
         ...
 
 
@@ -488,27 +491,25 @@ class Trainer:
         )
 
     def payload(self, epoch: int, metrics: dict[str, Any]) -> dict[str, Any]:
-        """Assemble the checkpoint payload of the end of ``epoch`` (see INTERFACES.md)."""
-        from patchssl import __version__
+        """The checkpoint payload of the end of ``epoch`` (keys: :mod:`patchssl.checkpoint`).
 
-        info = self.task.checkpoint_info()
-        return {
-            "format": "patchssl",
-            "format_version": 1,
-            "library_version": __version__,
-            "kind": self.task.kind,
-            "model_config": info["model_config"],
-            "permutations_fingerprint": info.get("permutations_fingerprint"),
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "rng": capture_rng_state(self._generators()),
-            "epoch": epoch,
-            "step": self.global_step,
-            "config": self.config.to_dict(),
-            "metrics": metrics,
-            "trainer": {
+        The layout is :func:`patchssl.engine.checkpointing.checkpoint_payload`'s.
+        """
+        from patchssl.engine.checkpointing import checkpoint_payload
+
+        return checkpoint_payload(
+            self.task.kind,
+            self.task.checkpoint_info(),
+            model=self.model.state_dict(),
+            optimizer=self.optimizer.state_dict(),
+            scheduler=self.scheduler.state_dict(),
+            scaler=self.scaler.state_dict(),
+            rng=capture_rng_state(self._generators()),
+            epoch=epoch,
+            step=self.global_step,
+            config=self.config.to_dict(),
+            metrics=metrics,
+            trainer={
                 "monitor": self.monitor,
                 "best_metric": self.best_metric,
                 "best_epoch": self.best_epoch,
@@ -518,7 +519,7 @@ class Trainer:
                 "world_size": self.world_size,
                 "batch_size": self.batch_size,
             },
-        }
+        )
 
     def resume_from(self, path: str | Path) -> None:
         """Load ``last.pt`` (or ``path``) and continue after its epoch.
@@ -547,6 +548,7 @@ class Trainer:
             model_config=info["model_config"],
             fingerprint=info.get("permutations_fingerprint"),
             action="resume",
+            source=str(path),
         )
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])

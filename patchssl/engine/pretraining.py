@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from patchssl.engine.checkpointing import model_entries
 from patchssl.engine.common import as_config, build_encoder, build_tiler, prepare_run, say
 from patchssl.engine.config import Config, ConfigError
 from patchssl.engine.data import find_eval_overlap, unlabeled_dataset
@@ -57,20 +58,34 @@ def build_pretext(config: Config, device: torch.device) -> nn.Module:
         A :class:`patchssl.pretext.PretextTask` on ``device``.
 
     Raises:
-        ConfigError: For an unknown pretext name or invalid options.
+        ConfigError: For an unknown pretext name, a plugin that fails to load (both name
+            ``pretext.name`` and point to ``patchssl pretexts``), or invalid options.
     """
-    from patchssl.pretext import create_pretext
+    from patchssl.pretext import (
+        PretextPluginError,
+        UnknownPretextError,
+        create_pretext,
+        get_pretext_class,
+    )
 
+    name = config.pretext.name
+    listing = "`patchssl pretexts` lists the installed tasks"
+    try:  # resolve the name first: a bad name is reported before any model is built
+        get_pretext_class(name)
+    except UnknownPretextError as err:
+        raise ConfigError(f"pretext.name: {err} ({listing})") from err
+    except PretextPluginError as err:
+        raise ConfigError(
+            f"pretext.name: {err}\nTo use another task, change pretext.name; {listing}."
+        ) from err
     tiler = build_tiler(config)
     options = pretext_options(config, tiler.num_patches)
     torch.manual_seed(derive_seed(config.train.seed, "init"))
     encoder = build_encoder(config, device)
     try:
-        task = create_pretext(config.pretext.name, encoder=encoder, tiler=tiler, **options)
-    except KeyError as err:
-        raise ConfigError(str(err.args[0]) if err.args else str(err)) from err
+        task = create_pretext(name, encoder=encoder, tiler=tiler, **options)
     except (TypeError, ValueError) as err:
-        raise ConfigError(f"pretext '{config.pretext.name}': {err}") from err
+        raise ConfigError(f"pretext '{name}' (pretext.options): {err}") from err
     return task.to(device)
 
 
@@ -189,10 +204,7 @@ class PretrainTask:
 
     def checkpoint_info(self) -> dict[str, Any]:
         """The pretext task's ``model_config`` and permutation fingerprint."""
-        return {
-            "model_config": self.model.model_config,
-            "permutations_fingerprint": self.model.permutation_fingerprint,
-        }
+        return model_entries(self.model.model_config, self.model.permutation_fingerprint)
 
 
 def _correct(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
