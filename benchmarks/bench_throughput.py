@@ -618,7 +618,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if args.quick:
         timing = {"warmup": 1, "repeats": 1, "min_time": 0.0}
     elif kind == "cuda":
-        timing = {"warmup": 3, "repeats": 5, "min_time": 1.0}
+        timing = {"warmup": 3, "repeats": 3, "min_time": 0.5}
     else:
         timing = {"warmup": 1, "repeats": 3, "min_time": 0.5}
     for key in ("warmup", "repeats", "min_time"):

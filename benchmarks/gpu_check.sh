@@ -64,7 +64,11 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 start_all=$(date +%s)
 for p in $PARTS; do
     case "$p" in
-    env) part env 120 env_report ;;
+    env)
+        export -f env_report
+        export PYTHON
+        part env 120 bash -c env_report
+        ;;
     paper)
         part throughput_paper "$L_PAPER" "$PYTHON" benchmarks/bench_throughput.py --device cuda \
             --geometries paper --compile --out "$WORK/throughput_paper.json"

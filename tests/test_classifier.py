@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 
@@ -40,8 +41,13 @@ def encoder() -> SharedPatchEncoder:
 @pytest.mark.parametrize("attention", ["sigmoid", "softmax", "gated", None])
 def test_shapes_and_slow_reference(encoder, head, attention, device):
     torch.manual_seed(1)
-    clf = PatchClassifier(
-        encoder, num_classes=3, attention=attention, tiler=_tiler(), head=head, hidden_dim=8
+    clf = PatchClassifier(  # a copy: the module-scoped encoder stays on the CPU for other tests
+        copy.deepcopy(encoder),
+        num_classes=3,
+        attention=attention,
+        tiler=_tiler(),
+        head=head,
+        hidden_dim=8,
     )
     clf = clf.to(device).eval()
     images = _images().to(device)
@@ -51,8 +57,11 @@ def test_shapes_and_slow_reference(encoder, head, attention, device):
     assert out.features.shape == (2, 8 * 4 if head == "concat" else 8)
     if attention is None:
         assert torch.equal(out.weights, torch.ones(2, 4, device=device))
-    # Slow reference: one image and one patch at a time, with the modules' own layers.
-    with torch.no_grad():
+    # Slow reference: one image and one patch at a time, with the modules' own layers. On a GPU
+    # both sides run in true fp32 (no TF32 convolutions), so the fp32 tolerances hold there too.
+    no_tf32 = torch.backends.cudnn.flags(enabled=True, allow_tf32=False)
+    with torch.no_grad(), no_tf32:
+        out = clf(images)
         for b in range(2):
             boxes = clf.tiler.centre_boxes().tolist()
             hs = []
@@ -66,7 +75,6 @@ def test_shapes_and_slow_reference(encoder, head, attention, device):
             torch.testing.assert_close(out.weights[b], a, rtol=1e-4, atol=1e-5)
             torch.testing.assert_close(out.features[b], f, rtol=1e-4, atol=1e-5)
             torch.testing.assert_close(out.logits[b], clf.fc(f), rtol=1e-4, atol=1e-5)
-    clf.cpu()
 
 
 def test_forward_and_forward_patches_agree(encoder):

@@ -113,6 +113,7 @@ def _comparable_config(data: Any, out: Path) -> Config:
     x 5 images must equal a step on the same 10 images in one process, up to rounding.
     """
     config = tiny_config(data, out, epochs=2)
+    config.train.device = "cpu"  # the in-process reference too (torchrun's processes hide GPUs)
     config.model.norm = "group"
     config.model.jitter = 0
     config.model.dropout = 0.0
