@@ -30,8 +30,27 @@ EPILOG = (
 )
 
 
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Show defaults and keep the descriptions' line breaks."""
+class _Formatter(argparse.HelpFormatter):
+    """Show each option's default where it has one of its own.
+
+    Most options default to ``None``: "take the value from the config" (whose default the help
+    names by its key), so no ``(default: None)``; switches (``False``) and ``--set`` (``[]``)
+    show none either.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        help_ = action.help or ""
+        default = action.default
+        if (
+            default is None
+            or default is False
+            or default is argparse.SUPPRESS
+            or default == []
+            or "default" in help_
+            or not action.option_strings
+        ):
+            return help_
+        return f"{help_} (default: %(default)s)"
 
 
 class UsageError(Exception):
@@ -57,77 +76,108 @@ def _done(message: str) -> None:
 
 
 # ------------------------------------------------------------------------------------ options
-def _add_config(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--config",
-        "-c",
-        metavar="FILE",
-        help="YAML or JSON config file (sections data, model, pretext, train, eval, explain)",
-    )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override any config option by its dotted path, e.g. --set train.epochs=3 "
+# Every option that more than one command takes, defined once: flag -> add_argument keywords
+# ("aliases": its short forms). A command may reword the help where the option means something
+# narrower there (`prepare --workers` resizes images, it loads no batches).
+_OPTIONS: dict[str, dict[str, Any]] = {
+    "--config": {
+        "aliases": ("-c",),
+        "metavar": "FILE",
+        "help": "YAML or JSON config file (sections data, model, pretext, train, eval, "
+        "explain, dist)",
+    },
+    "--set": {
+        "dest": "overrides",
+        "action": "append",
+        "default": [],
+        "metavar": "KEY=VALUE",
+        "help": "override any config option by its dotted path, e.g. --set train.epochs=3 "
         "--set pretext.options.num_permutations=100 (repeatable; values parsed as YAML)",
-    )
-    p.add_argument("--out", "-o", metavar="DIR", help="output folder of the run (config: out)")
-    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
-
-
-def _add_device(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", help="auto, cpu, cuda or cuda:N (train.device)")
-    p.add_argument("--workers", type=int, help="data-loader worker processes (data.workers)")
-    p.add_argument("--batch-size", type=int, help="images per step (train.batch_size)")
-    p.add_argument(
-        "--amp",
-        choices=["auto", "bf16", "fp16", "none"],
-        help="mixed precision on the GPU (train.amp); ignored on the CPU",
-    )
-    p.add_argument("--threads", type=int, help="CPU threads for torch (train.num_threads)")
-    p.add_argument(
-        "--no-progress", action="store_true", help="hide progress bars (train.progress=false)"
-    )
-
-
-def _add_geometry(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backbone", help="timm model name of the patch encoder (model.backbone)")
-    p.add_argument("--image-size", type=int, help="working image size in px (data.image_size)")
-    p.add_argument("--patch-size", type=int, help="patch side in px (model.patch_size)")
-    p.add_argument("--grid", type=int, help="patches per side, 3 = 3x3 (model.grid)")
-
-
-def _add_training(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--epochs", type=int, help="number of epochs (train.epochs)")
-    p.add_argument("--lr", type=float, help="peak learning rate (train.lr)")
-    p.add_argument("--seed", type=int, help="seed of every random choice (train.seed)")
-    p.add_argument(
-        "--resume",
-        nargs="?",
-        const=True,
-        default=None,
-        metavar="CHECKPOINT",
-        help="continue the run in --out from its last.pt (or from CHECKPOINT); without "
+    },
+    "--out": {
+        "aliases": ("-o",),
+        "metavar": "DIR",
+        "help": "output folder of the run (config: out)",
+    },
+    "--debug": {"action": "store_true", "help": "show full tracebacks on errors"},
+    "--data": {"metavar": "CSV", "help": "labeled manifest (default: the run's)"},
+    "--manifest": {"metavar": "CSV", "help": "labeled manifest (data.manifest)"},
+    "--checkpoint": {
+        "metavar": "FILE",
+        "help": "classifier checkpoint (default <out>/best.pt)",
+    },
+    # devices and loading
+    "--device": {"help": "auto, cpu, cuda or cuda:N (train.device)"},
+    "--workers": {"type": int, "help": "data-loader worker processes (data.workers)"},
+    "--batch-size": {"type": int, "help": "images per step (train.batch_size)"},
+    "--amp": {
+        "choices": ["auto", "bf16", "fp16", "none"],
+        "help": "mixed precision on the GPU (train.amp); ignored on the CPU",
+    },
+    "--threads": {"type": int, "help": "CPU threads for torch (train.num_threads)"},
+    "--no-progress": {
+        "action": "store_true",
+        "help": "hide progress bars (train.progress=false)",
+    },
+    # tiling geometry and encoder
+    "--backbone": {"help": "timm model name of the patch encoder (model.backbone)"},
+    "--image-size": {"type": int, "help": "working image size in px (data.image_size)"},
+    "--patch-size": {"type": int, "help": "patch side in px (model.patch_size)"},
+    "--grid": {"type": int, "help": "patches per side, 3 = 3x3 (model.grid)"},
+    # training
+    "--epochs": {"type": int, "help": "number of epochs (train.epochs)"},
+    "--lr": {"type": float, "help": "peak learning rate (train.lr)"},
+    "--seed": {"type": int, "help": "seed of every random choice (train.seed)"},
+    "--resume": {
+        "nargs": "?",
+        "const": True,
+        "default": None,
+        "metavar": "CHECKPOINT",
+        "help": "continue the run in --out from its last.pt (or from CHECKPOINT); without "
         "--config, the run's saved config.yaml is used",
-    )
-    p.add_argument(
-        "--patience", type=int, help="early stopping patience in epochs, 0 = off (train.patience)"
-    )
-
-
-def _add_labels(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--label-map",
-        help="raw label -> class: 'cervix' (CIN0/1 -> 0, CIN2+ -> 1), 'binary', "
+    },
+    "--patience": {
+        "type": int,
+        "help": "early stopping patience in epochs, 0 = off (train.patience)",
+    },
+    # labels
+    "--label-map": {
+        "help": "raw label -> class: 'cervix' (CIN0/1 -> 0, CIN2+ -> 1), 'binary', "
         "'A:0,B:1' or a YAML/JSON file (data.label_map)",
-    )
-    p.add_argument(
-        "--split",
-        metavar="FILE",
-        help="reuse a saved split.json instead of drawing one (data.split)",
-    )
+    },
+    "--split": {
+        "metavar": "FILE",
+        "help": "reuse a saved split.json instead of drawing one (data.split)",
+    },
+}
+
+# the groups of options that commands take together
+_RUN_OPTIONS = ("--config", "--set", "--out", "--debug")  # every config-driven command
+_DEVICE_OPTIONS = ("--device", "--workers", "--batch-size", "--amp", "--threads", "--no-progress")
+_GEOMETRY_OPTIONS = ("--backbone", "--image-size", "--patch-size", "--grid")
+_TRAINING_OPTIONS = ("--epochs", "--lr", "--seed", "--resume", "--patience")
+_LABEL_OPTIONS = ("--label-map", "--split")
+_CLASSIFIER_OPTIONS = ("--checkpoint", "--data")  # what evaluate and explain read
+
+
+def _add_option(p: argparse.ArgumentParser, flag: str, **changes: Any) -> None:
+    """Add the shared option ``flag`` to ``p``.
+
+    Args:
+        p: A command's parser.
+        flag: A key of ``_OPTIONS``.
+        changes: ``add_argument`` keywords that this command sets its own way (``help``,
+            ``metavar``, ``default``).
+    """
+    spec = {**_OPTIONS[flag], **changes}
+    aliases = spec.pop("aliases", ())
+    p.add_argument(flag, *aliases, **spec)
+
+
+def _add_options(p: argparse.ArgumentParser, *flags: str) -> None:
+    """Add the shared options ``flags`` to ``p``, in order, as ``_OPTIONS`` defines them."""
+    for flag in flags:
+        _add_option(p, flag)
 
 
 # ---------------------------------------------------------------------------------- commands
@@ -150,9 +200,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    def command(name: str, help_: str, description: str) -> argparse.ArgumentParser:
+    def command(
+        name: str, help_: str, description: str, epilog: str = EPILOG
+    ) -> argparse.ArgumentParser:
         return sub.add_parser(
-            name, help=help_, description=description, epilog=EPILOG, formatter_class=_Formatter
+            name, help=help_, description=description, epilog=epilog, formatter_class=_Formatter
         )
 
     p = command(
@@ -163,14 +215,13 @@ def build_parser() -> argparse.ArgumentParser:
         "draw the patient-grouped split (<out>/split.json) and report labeled evaluation "
         "images that are also in the unlabeled folder.",
     )
-    _add_config(p)
-    p.add_argument("--data", metavar="PATH", help="unlabeled image folder, or a manifest .csv")
-    p.add_argument("--manifest", metavar="CSV", help="labeled manifest (data.manifest)")
-    p.add_argument("--image-size", type=int, help="working image size in px (data.image_size)")
-    p.add_argument("--workers", type=int, help="parallel resize workers (data.workers)")
-    p.add_argument("--seed", type=int, help="seed of the split (train.seed)")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    _add_labels(p)
+    _add_options(p, *_RUN_OPTIONS)
+    _add_option(p, "--data", metavar="PATH", help="unlabeled image folder, or a manifest .csv")
+    _add_options(p, "--manifest", "--image-size")
+    _add_option(p, "--workers", help="parallel resize workers (data.workers)")
+    _add_option(p, "--seed", help="seed of the split (train.seed)")
+    _add_option(p, "--no-progress", help="hide progress bars")
+    _add_options(p, *_LABEL_OPTIONS)
 
     p = command(
         "pretrain",
@@ -179,11 +230,11 @@ def build_parser() -> argparse.ArgumentParser:
         "Writes config.yaml, metrics.csv, last.pt (every epoch) and best.pt (lowest validation "
         "pretext loss) in --out.",
     )
-    _add_config(p)
-    p.add_argument("--data", metavar="DIR", help="folder of unlabeled images (data.unlabeled)")
-    p.add_argument(
+    _add_options(p, *_RUN_OPTIONS)
+    _add_option(p, "--data", metavar="DIR", help="folder of unlabeled images (data.unlabeled)")
+    _add_option(
+        p,
         "--manifest",
-        metavar="CSV",
         help="labeled manifest, to detect evaluation images inside the unlabeled folder",
     )
     p.add_argument("--pretext", help="pretext task name, see `patchssl pretexts` (pretext.name)")
@@ -197,9 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="leave labeled evaluation images out of pretraining (data.exclude_overlap)",
     )
-    _add_geometry(p)
-    _add_training(p)
-    _add_device(p)
+    _add_options(p, *_GEOMETRY_OPTIONS, *_TRAINING_OPTIONS, *_DEVICE_OPTIONS)
 
     p = command(
         "finetune",
@@ -209,8 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
         "val part selects best.pt and drives early stopping; the test part is left for "
         "`patchssl evaluate`.",
     )
-    _add_config(p)
-    p.add_argument("--data", metavar="CSV", help="labeled manifest, or a folder with labeled.csv")
+    _add_options(p, *_RUN_OPTIONS)
+    _add_option(p, "--data", help="labeled manifest, or a folder with labeled.csv")
     p.add_argument(
         "--init",
         metavar="CHECKPOINT",
@@ -221,10 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["sigmoid", "softmax", "gated", "none"],
         help="patch attention (model.attention; the paper: sigmoid)",
     )
-    _add_labels(p)
-    _add_geometry(p)
-    _add_training(p)
-    _add_device(p)
+    _add_options(p, *_LABEL_OPTIONS, *_GEOMETRY_OPTIONS, *_TRAINING_OPTIONS, *_DEVICE_OPTIONS)
 
     p = command(
         "evaluate",
@@ -234,19 +280,14 @@ def build_parser() -> argparse.ArgumentParser:
         "the confusion matrix on the test split, with bootstrap confidence intervals that "
         "resample patients. Writes eval.json, eval.md and predictions_*.csv.",
     )
-    _add_config(p)
-    p.add_argument(
-        "--checkpoint", metavar="FILE", help="classifier checkpoint (default <out>/best.pt)"
-    )
-    p.add_argument("--data", metavar="CSV", help="labeled manifest (default: the run's)")
+    _add_options(p, *_RUN_OPTIONS, *_CLASSIFIER_OPTIONS)
     p.add_argument(
         "--threshold",
         help="'youden', 'f1', 'specificity' (chosen on the val split) or a fixed number",
     )
     p.add_argument("--n-boot", type=int, help="bootstrap resamples (eval.n_boot)")
     p.add_argument("--specificity", type=float, help="target specificity (eval.target_specificity)")
-    _add_labels(p)
-    _add_device(p)
+    _add_options(p, *_LABEL_OPTIONS, *_DEVICE_OPTIONS)
 
     p = command(
         "explain",
@@ -255,15 +296,10 @@ def build_parser() -> argparse.ArgumentParser:
         "outlined; the paper's Fig. 4b), a t-SNE map of the classifier features (Fig. 4a), and "
         "score lesion localisation when the manifest records lesion boxes.",
     )
-    _add_config(p)
-    p.add_argument(
-        "--checkpoint", metavar="FILE", help="classifier checkpoint (default <out>/best.pt)"
-    )
-    p.add_argument("--data", metavar="CSV", help="labeled manifest (default: the run's)")
+    _add_options(p, *_RUN_OPTIONS, *_CLASSIFIER_OPTIONS)
     p.add_argument("--part", choices=["train", "val", "test", "all"], help="split part to explain")
     p.add_argument("--num-images", type=int, help="attention overlays to draw")
-    _add_labels(p)
-    _add_device(p)
+    _add_options(p, *_LABEL_OPTIONS, *_DEVICE_OPTIONS)
 
     p = command(
         "demo",
@@ -273,42 +309,41 @@ def build_parser() -> argparse.ArgumentParser:
         "from scratch, evaluate both on held-out patients, and write report.md/report.json "
         "with metrics, confidence intervals, attention overlays, the embedding plot and the "
         "lesion-localisation score.",
+        "Options are applied in this order: the demo's settings (from --out, --fast, --seed, "
+        "--threads, --device) < --config file < --set overrides. See docs/demo.md.",
     )
-    p.add_argument("--out", "-o", metavar="DIR", default="patchssl-demo", help="output folder")
+    _add_option(p, "--out", default="patchssl-demo", help="output folder")
     p.add_argument("--fast", action="store_true", help="a much smaller run (about a minute)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the data and the training")
-    p.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    p.add_argument(
-        "--config",
-        "-c",
-        metavar="FILE",
-        help="YAML/JSON file whose options replace the demo's (e.g. model.backbone)",
+    _add_option(p, "--seed", default=0, help="seed of the data and the training")
+    _add_option(p, "--threads", help="CPU threads (default: all cores)")
+    _add_option(p, "--device", default="auto", help="auto, cpu or cuda")
+    _add_option(p, "--no-progress", help="hide progress bars")
+    _add_option(
+        p, "--config", help="YAML/JSON file whose options replace the demo's (e.g. model.backbone)"
     )
-    p.add_argument(
+    _add_option(
+        p,
         "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
         help="override a demo option by its dotted path, e.g. --set model.backbone=resnet18",
     )
-    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    _add_options(p, "--debug")
 
     p = command(
         "pretexts",
         "list the registered pretext tasks",
         "List the pretext tasks that `pretrain --pretext NAME` accepts (built-in and plugins "
         "from the 'patchssl.pretexts' entry-point group).",
+        "docs/pretext_tasks.md explains how to write one and ship it as a plugin.",
     )
-    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    _add_options(p, "--debug")
 
     p = command(
         "permutations",
         "describe or generate a jigsaw permutation set",
         "Describe a permutation set (size, fingerprint, Hamming distances) or generate one "
         "with the maximal-Hamming criterion and save it.",
+        "Use a generated set with `patchssl pretrain --permutations FILE`. See "
+        "docs/permutations.md for the methods.",
     )
     p.add_argument(
         "action", choices=["describe", "generate"], help="describe a set, or generate one"
@@ -326,8 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="generate: auto, max_avg, max_min or projective",
     )
-    p.add_argument("--seed", type=int, default=0, help="generate: seed")
-    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    _add_option(p, "--seed", default=0, help="generate: seed")
+    _add_options(p, "--debug")
     return parser
 
 
@@ -420,39 +455,26 @@ def _config_from_args(args: argparse.Namespace) -> Any:
 
 
 # ------------------------------------------------------------------------------------ handlers
-def _cmd_prepare(args: argparse.Namespace) -> None:
-    from patchssl.engine import prepare
-
-    result = prepare(_config_from_args(args))
-    print(f"outputs written to {result.out_dir}")
+def _training_outputs(result: Any) -> str:
+    return f"{result.out_dir} (best: {result.best_checkpoint})"
 
 
-def _cmd_pretrain(args: argparse.Namespace) -> None:
-    from patchssl.engine import pretrain
-
-    result = pretrain(_config_from_args(args))
-    _done(f"outputs written to {result.out_dir} (best: {result.best_checkpoint})")
-
-
-def _cmd_finetune(args: argparse.Namespace) -> None:
-    from patchssl.engine import finetune
-
-    result = finetune(_config_from_args(args))
-    _done(f"outputs written to {result.out_dir} (best: {result.best_checkpoint})")
+# The commands that run the engine function of the same name on the assembled config, and where
+# each one's result says its outputs went.
+_ENGINE_OUTPUTS: dict[str, Callable[[Any], Any]] = {
+    "prepare": lambda result: result.out_dir,
+    "pretrain": _training_outputs,
+    "finetune": _training_outputs,
+    "evaluate": lambda result: result.json_path.parent,
+    "explain": lambda result: result.out_dir,
+}
 
 
-def _cmd_evaluate(args: argparse.Namespace) -> None:
-    from patchssl.engine import evaluate
+def _cmd_engine(args: argparse.Namespace) -> None:
+    from patchssl import engine
 
-    result = evaluate(_config_from_args(args))
-    print(f"outputs written to {result.json_path.parent}")
-
-
-def _cmd_explain(args: argparse.Namespace) -> None:
-    from patchssl.engine import explain
-
-    result = explain(_config_from_args(args))
-    print(f"outputs written to {result.out_dir}")
+    result = getattr(engine, args.command)(_config_from_args(args))
+    _done(f"outputs written to {_ENGINE_OUTPUTS[args.command](result)}")
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
@@ -492,40 +514,46 @@ def _cmd_pretexts(args: argparse.Namespace) -> None:
         print(f"{name:20s} {summary}")
 
 
+def _stat(value: Any) -> str:
+    """A statistic for printing; ``n/a`` where it does not exist (no pairs in a set of one)."""
+    if value is None:
+        return "n/a"
+    return f"{value:.2f}" if isinstance(value, float) else str(value)
+
+
 def _cmd_permutations(args: argparse.Namespace) -> None:
     from patchssl.permutations import PermutationSet
 
-    if args.action == "describe":
-        if args.path:
-            path = Path(args.path)
-            if not path.is_file():
-                raise UsageError(f"permutation file not found: {path}")
-            perms = PermutationSet.load(path)
-            where = str(path)
-        else:
-            perms = PermutationSet.default()
-            where = "the shipped default set"
-        print(f"permutation set: {where}")
-        for key, value in perms.describe().items():
-            print(f"  {key}: {value}")
-        return
-    if not args.path:
-        raise UsageError("permutations generate needs an output file, e.g. perms.npy")
-    perms = PermutationSet.generate(args.num, args.tiles, method=args.method, seed=args.seed)
+    try:
+        if args.action == "describe":
+            if args.path:
+                perms = PermutationSet.load(args.path)
+                where = str(args.path)
+            else:
+                perms = PermutationSet.default()
+                where = "the shipped default set"
+            print(f"permutation set: {where}")
+            for key, value in perms.describe().items():
+                print(f"  {key}: {_stat(value)}")
+            return
+        if not args.path:
+            raise UsageError("permutations generate needs an output file, e.g. perms.npy")
+        perms = PermutationSet.generate(args.num, args.tiles, method=args.method, seed=args.seed)
+    except ValueError as err:  # a malformed file, or --num/--tiles/--method out of range
+        raise UsageError(str(err)) from err
+    Path(args.path).parent.mkdir(parents=True, exist_ok=True)
     perms.save(args.path)
+    stats = perms.describe()
+    plural = "s" if perms.num_permutations > 1 else ""
     print(
-        f"generated {perms.num_permutations} permutations of {perms.num_tiles} tiles "
-        f"(min Hamming {perms.min_hamming()}, mean {perms.mean_hamming():.2f}, fingerprint "
-        f"{perms.fingerprint}); written to {args.path}"
+        f"generated {perms.num_permutations} permutation{plural} of {perms.num_tiles} tiles "
+        f"(min Hamming {_stat(stats['min_hamming'])}, mean {_stat(stats['mean_hamming'])}, "
+        f"fingerprint {perms.fingerprint}); written to {args.path}"
     )
 
 
 _HANDLERS: dict[str, Callable[[argparse.Namespace], None]] = {
-    "prepare": _cmd_prepare,
-    "pretrain": _cmd_pretrain,
-    "finetune": _cmd_finetune,
-    "evaluate": _cmd_evaluate,
-    "explain": _cmd_explain,
+    **dict.fromkeys(_ENGINE_OUTPUTS, _cmd_engine),
     "demo": _cmd_demo,
     "pretexts": _cmd_pretexts,
     "permutations": _cmd_permutations,

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
 import pytest
+from test_pretext_plugins import EXAMPLE, PLUGIN_MODULE, write_dist
 
 from patchssl.checkpoint import load_checkpoint
 from patchssl.cli import build_parser, main
 from patchssl.engine.testing import make_tiny_dataset
 
-TINY = [
+# a tiny model on the CPU, for any pretext task
+TINY_MODEL = [
     "--backbone",
     "test_resnet",
     "--image-size",
@@ -26,9 +29,8 @@ TINY = [
     "--no-progress",
     "--set",
     "train.tensorboard=false",
-    "--set",
-    "pretext.options.num_permutations=8",
 ]
+TINY = [*TINY_MODEL, "--set", "pretext.options.num_permutations=8"]  # a small jigsaw
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +57,9 @@ def test_help_of_every_command_documents_every_option(capsys):
         with pytest.raises(SystemExit) as exit_info:
             main([name, "--help"])
         assert exit_info.value.code == 0
-        assert "usage: patchssl" in capsys.readouterr().out
+        out = capsys.readouterr().out
+        assert "usage: patchssl" in out
+        assert "(default: None)" not in out and "(default: False)" not in out
 
 
 def test_python_dash_m_runs_and_lists_pretexts():
@@ -74,6 +78,70 @@ def test_permutations_generate_and_describe(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "fingerprint" in out and str(path) in out
     assert main(["permutations", "describe", str(tmp_path / "missing.npy")]) == 2
+
+
+def test_permutations_generate_a_single_permutation(tmp_path, capsys):
+    # one permutation has no pairs: the Hamming statistics are "n/a", not an error
+    path = tmp_path / "sub" / "one.txt"  # a missing folder is created
+    assert main(["permutations", "generate", str(path), "--num", "1", "--seed", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "generated 1 permutation of 9 tiles (min Hamming n/a, mean n/a" in out
+    assert main(["permutations", "describe", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "num_permutations: 1" in out and "mean_hamming: n/a" in out
+    assert "Traceback" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--num", "0"], "num_permutations must be >= 1"),
+        (["--tiles", "1"], "num_tiles must be >= 2"),
+        (["--method", "best"], "unknown permutation method 'best'"),
+    ],
+)
+def test_permutations_generate_refuses_bad_arguments(tmp_path, capsys, args, message):
+    path = tmp_path / "perms.npy"
+    assert main(["permutations", "generate", str(path), *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not path.exists()
+
+
+def test_permutations_describe_refuses_a_malformed_file(tmp_path, capsys):
+    path = tmp_path / "twice.txt"
+    path.write_text("0 1 2\n0 1 2\n")
+    assert main(["permutations", "describe", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "must be distinct" in err and "Traceback" not in err
+
+
+def test_pretrain_an_external_pretext_plugin(data, tmp_path):
+    # the example plugin "installed" as pip leaves it: a dist-info with its entry point, and
+    # its module importable; the command line finds it by name in a fresh process
+    site = tmp_path / "site"
+    write_dist(site, "patchssl-flipped-tile", "0.1.0", {
+        "flipped_tile": f"{PLUGIN_MODULE}:FlippedTilePretext"
+    })  # fmt: skip
+    path = [str(site), str(EXAMPLE), os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, path))}
+    out = tmp_path / "run"
+    args = ["pretrain", "--data", str(data.unlabeled_dir), "--out", str(out), "--epochs", "1"]
+    args += ["--pretext", "flipped_tile", *TINY_MODEL, "--threads", "1"]
+    args += ["--set", "pretext.options={hidden_dim: 8, concat_dim: 16}"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "patchssl", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert f"outputs written to {out}" in proc.stdout
+    checkpoint = load_checkpoint(out / "best.pt")
+    assert checkpoint["kind"] == "pretrain"
+    assert checkpoint["model_config"]["pretext"] == "flipped_tile"
+    assert checkpoint["model_config"]["pretext_kwargs"]["hidden_dim"] == 8
 
 
 def test_full_pipeline_through_the_cli(data, tmp_path, capsys):
