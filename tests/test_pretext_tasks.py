@@ -198,6 +198,41 @@ def test_per_patch_norm_reaches_the_encoder_normalised() -> None:
     torch.testing.assert_close(stds, torch.ones_like(stds), atol=1e-3, rtol=0)
 
 
+class PlainEncoder(nn.Module):
+    """An encoder whose forward takes no ``normalized`` argument (any nn.Module will do)."""
+
+    in_chans, patch_size, out_dim = 1, (4, 4), 1
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(()))
+
+    def forward(self, patches: Tensor) -> Tensor:
+        return patches.float().mean(dim=(-3, -2, -1))[..., None] * self.scale
+
+
+@pytest.mark.parametrize("name", ["jigsaw", "rotation", "relative_position"])
+def test_encoder_told_normalized_only_after_per_patch_norm(name: str) -> None:
+    tiler = PatchTiler(grid=3, patch_size=4, image_size=15)
+    kwargs: dict = {"hidden_dim": 4}
+    if name == "jigsaw":
+        kwargs["permutations"] = PermutationSet.generate(5, 9, seed=0)
+    images = torch.randint(0, 256, (2, 1, 15, 15), dtype=torch.uint8)
+    flags: list[bool] = []
+
+    class Flagged(Recorder):
+        def forward(self, patches: Tensor, *, normalized: bool = False) -> Tensor:
+            flags.append(normalized)
+            return super().forward(patches)
+
+    task = create_pretext(name, encoder=Flagged(), tiler=tiler, per_patch_norm=True, **kwargs)
+    task(images, generator=g(0))
+    assert flags == [True]
+    # Without per-patch normalisation the encoder is called plainly.
+    task = create_pretext(name, encoder=PlainEncoder(), tiler=tiler, per_patch_norm=False, **kwargs)
+    assert torch.isfinite(task(images, generator=g(0)).loss)
+
+
 # --------------------------------------------------------------------------- rotation
 def test_rotate_quarter_turns_matches_rot90() -> None:
     x = torch.randint(0, 256, (6, 2, 3, 5, 5), dtype=torch.uint8)

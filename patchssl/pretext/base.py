@@ -491,6 +491,24 @@ class PretextTask(nn.Module):
             "tiler": self.tiler.config,
         }
 
+    def _encode(self, patches: Tensor) -> Tensor:
+        """Encode patches, telling the encoder to skip its normalisation if the defences did it.
+
+        A task that sets ``self.defences`` (a :class:`PatchDefences`) with per-patch
+        normalisation gets ``encoder(patches, normalized=True)``; otherwise the encoder is
+        called plainly, so any module with ``forward((B, N, C, h, w))`` works.
+
+        Args:
+            patches: Float tensor of shape ``(B, N, C, h, w)``.
+
+        Returns:
+            Tensor of shape ``(B, N, D)``.
+        """
+        defences = getattr(self, "defences", None)
+        if defences is not None and defences.normalizes:
+            return self.encoder(patches, normalized=True)
+        return self.encoder(patches)
+
     def _param_device(self) -> torch.device | None:
         for tensor in self.parameters():
             return tensor.device

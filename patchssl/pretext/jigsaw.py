@@ -238,8 +238,4 @@ class JigsawPretext(PretextTask):
         Returns:
             Logits of shape ``(B, K)``.
         """
-        if self.defences.normalizes:
-            features = self.encoder(inputs, normalized=True)
-        else:
-            features = self.encoder(inputs)
-        return self.head(features)
+        return self.head(self._encode(inputs))

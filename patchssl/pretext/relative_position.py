@@ -245,8 +245,4 @@ class RelativePositionPretext(PretextTask):
         Returns:
             Logits of shape ``(B, 8)``.
         """
-        if self.defences.normalizes:
-            features = self.encoder(inputs, normalized=True)
-        else:
-            features = self.encoder(inputs)
-        return self.head(features)
+        return self.head(self._encode(inputs))

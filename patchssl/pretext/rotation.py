@@ -183,8 +183,4 @@ class RotationPretext(PretextTask):
         Returns:
             Logits of shape ``(B, 4)``.
         """
-        if self.defences.normalizes:
-            features = self.encoder(inputs, normalized=True)
-        else:
-            features = self.encoder(inputs)
-        return self.head(features)
+        return self.head(self._encode(inputs))
