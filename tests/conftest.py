@@ -36,7 +36,18 @@ def device(request: pytest.FixtureRequest) -> torch.device:
     return torch.device(name)
 
 
+def _test_threads() -> int:
+    return 1 if os.environ.get("PYTEST_XDIST_WORKER") else 2
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Before any fixture: a module-scoped fixture (a reference training run, say) is set up
+    # before the function-scoped one below, and a run that must repeat exactly has to see the
+    # same thread count, hence the same floating-point reduction order, as the test repeating it.
+    torch.set_num_threads(_test_threads())
+
+
 @pytest.fixture(autouse=True)
 def _torch_threads() -> None:
-    # Keep tests predictable on small CI machines.
-    torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
+    # Keep tests predictable on small CI machines (and undo a test that changed it).
+    torch.set_num_threads(_test_threads())
