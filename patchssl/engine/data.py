@@ -281,3 +281,49 @@ def find_eval_overlap(
         err=True,
     )
     return overlaps
+
+
+def training_loaders(
+    config: Config, train_set: Any, val_set: Any | None, device: Any
+) -> tuple[Any, Any, Any | None]:
+    """The loaders of a training run: the training loader, its sampler, the validation loader.
+
+    Every process draws the same data order from an :class:`EpochSampler` seeded with
+    ``train.seed``, sharded by rank (padded to equal shards). Every training image is kept,
+    so that unreadable ones are all reported, except a lone last one (decided on the shard
+    length, which is the same on every process). Memory is pinned on CUDA.
+
+    Args:
+        config: Run configuration (``train.batch_size`` or ``train.global_batch_size``,
+            ``train.seed``, ``data.workers``).
+        train_set: Training dataset of this process's run.
+        val_set: Validation dataset, or ``None`` for no validation.
+        device: The run's ``torch.device``.
+
+    Returns:
+        ``(loader, sampler, val_loader)``; ``val_loader`` is ``None`` without ``val_set``.
+    """
+    from patchssl.data import make_loader
+    from patchssl.engine.common import say
+    from patchssl.engine.loop import EpochSampler, describe_batch, per_process_batch_size
+
+    train_cfg = config.train
+    batch_size = per_process_batch_size(train_cfg)
+    say(f"batch size: {describe_batch(batch_size)}")
+    sampler = EpochSampler(len(train_set), seed=train_cfg.seed, shuffle=True)
+    pin = device.type == "cuda"
+    workers = config.data.workers
+    loader = make_loader(
+        train_set,
+        batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        drop_last=len(sampler) > batch_size and len(sampler) % batch_size == 1,
+        pin_memory=pin,
+        persistent_workers=workers > 0,
+        seed=train_cfg.seed,
+    )
+    val_loader = None
+    if val_set is not None:
+        val_loader = make_loader(val_set, batch_size, num_workers=workers, pin_memory=pin)
+    return loader, sampler, val_loader

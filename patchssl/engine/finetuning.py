@@ -38,6 +38,7 @@ from patchssl.engine.data import (
     labeled_dataset,
     labeled_records,
     make_split,
+    training_loaders,
 )
 from patchssl.engine.distributed import (
     broadcast_object,
@@ -47,12 +48,9 @@ from patchssl.engine.distributed import (
 )
 from patchssl.engine.evaluation import predict
 from patchssl.engine.loop import (
-    EpochSampler,
     StepOutput,
     Trainer,
     TrainingResult,
-    describe_batch,
-    per_process_batch_size,
     resolve_amp,
 )
 from patchssl.engine.seeding import derive_seed
@@ -335,7 +333,6 @@ def finetune(
 
 def _finetune(config: Config, callbacks: Iterable[Callable[..., None]]) -> TrainingResult:
     """The body of :func:`finetune`, inside the process group (if any)."""
-    from patchssl.data import make_loader
     from patchssl.engine.common import write_json
 
     train_cfg = config.train
@@ -363,29 +360,8 @@ def _finetune(config: Config, callbacks: Iterable[Callable[..., None]]) -> Train
         )
 
     train_set = labeled_dataset(config, train_records)
-    batch_size = per_process_batch_size(train_cfg)
-    say(f"batch size: {describe_batch(batch_size)}")
-    # the same data order on every process, sharded by rank (padded to equal shards)
-    sampler = EpochSampler(len(train_set), seed=train_cfg.seed, shuffle=True)
-    pin = device.type == "cuda"
-    loader = make_loader(
-        train_set,
-        batch_size,
-        sampler=sampler,
-        num_workers=config.data.workers,
-        drop_last=len(sampler) > batch_size and len(sampler) % batch_size == 1,
-        pin_memory=pin,
-        persistent_workers=config.data.workers > 0,
-        seed=train_cfg.seed,
-    )
-    val_loader = None
-    if parts["val"]:
-        val_loader = make_loader(
-            labeled_dataset(config, parts["val"]),
-            batch_size,
-            num_workers=config.data.workers,
-            pin_memory=pin,
-        )
+    val_set = labeled_dataset(config, parts["val"]) if parts["val"] else None
+    loader, sampler, val_loader = training_loaders(config, train_set, val_set, device)
 
     model, fingerprint, transfer = build_classifier(config, device)
     if transfer:

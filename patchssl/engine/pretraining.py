@@ -29,17 +29,14 @@ from torch import nn
 from patchssl.engine.checkpointing import model_entries
 from patchssl.engine.common import as_config, build_encoder, build_tiler, prepare_run, say
 from patchssl.engine.config import Config, ConfigError
-from patchssl.engine.data import find_eval_overlap, unlabeled_dataset
+from patchssl.engine.data import find_eval_overlap, training_loaders, unlabeled_dataset
 from patchssl.engine.distributed import distributed_session, reduce_sums, shard
 from patchssl.engine.loop import (
-    EpochSampler,
     StepOutput,
     Trainer,
     TrainingResult,
     autocast_context,
-    describe_batch,
     move_batch,
-    per_process_batch_size,
     resolve_amp,
 )
 from patchssl.engine.seeding import derive_seed, make_generator
@@ -247,8 +244,6 @@ def pretrain(
 
 def _pretrain(config: Config, callbacks: Iterable[Callable[..., None]]) -> TrainingResult:
     """The body of :func:`pretrain`, inside the process group (if any)."""
-    from patchssl.data import make_loader
-
     train_cfg = config.train
     out, device = prepare_run(config)
     say(
@@ -270,31 +265,8 @@ def _pretrain(config: Config, callbacks: Iterable[Callable[..., None]]) -> Train
         f"{config.data.unlabeled}"
     )
 
-    batch_size = per_process_batch_size(train_cfg)
-    say(f"batch size: {describe_batch(batch_size)}")
-    # the same data order on every process, sharded by rank (padded to equal shards)
-    sampler = EpochSampler(len(train_set), seed=train_cfg.seed, shuffle=True)
-    pin = device.type == "cuda"
-    loader = make_loader(
-        train_set,
-        batch_size,
-        sampler=sampler,
-        num_workers=config.data.workers,
-        # keep every image (so that unreadable ones are all reported) except a lone last one;
-        # decided on the shard length, which is the same on every process
-        drop_last=len(sampler) > batch_size and len(sampler) % batch_size == 1,
-        pin_memory=pin,
-        persistent_workers=config.data.workers > 0,
-        seed=train_cfg.seed,
-    )
-    val_loader = None
-    if val_idx:
-        val_loader = make_loader(
-            torch.utils.data.Subset(dataset, shard(val_idx)),
-            batch_size,
-            num_workers=config.data.workers,
-            pin_memory=pin,
-        )
+    val_set = torch.utils.data.Subset(dataset, shard(val_idx)) if val_idx else None
+    loader, sampler, val_loader = training_loaders(config, train_set, val_set, device)
 
     model = build_pretext(config, device)
     amp_dtype, _ = resolve_amp(train_cfg.amp, device)
