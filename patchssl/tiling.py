@@ -1,8 +1,10 @@
 """Grid geometry and batched patch extraction.
 
 :class:`PatchTiler` cuts a batch of images into a rows x cols grid of square (or
-rectangular) patches with space between them, on whatever device the images live, in one
-gather: no Python loop over images or patches. It is the first step of every patch-based
+rectangular) patches with space between them, on whatever device the images live, on the
+whole batch at once. On accelerators (and whenever the call is traced, exported, compiled or
+needs gradients) that is one advanced-index gather with no Python loop; eager CPU tensors take
+one stack of slices, which is faster there. It is the first step of every patch-based
 pretext task and of :class:`~patchssl.classifier.PatchClassifier`.
 
 References:
