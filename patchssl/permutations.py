@@ -35,7 +35,6 @@ References:
 
 from __future__ import annotations
 
-import argparse
 import difflib
 import hashlib
 import heapq
@@ -987,49 +986,27 @@ def _write_default_asset(directory: PathLike | None = None) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m patchssl.permutations``: generate (or load) a set and print its statistics.
+    """``python -m patchssl.permutations ...``: the same as ``patchssl permutations ...``.
+
+    One command line serves both spellings (``describe [FILE]`` or ``generate FILE --num K
+    --tiles N --method M --seed S``). Maintainers also have ``--write-default-asset``, which
+    regenerates ``patchssl/assets/permutations_1000x9.*``.
 
     Args:
         argv: Command-line arguments (default: ``sys.argv[1:]``).
 
     Returns:
-        The exit status (0).
+        The exit status of :func:`patchssl.cli.main`.
     """
-    parser = argparse.ArgumentParser(
-        prog="python -m patchssl.permutations",
-        description="Generate a jigsaw permutation set and print its statistics as JSON.",
-    )
-    parser.add_argument("-k", "--num-permutations", type=int, default=1000)
-    parser.add_argument("-n", "--num-tiles", type=int, default=9)
-    parser.add_argument("--method", default="auto", choices=METHODS)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num-candidates", type=int, default=None)
-    parser.add_argument("--load", type=Path, help="describe this file instead of generating")
-    parser.add_argument("--default", action="store_true", help="describe the shipped set")
-    parser.add_argument("-o", "--output", type=Path, help="save the set here (.txt/.csv/.npy)")
-    parser.add_argument(
-        "--write-default-asset", action="store_true", help=argparse.SUPPRESS
-    )  # maintainers: regenerate patchssl/assets/permutations_1000x9.*
-    args = parser.parse_args(argv)
-    if args.write_default_asset:
+    import sys
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args == ["--write-default-asset"]:
         print(_write_default_asset())
         return 0
-    if args.load is not None:
-        ps = PermutationSet.load(args.load)
-    elif args.default:
-        ps = PermutationSet.default()
-    else:
-        ps = PermutationSet.generate(
-            args.num_permutations,
-            args.num_tiles,
-            method=args.method,
-            seed=args.seed,
-            num_candidates=args.num_candidates,
-        )
-    if args.output is not None:
-        ps.save(args.output)
-    print(json.dumps(ps.describe(), indent=2))
-    return 0
+    from patchssl.cli import main as cli_main
+
+    return cli_main(["permutations", *args])
 
 
 if __name__ == "__main__":

@@ -425,7 +425,10 @@ def test_default_set_is_regenerated_exactly():
 
 def test_command_line(tmp_path, capsys):
     out = tmp_path / "s.txt"
-    assert perm_module.main(["-k", "12", "-n", "5", "--method", "max_min", "-o", str(out)]) == 0
-    printed = capsys.readouterr().out
-    assert '"min_hamming"' in printed
+    # python -m patchssl.permutations is the same command line as `patchssl permutations`
+    args = ["generate", str(out), "--num", "12", "--tiles", "5", "--method", "max_min"]
+    assert perm_module.main(args) == 0
+    assert "generated 12 permutations of 5 tiles" in capsys.readouterr().out
     assert PermutationSet.load(out).num_permutations == 12
+    assert perm_module.main(["describe", str(out)]) == 0
+    assert "12" in capsys.readouterr().out
