@@ -309,14 +309,16 @@ def build_parser() -> argparse.ArgumentParser:
         "from scratch, evaluate both on held-out patients, and write report.md/report.json "
         "with metrics, confidence intervals, attention overlays, the embedding plot and the "
         "lesion-localisation score.",
-        "Options are applied in this order: the demo's settings (from --out, --fast, --seed, "
-        "--threads, --device) < --config file < --set overrides. See docs/demo.md.",
+        "Options are applied in this order, as in the other commands: the demo's settings "
+        "(--fast picks the small ones) < --config file < the flags given on the command line "
+        "(--out, --seed, --threads, --device, --no-progress) < --set overrides. "
+        "See docs/demo.md.",
     )
-    _add_option(p, "--out", default="patchssl-demo", help="output folder")
+    _add_option(p, "--out", help="output folder (default: patchssl-demo)")
     p.add_argument("--fast", action="store_true", help="a much smaller run (about a minute)")
-    _add_option(p, "--seed", default=0, help="seed of the data and the training")
+    _add_option(p, "--seed", help="seed of the data and the training (default: 0)")
     _add_option(p, "--threads", help="CPU threads (default: all cores)")
-    _add_option(p, "--device", default="auto", help="auto, cpu or cuda")
+    _add_option(p, "--device", help="auto, cpu or cuda (default: auto)")
     _add_option(p, "--no-progress", help="hide progress bars")
     _add_option(
         p, "--config", help="YAML/JSON file whose options replace the demo's (e.g. model.backbone)"
@@ -482,17 +484,28 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     from patchssl.engine.demo import demo_config
 
     config = demo_config(
-        out=args.out,
+        out=args.out or "patchssl-demo",
         fast=args.fast,
-        seed=args.seed,
+        seed=0 if args.seed is None else args.seed,
         threads=args.threads,
-        device=args.device,
+        device=args.device or "auto",
         progress=not args.no_progress,
     )
     if args.config:
         from patchssl.engine.config import Config, merge_dicts, read_config_file
 
         config = Config.from_dict(merge_dicts(config.to_dict(), read_config_file(args.config)))
+        # flags given on the command line win over the file, as in every other command
+        if args.out is not None:
+            config.out = args.out
+        if args.seed is not None:
+            config.train.seed = args.seed
+        if args.threads is not None:
+            config.train.num_threads = args.threads
+        if args.device is not None:
+            config.train.device = args.device
+        if args.no_progress:
+            config.train.progress = False
     if args.overrides:
         from patchssl.engine.config import apply_overrides
 

@@ -223,3 +223,29 @@ def test_non_finite_loss_exits_1(data, tmp_path, capsys):
     args += ["--lr", "1e30", "--epochs", "1", "--set", "train.warmup_epochs=0"]
     assert main(args) == 1
     assert "non-finite loss" in capsys.readouterr().err
+
+
+def test_demo_flags_win_over_the_config_file(tmp_path, monkeypatch, capsys):
+    import patchssl.engine as engine
+
+    seen = {}
+
+    class _Result:
+        out_dir = tmp_path
+        report_md = tmp_path / "report.md"
+
+    def fake_run_demo(config):
+        seen["config"] = config
+        return _Result()
+
+    monkeypatch.setattr(engine, "run_demo", fake_run_demo)
+    file = tmp_path / "demo.yaml"
+    file.write_text("out: from-file\ntrain:\n  seed: 5\n  device: cuda\nmodel:\n  gap: 3\n")
+    assert main(["demo", "--config", str(file), "--seed", "3", "--device", "cpu"]) == 0
+    config = seen["config"]
+    assert config.train.seed == 3 and config.train.device == "cpu"  # the flags
+    assert config.out == "from-file" and config.model.gap == 3  # the file, where no flag
+    assert main(["demo", "--config", str(file), "--set", "train.seed=7"]) == 0
+    assert seen["config"].train.seed == 7  # --set wins over both
+    assert main(["demo"]) == 0
+    assert seen["config"].out == "patchssl-demo" and seen["config"].train.seed == 0
