@@ -18,7 +18,13 @@ from patchssl.engine.config import (
     save_config,
 )
 from patchssl.engine.finetuning import class_weights, random_flips
-from patchssl.engine.loop import EpochSampler, build_scheduler, resolve_amp, resolve_device
+from patchssl.engine.loop import (
+    EpochSampler,
+    build_scheduler,
+    resolve_amp,
+    resolve_compile,
+    resolve_device,
+)
 from patchssl.engine.seeding import capture_rng_state, derive_seed, restore_rng_state
 
 
@@ -210,3 +216,26 @@ def test_resume_check_shares_the_transfer_check_of_the_permutation_set():
     check_compatible(saved, kind="pretrain", model_config={}, fingerprint=None)
     unknown = {**saved, "permutations_fingerprint": None}
     check_compatible(unknown, kind=None, model_config={}, fingerprint="bbbb")
+
+
+@pytest.mark.parametrize(
+    ("value", "mode"),
+    [
+        (False, None),
+        ("false", None),
+        ("none", None),
+        (True, "default"),
+        ("true", "default"),
+        ("reduce-overhead", "reduce-overhead"),
+        ("Max-Autotune", "max-autotune"),
+    ],
+)
+def test_compile_setting(value, mode):
+    assert resolve_compile(value) == mode
+
+
+def test_unknown_compile_mode_says_what_is_accepted():
+    with pytest.raises(
+        ConfigError, match="train.compile must be true, false or a torch.compile mode"
+    ):
+        resolve_compile("fastest")

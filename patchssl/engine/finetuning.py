@@ -51,7 +51,9 @@ from patchssl.engine.loop import (
     StepOutput,
     Trainer,
     TrainingResult,
+    compile_encoder,
     resolve_amp,
+    resolve_compile,
 )
 from patchssl.engine.seeding import derive_seed
 
@@ -338,6 +340,7 @@ def _finetune(config: Config, callbacks: Iterable[Callable[..., None]]) -> Train
     train_cfg = config.train
     records = labeled_records(config)
     out, device = prepare_run(config)
+    compile_mode = resolve_compile(train_cfg.compile)  # refuse a bad value before any work
     origin = f"from {config.model.init}" if config.model.init else "from scratch"
     say(
         f"fine-tuning {config.model.backbone} (attention: {config.model.attention}) {origin} "
@@ -364,6 +367,7 @@ def _finetune(config: Config, callbacks: Iterable[Callable[..., None]]) -> Train
     loader, sampler, val_loader = training_loaders(config, train_set, val_set, device)
 
     model, fingerprint, transfer = build_classifier(config, device)
+    compile_encoder(model.encoder, compile_mode)
     if transfer:
         write_json(out / "transfer.json", transfer)
     amp_dtype, _ = resolve_amp(train_cfg.amp, device)

@@ -52,10 +52,12 @@ __all__ = [
     "autocast_context",
     "build_optimizer",
     "build_scheduler",
+    "compile_encoder",
     "describe_batch",
     "move_batch",
     "per_process_batch_size",
     "resolve_amp",
+    "resolve_compile",
     "resolve_device",
 ]
 
@@ -277,6 +279,53 @@ def resolve_device(name: str) -> torch.device:
             f"train.device={name!r}, but CUDA is not available on this machine; use --device cpu"
         )
     return device
+
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def resolve_compile(value: bool | str | None) -> str | None:
+    """The ``torch.compile`` mode that ``train.compile`` asks for.
+
+    Args:
+        value: ``False``/``"false"``/``"none"`` (off), ``True``/``"true"`` (mode
+            ``default``) or one of :data:`COMPILE_MODES`.
+
+    Returns:
+        The mode, or ``None`` when compilation is off.
+
+    Raises:
+        ConfigError: On any other value.
+    """
+    if value is None or value is False:
+        return None
+    text = str(value).strip().lower()
+    if text in ("false", "none", "off", "no"):
+        return None
+    if text in ("true", "on", "yes"):
+        return "default"
+    if text in COMPILE_MODES:
+        return text
+    raise ConfigError(
+        f"train.compile must be true, false or a torch.compile mode "
+        f"({', '.join(COMPILE_MODES)}); got {value!r}"
+    )
+
+
+def compile_encoder(encoder: nn.Module, mode: str | None) -> None:
+    """Compile ``encoder`` in place (its weights and state-dict keys stay as they are).
+
+    Args:
+        encoder: The patch encoder of the model being trained.
+        mode: A mode from :func:`resolve_compile`; ``None`` does nothing.
+    """
+    if mode is None:
+        return
+    encoder.compile(mode=mode)
+    echo(
+        f"[patchssl] patch encoder compiled with torch.compile (mode '{mode}'); the first "
+        "steps are slow while it compiles"
+    )
 
 
 def resolve_amp(amp: str, device: torch.device) -> tuple[torch.dtype | None, str | None]:

@@ -36,8 +36,10 @@ from patchssl.engine.loop import (
     Trainer,
     TrainingResult,
     autocast_context,
+    compile_encoder,
     move_batch,
     resolve_amp,
+    resolve_compile,
 )
 from patchssl.engine.seeding import derive_seed, make_generator
 
@@ -246,6 +248,7 @@ def _pretrain(config: Config, callbacks: Iterable[Callable[..., None]]) -> Train
     """The body of :func:`pretrain`, inside the process group (if any)."""
     train_cfg = config.train
     out, device = prepare_run(config)
+    compile_mode = resolve_compile(train_cfg.compile)  # refuse a bad value before any work
     say(
         f"pretraining '{config.pretext.name}' with {config.model.backbone} on {device}; "
         f"output: {out}"
@@ -269,6 +272,7 @@ def _pretrain(config: Config, callbacks: Iterable[Callable[..., None]]) -> Train
     loader, sampler, val_loader = training_loaders(config, train_set, val_set, device)
 
     model = build_pretext(config, device)
+    compile_encoder(model.encoder, compile_mode)
     amp_dtype, _ = resolve_amp(train_cfg.amp, device)
     task = PretrainTask(model, val_loader, device, amp_dtype=amp_dtype, seed=train_cfg.seed)
     monitor = train_cfg.monitor if train_cfg.monitor != "auto" else "val_loss"
