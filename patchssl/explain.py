@@ -13,7 +13,7 @@ of positive images whose highest-weight patch overlaps the lesion, next to the r
 the top patch were picked at random.
 
 The overlays use Pillow only; the embedding plot needs matplotlib
-(``pip install "patchssl[viz]"``), used through its object-oriented API on an Agg canvas so that no
+(a dependency of patchssl), used through its object-oriented API on an Agg canvas so that no
 global matplotlib state (``pyplot``, the backend, rcParams) is touched.
 
 References:
@@ -427,7 +427,7 @@ def plot_embedding(
         features: Features of shape (M, F): ``ClassifierOutput.features`` stacked over a split.
         labels: Integer labels of shape (M,) (0 = negative, 1 = positive, or more classes).
         path: Where to save the PNG (parent folders are created). Needs matplotlib
-            (``pip install "patchssl[viz]"``).
+            (a dependency of patchssl).
         method: ``"tsne"`` or ``"pca"``.
         seed: Random state of t-SNE (PCA is deterministic).
         class_names: Legend name of each label value (label k gets ``class_names[k]`` when

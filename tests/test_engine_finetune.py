@@ -199,6 +199,19 @@ def test_explain_draws_overlays_and_embedding(finetuned, tmp_path):
     assert saved["lesion_localisation"]["count"] == result.lesion["count"]
 
 
+def test_explain_without_matplotlib_skips_only_the_plot(finetuned, tmp_path, monkeypatch, capsys):
+    from patchssl import _optional
+
+    available = _optional.is_available
+    monkeypatch.setattr(_optional, "is_available", lambda m: m != "matplotlib" and available(m))
+    config = _eval_config(tmp_path)
+    config.explain.checkpoint = str(finetuned.best_checkpoint)
+    result = explain(config)
+    assert result.embedding is None and "matplotlib is not installed" in capsys.readouterr().out
+    assert result.overlays and all(p.is_file() for p in result.overlays)
+    assert json.loads(result.json_path.read_text())["embedding"] is None
+
+
 def test_overlap_between_pretraining_and_labeled_images(data, tmp_path, capsys):
     folder = tmp_path / "unlabeled"
     shutil.copytree(data.unlabeled_dir, folder)

@@ -91,10 +91,13 @@ def explain(config: Config | dict[str, Any] | str | Path | None) -> ExplainResul
 
     Raises:
         ConfigError: On a missing checkpoint or split.
-        ImportError: When matplotlib is missing for the embedding plot (names the extra).
+
+    Without matplotlib (a dependency of patchssl, but removable), the embedding plot is
+    skipped with a note and everything else is still written.
     """
     import torch
 
+    from patchssl import _optional
     from patchssl.data import load_split, make_loader, records_from_split
     from patchssl.engine.data import labeled_dataset, labeled_records
     from patchssl.explain import attention_grid, draw_attention, lesion_hit_rate, plot_embedding
@@ -158,7 +161,9 @@ def explain(config: Config | dict[str, Any] | str | Path | None) -> ExplainResul
             lesion_boxes=np.stack(sheet_lesions) if lesions is not None else None,
             titles=titles,
         )
-    if ex.embedding and pred.features.shape[0] >= 3:
+    if ex.embedding and pred.features.shape[0] >= 3 and not _optional.is_available("matplotlib"):
+        say("note: embedding plot skipped: matplotlib is not installed (pip install matplotlib)")
+    elif ex.embedding and pred.features.shape[0] >= 3:
         result.embedding = target / "embedding_tsne.png"
         plot_embedding(
             pred.features,
