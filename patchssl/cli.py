@@ -624,6 +624,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         _HANDLERS[args.command](args)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handler below, not at exit
     except user_errors as err:
         if debug:
             traceback.print_exc()
@@ -642,6 +643,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 130
+    except BrokenPipeError:
+        # the reader went away (`patchssl pretexts | head -1`): stop quietly, like other tools
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
     return 0
 
 

@@ -249,3 +249,14 @@ def test_demo_flags_win_over_the_config_file(tmp_path, monkeypatch, capsys):
     assert seen["config"].train.seed == 7  # --set wins over both
     assert main(["demo"]) == 0
     assert seen["config"].out == "patchssl-demo" and seen["config"].train.seed == 0
+
+
+def test_a_closed_pipe_ends_quietly(monkeypatch):
+    # `patchssl permutations describe | head -1`: the reader has closed the pipe.
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    # line-buffered: the first print hits the pipe; closing it later is quiet, because its
+    # descriptor then points at /dev/null
+    with open(write_end, "w", buffering=1) as stream:
+        monkeypatch.setattr(sys, "stdout", stream)
+        assert main(["permutations", "describe"]) == 141  # no BrokenPipeError escapes
