@@ -1,11 +1,9 @@
 """Grid geometry and batched patch extraction.
 
 :class:`PatchTiler` cuts a batch of images into a rows x cols grid of square (or
-rectangular) patches with space between them, on whatever device the images live, on the
-whole batch at once. On accelerators (and whenever the call is traced, exported, compiled or
-needs gradients) that is one advanced-index gather with no Python loop; eager CPU tensors take
-one stack of slices, which is faster there. It is the first step of every patch-based
-pretext task and of :class:`~patchssl.classifier.PatchClassifier`.
+rectangular) patches with space between them, on whatever device the images live, in one
+gather over the whole batch: no Python loop over images or patches. It is the first step of
+every patch-based pretext task and of :class:`~patchssl.classifier.PatchClassifier`.
 
 References:
     Noroozi & Favaro, "Unsupervised Learning of Visual Representations by Solving Jigsaw
@@ -24,22 +22,6 @@ import torch
 from torch import Tensor, nn
 
 __all__ = ["PatchTiler", "TiledPatches"]
-
-
-def _eager_cpu(images: Tensor) -> bool:
-    """Whether the per-patch copy loop may be used: eager CPU tensors that need no gradient.
-
-    Tracing, scripting, ONNX export and ``torch.compile`` must see the single gather, whose
-    graph does not depend on the batch size or the corners.
-    """
-    return (
-        images.device.type == "cpu"
-        and not images.requires_grad
-        and not torch.jit.is_scripting()
-        and not torch.jit.is_tracing()
-        and not torch.onnx.is_in_onnx_export()
-        and not torch.compiler.is_compiling()
-    )
 
 
 class TiledPatches(NamedTuple):
@@ -267,39 +249,16 @@ class PatchTiler(nn.Module):
             )
         use_jitter = self.training if jitter is None else jitter
         corners = self._corners(batch, images.device, use_jitter, generator)  # (B, N, 2)
-        if _eager_cpu(images):
-            patches = self._copy_patches(images, corners)
-        else:
-            patches = self._gather_patches(images, corners)
-        y0, x0 = corners[..., 0], corners[..., 1]
-        boxes = torch.stack([x0, y0, x0 + self.patch_size[1], y0 + self.patch_size[0]], dim=-1)
-        return TiledPatches(patches, boxes)
-
-    def _gather_patches(self, images: Tensor, corners: Tensor) -> Tensor:
-        """All patches of the batch in one advanced index: fastest on accelerators, traceable."""
         ph, pw = self.patch_size
         # A view of every possible window, (B, C, H - ph + 1, W - pw + 1, ph, pw), costs no copy;
         # one advanced index on its two window axes gathers all patches of the batch at once,
         # copying whole patch rows (much faster than indexing every pixel).
         windows = images.unfold(2, ph, 1).unfold(3, pw, 1)
-        b = torch.arange(images.shape[0], device=images.device)[:, None]
-        return windows[b, :, corners[..., 0], corners[..., 1]]  # (B, N, C, ph, pw)
-
-    def _copy_patches(self, images: Tensor, corners: Tensor) -> Tensor:
-        """One slice per patch, stacked in one copy: fastest on the CPU.
-
-        On the CPU tiling is a memory copy either way, and the advanced index of
-        :meth:`_gather_patches`, which computes an offset for every element, costs 1.2 to 1.9
-        times this stack of slices (measured at batch 64, ``benchmarks/bench_tiling.py``).
-        """
-        ph, pw = self.patch_size
-        batch, channels = images.shape[:2]
-        slices = [
-            images[i, :, y : y + ph, x : x + pw]
-            for i, image_corners in enumerate(corners.tolist())
-            for y, x in image_corners
-        ]
-        return torch.stack(slices).view(batch, self.num_patches, channels, ph, pw)
+        b = torch.arange(batch, device=images.device)[:, None]
+        patches = windows[b, :, corners[..., 0], corners[..., 1]]  # (B, N, C, ph, pw)
+        y0, x0 = corners[..., 0], corners[..., 1]
+        boxes = torch.stack([x0, y0, x0 + self.patch_size[1], y0 + self.patch_size[0]], dim=-1)
+        return TiledPatches(patches, boxes)
 
     def assemble(
         self,

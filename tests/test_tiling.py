@@ -148,19 +148,3 @@ def test_config_round_trip():
 def test_image_smaller_than_grid_is_refused():
     with pytest.raises(ValueError, match="3 patches of 64 px"):
         PatchTiler(3, 64, 128)
-
-
-@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
-def test_cpu_copy_path_equals_the_gather(dtype):
-    # On the CPU in eager mode the tiler copies patch by patch; traced, exported, compiled or
-    # differentiable inputs take the single gather. Both must cut the same patches.
-    tiler = PatchTiler(grid=(3, 2), patch_size=(9, 7), image_size=(40, 33), gap=2, jitter=1)
-    images = (torch.rand(5, 2, 40, 33) * 255).to(dtype)
-    corners = tiler._corners(5, images.device, True, torch.Generator().manual_seed(0))
-    gathered = tiler._gather_patches(images, corners)
-    copied = tiler._copy_patches(images, corners)
-    assert torch.equal(copied, gathered) and copied.is_contiguous()
-    float_images = images.float().requires_grad_()
-    out = tiler(float_images, generator=torch.Generator().manual_seed(0)).patches
-    out.sum().backward()  # the gather path keeps gradients flowing to the images
-    assert float_images.grad is not None and float_images.grad.sum() == out.numel()
