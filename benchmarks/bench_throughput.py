@@ -112,6 +112,9 @@ RATIO_BATCH = {
     "cuda": {"small": 128, "paper": 64, "tiny": 8},
 }
 RATIOS = {"cpu": ["fp32"], "cuda": ["fp32", "bf16-cl"]}
+# More repeats for the ratios on the CPU: one step per repeat there, and a VM's noise of 10-30%
+# between single steps would otherwise decide a ratio of a few percent.
+RATIO_REPEATS = {"cpu": 7, "cuda": 3}
 MODES = ("pretrain", "finetune", "inference")
 
 
@@ -491,6 +494,7 @@ def run_ratios(
         "variant": variant.name,
         "workers": workers,
         "device": str(device),
+        "repeats": timing["repeats"],
     }
     _free(device)
     try:
@@ -629,6 +633,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         [0] if kind == "cpu" or args.quick else [min(8, os.cpu_count() or 1)]
     )
     ratio_variants = [Variant.parse(v) for v in (args.ratio_variants or RATIOS[kind])]
+    ratio_timing = dict(timing)
+    if not args.quick and args.repeats is None:
+        ratio_timing["repeats"] = RATIO_REPEATS[kind]
 
     print(f"machine: {describe_machine()}")
     print(
@@ -665,7 +672,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 )
                 for variant in ratio_variants:
                     for workers in workers_list:
-                        row = run_ratios(geom, variant, ratio_batch, workers, device, timing)
+                        row = run_ratios(geom, variant, ratio_batch, workers, device, ratio_timing)
                         ratio_rows.append(row)
                         _write(args.out, rows, ratio_rows, argv, None, timing)
                         _print_ratio_row(row)

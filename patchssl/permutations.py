@@ -44,6 +44,7 @@ import json
 import math
 import os
 import re
+import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from functools import lru_cache
@@ -998,8 +999,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns:
         The exit status of :func:`patchssl.cli.main`.
     """
-    import sys
-
     args = list(sys.argv[1:] if argv is None else argv)
     if args == ["--write-default-asset"]:
         print(_write_default_asset())

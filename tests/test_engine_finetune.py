@@ -207,7 +207,7 @@ def test_explain_without_matplotlib_skips_only_the_plot(finetuned, tmp_path, mon
     config = _eval_config(tmp_path)
     config.explain.checkpoint = str(finetuned.best_checkpoint)
     result = explain(config)
-    assert result.embedding is None and "matplotlib is not installed" in capsys.readouterr().out
+    assert result.embedding is None and "matplotlib is missing" in capsys.readouterr().out
     assert result.overlays and all(p.is_file() for p in result.overlays)
     assert json.loads(result.json_path.read_text())["embedding"] is None
 

@@ -23,6 +23,7 @@ __all__ = [
     "as_config",
     "build_encoder",
     "build_tiler",
+    "compile_encoder",
     "prepare_run",
     "write_json",
 ]
@@ -100,6 +101,20 @@ def build_tiler(config: Config) -> Any:
         return PatchTiler(**_tiler_kwargs(config))
     except ValueError as err:
         raise ConfigError(f"model/data geometry: {err}") from err
+
+
+def compile_encoder(encoder: torch.nn.Module, mode: str | None) -> None:
+    """Compile ``encoder`` in place (its weights and state-dict keys stay as they are).
+
+    Args:
+        encoder: The patch encoder of the model being trained.
+        mode: A ``torch.compile`` mode from :func:`patchssl.engine.loop.resolve_compile`
+            (``train.compile``); ``None`` does nothing.
+    """
+    if mode is None:
+        return
+    encoder.compile(mode=mode)
+    say(f"patch encoder compiled with torch.compile (mode '{mode}'); the first steps are slow")
 
 
 def build_encoder(config: Config, device: torch.device) -> Any:

@@ -161,17 +161,18 @@ def explain(config: Config | dict[str, Any] | str | Path | None) -> ExplainResul
             lesion_boxes=np.stack(sheet_lesions) if lesions is not None else None,
             titles=titles,
         )
-    if ex.embedding and pred.features.shape[0] >= 3 and not _optional.is_available("matplotlib"):
-        say("note: embedding plot skipped: matplotlib is not installed (pip install matplotlib)")
-    elif ex.embedding and pred.features.shape[0] >= 3:
-        result.embedding = target / "embedding_tsne.png"
-        plot_embedding(
-            pred.features,
-            pred.labels,
-            result.embedding,
-            seed=config.train.seed,
-            title=f"t-SNE of classifier features ({ex.split}, {pred.features.shape[0]} images)",
-        )
+    if ex.embedding and pred.features.shape[0] >= 3:
+        if not _optional.is_available("matplotlib"):
+            say("note: embedding plot skipped: matplotlib is missing (pip install matplotlib)")
+        else:
+            result.embedding = target / "embedding_tsne.png"
+            plot_embedding(
+                pred.features,
+                pred.labels,
+                result.embedding,
+                seed=config.train.seed,
+                title=f"t-SNE of classifier features ({ex.split}, {pred.features.shape[0]} images)",
+            )
     if lesions is not None:
         result.lesion = lesion_hit_rate(boxes, pred.weights, lesions, pred.labels)
         # Reference: always pointing at the middle patch (lesions tend to sit near the centre).

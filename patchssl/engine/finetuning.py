@@ -31,7 +31,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from patchssl.engine.checkpointing import model_entries
-from patchssl.engine.common import as_config, build_encoder, build_tiler, prepare_run, say
+from patchssl.engine.common import (
+    as_config,
+    build_encoder,
+    build_tiler,
+    compile_encoder,
+    prepare_run,
+    say,
+)
 from patchssl.engine.config import Config, ConfigError
 from patchssl.engine.data import (
     find_eval_overlap,
@@ -51,7 +58,6 @@ from patchssl.engine.loop import (
     StepOutput,
     Trainer,
     TrainingResult,
-    compile_encoder,
     resolve_amp,
     resolve_compile,
 )

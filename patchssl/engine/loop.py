@@ -52,7 +52,6 @@ __all__ = [
     "autocast_context",
     "build_optimizer",
     "build_scheduler",
-    "compile_encoder",
     "describe_batch",
     "move_batch",
     "per_process_batch_size",
@@ -309,22 +308,6 @@ def resolve_compile(value: bool | str | None) -> str | None:
     raise ConfigError(
         f"train.compile must be true, false or a torch.compile mode "
         f"({', '.join(COMPILE_MODES)}); got {value!r}"
-    )
-
-
-def compile_encoder(encoder: nn.Module, mode: str | None) -> None:
-    """Compile ``encoder`` in place (its weights and state-dict keys stay as they are).
-
-    Args:
-        encoder: The patch encoder of the model being trained.
-        mode: A mode from :func:`resolve_compile`; ``None`` does nothing.
-    """
-    if mode is None:
-        return
-    encoder.compile(mode=mode)
-    echo(
-        f"[patchssl] patch encoder compiled with torch.compile (mode '{mode}'); the first "
-        "steps are slow while it compiles"
     )
 
 

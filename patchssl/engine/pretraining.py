@@ -27,7 +27,14 @@ import torch
 from torch import nn
 
 from patchssl.engine.checkpointing import model_entries
-from patchssl.engine.common import as_config, build_encoder, build_tiler, prepare_run, say
+from patchssl.engine.common import (
+    as_config,
+    build_encoder,
+    build_tiler,
+    compile_encoder,
+    prepare_run,
+    say,
+)
 from patchssl.engine.config import Config, ConfigError
 from patchssl.engine.data import find_eval_overlap, training_loaders, unlabeled_dataset
 from patchssl.engine.distributed import distributed_session, reduce_sums, shard
@@ -36,7 +43,6 @@ from patchssl.engine.loop import (
     Trainer,
     TrainingResult,
     autocast_context,
-    compile_encoder,
     move_batch,
     resolve_amp,
     resolve_compile,
