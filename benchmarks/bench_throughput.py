@@ -215,7 +215,7 @@ def finetune_step(
 
     def step() -> None:
         with variant.autocast(device):
-            logits = clf(images).logits
+            logits = clf(images)
         loss = F.cross_entropy(logits.float(), labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -232,7 +232,7 @@ def inference_step(
 
     def step() -> None:
         with torch.inference_mode(), variant.autocast(device):
-            clf(images).logits.float().softmax(dim=-1)
+            clf(images).float().softmax(dim=-1)
 
     return step
 

@@ -3,8 +3,10 @@
 ``PatchClassifier`` = :class:`~patchssl.tiling.PatchTiler` (cut the image) ->
 :class:`~patchssl.encoder.SharedPatchEncoder` (one vector per patch) -> a fully connected layer
 per patch -> :class:`~patchssl.attention.PatchAttention` (one weight per patch) -> a head
-(concatenation, the paper's; or a weighted sum) -> logits. Every forward also returns the
-attention weights, for explanation, and the features the last layer sees, for embedding plots.
+(concatenation, the paper's; or a weighted sum) -> logits. It follows timm's model contract:
+``model(x)`` returns logits, with ``forward_features``, ``forward_head``, ``get_classifier`` and
+``reset_classifier``; the attention weights and the features the last layer sees come from
+:meth:`PatchClassifier.forward_with_attention`.
 
 References:
     Chae, Zimmermann, Kim, Kim. "Attentive Transfer Learning via Self-supervised Learning for
@@ -29,26 +31,36 @@ from torch import Tensor, nn
 from patchssl.attention import ATTENTION_MODES, PatchAttention
 from patchssl.checkpoint import CheckpointError, load_checkpoint
 from patchssl.encoder import SharedPatchEncoder
-from patchssl.tiling import PatchTiler
+from patchssl.pretext.base import standardize_patches
+from patchssl.tiling import PatchTiler, default_tiler
 
-__all__ = ["HEADS", "ClassifierOutput", "PatchClassifier", "TransferReport"]
+__all__ = [
+    "HEADS",
+    "INPUT_NORMS",
+    "ClassifierOutput",
+    "PatchClassifier",
+    "TransferReport",
+    "checkpoint_input_norm",
+]
 
 logger = logging.getLogger(__name__)
 
 #: The heads :class:`PatchClassifier` offers.
 HEADS: tuple[str, ...] = ("concat", "pooled")
 
+#: How :class:`PatchClassifier` normalises each patch before the encoder: with the encoder's
+#: mean and std (``"encoder"``), or each channel of each patch by its own mean and std
+#: (``"per_patch"``, what the jigsaw pretext feeds its encoder by default).
+INPUT_NORMS: tuple[str, ...] = ("encoder", "per_patch")
+
 # Encoder options that may differ between pretraining and fine-tuning: they change how the
 # encoder runs, not which weights it has.
 _RUNTIME_OPTIONS = ("freeze", "grad_checkpointing", "channels_last", "drop_path_rate")
 _SAME_WEIGHT_NORMS = ("batch", "sync_batch")
 
-# The paper's geometry: 3x3 patches of 153 px in 512 px images.
-_PAPER_PATCH, _PAPER_IMAGE, _PAPER_GRID = 153, 512, 3
-
 
 class ClassifierOutput(NamedTuple):
-    """What :class:`PatchClassifier` returns.
+    """What :meth:`PatchClassifier.forward_with_attention` returns.
 
     Attributes:
         logits: ``(B, num_classes)`` class scores (before softmax).
@@ -103,14 +115,6 @@ def _pair(value: Any) -> tuple[int, int]:
     return (int(value[0]), int(value[1]))
 
 
-def _default_tiler(patch_size: tuple[int, int]) -> PatchTiler:
-    # Keep the paper's proportions: 153 px patches in 512 px images on a 3x3 grid.
-    image = tuple(
-        round(_PAPER_GRID * p * _PAPER_IMAGE / (_PAPER_GRID * _PAPER_PATCH)) for p in patch_size
-    )
-    return PatchTiler(grid=_PAPER_GRID, patch_size=patch_size, image_size=image)
-
-
 class PatchClassifier(nn.Module):
     """Encoder, per-patch layer, attention and head: the paper's attentive transfer model.
 
@@ -126,22 +130,39 @@ class PatchClassifier(nn.Module):
     attention" ablation. ``head="pooled"`` goes naturally with ``"softmax"``/``"gated"``
     attention (a weighted mean); ``"concat"`` keeps each patch's place in the grid.
 
+    The model follows timm's contract, so that tools written for timm models (captum,
+    torchmetrics loops, export wrappers) take it as it is: ``model(x)`` returns logits,
+    :meth:`forward_features` the per-patch features ``g_n`` before attention,
+    :meth:`forward_head` attention, pooling and the last layer, :meth:`get_classifier` and
+    :meth:`reset_classifier` the last layer. :meth:`forward_with_attention` returns the logits
+    with the attention weights and the pooled features (for overlays and embedding plots).
+
     Args:
         encoder: The shared patch encoder.
         num_classes: Number of classes (2: CIN2+ against CIN0/1 in the paper).
         attention: ``"sigmoid"`` (the paper's), ``"softmax"``, ``"gated"`` or ``None``.
-        tiler: How images are cut. Its ``patch_size`` must equal the encoder's. Default: a
-            3x3 grid in the paper's proportions (``image_size = round(patch_size * 512 /
-            153)``, so 512 px images for 153 px patches).
+        tiler: How images are cut. Its ``patch_size`` must equal the encoder's. Default:
+            :func:`patchssl.tiling.default_tiler`, a 3x3 grid in the paper's proportions
+            (512 px images for 153 px patches), the same default the pretext tasks use.
         head: ``"concat"`` or ``"pooled"``.
         hidden_dim: Width of the per-patch layer.
         dropout: Dropout before the final layer.
         attention_hidden_dim: Width of ``V``/``U`` in the softmax attention modes.
         jitter_in_training: Let the tiler jitter patches in training mode (default ``False``:
             centre placement always; evaluation mode never jitters).
+        input_norm: How each patch is normalised before the encoder: ``"encoder"`` (the
+            encoder's mean and std, e.g. ImageNet's) or ``"per_patch"`` (each channel of each
+            patch standardised by its own mean and std, as the jigsaw pretext does by default).
+            :meth:`from_pretrained` takes the checkpoint's, so that the transferred encoder sees
+            the kind of input it was trained on.
 
     Shape:
-        - ``forward``: images ``(B, C, H, W)`` -> :class:`ClassifierOutput`.
+        - ``forward``: images ``(B, C, H, W)`` -> logits ``(B, num_classes)``.
+        - ``forward_features``: images ``(B, C, H, W)`` -> patch features
+          ``(B, N, hidden_dim)``.
+        - ``forward_head``: patch features ``(B, N, hidden_dim)`` -> logits
+          ``(B, num_classes)``, or pooled features ``(B, F)`` with ``pre_logits=True``.
+        - ``forward_with_attention``: images ``(B, C, H, W)`` -> :class:`ClassifierOutput`.
         - ``forward_patches``: patches ``(B, N, C, h, w)`` -> :class:`ClassifierOutput`.
 
     References:
@@ -152,9 +173,11 @@ class PatchClassifier(nn.Module):
     Example:
         >>> enc = SharedPatchEncoder("resnet18", patch_size=64)
         >>> clf = PatchClassifier(enc, num_classes=2).eval()
-        >>> out = clf(torch.zeros(1, 3, *clf.tiler.image_size, dtype=torch.uint8))
-        >>> out.logits.shape, out.weights.shape
-        (torch.Size([1, 2]), torch.Size([1, 9]))
+        >>> images = torch.zeros(1, 3, *clf.tiler.image_size, dtype=torch.uint8)
+        >>> clf(images).shape
+        torch.Size([1, 2])
+        >>> clf.forward_with_attention(images).weights.shape
+        torch.Size([1, 9])
     """
 
     transfer_report: TransferReport | None
@@ -171,6 +194,7 @@ class PatchClassifier(nn.Module):
         dropout: float = 0.5,
         attention_hidden_dim: int = 128,
         jitter_in_training: bool = False,
+        input_norm: str = "encoder",
     ) -> None:
         super().__init__()
         if not isinstance(encoder, SharedPatchEncoder):
@@ -192,8 +216,13 @@ class PatchClassifier(nn.Module):
             raise ValueError(f"unknown head {head!r}; choose one of {list(HEADS)}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1); got {dropout}")
+        if input_norm not in INPUT_NORMS:
+            raise ValueError(
+                f"unknown input_norm {input_norm!r}; choose one of {list(INPUT_NORMS)} "
+                "('per_patch' for an encoder pretrained with per-patch normalisation)"
+            )
         if tiler is None:
-            tiler = _default_tiler(encoder.patch_size)
+            tiler = default_tiler(encoder.patch_size)
         elif not isinstance(tiler, PatchTiler):
             raise TypeError(f"tiler must be a PatchTiler; got {type(tiler).__name__}")
         if tuple(tiler.patch_size) != tuple(encoder.patch_size):
@@ -212,6 +241,7 @@ class PatchClassifier(nn.Module):
         self.dropout_p = float(dropout)
         self.attention_hidden_dim = attention_hidden_dim
         self.jitter_in_training = bool(jitter_in_training)
+        self.input_norm = input_norm
         self.transfer_report = None
 
         self.patch_fc = nn.Sequential(nn.Linear(encoder.out_dim, hidden_dim), nn.ReLU())
@@ -224,9 +254,7 @@ class PatchClassifier(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(self.feature_dim, num_classes)
 
-    def forward(
-        self, images: Tensor, *, generator: torch.Generator | None = None
-    ) -> ClassifierOutput:
+    def forward(self, images: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
         """Cut images with the tiler and classify them.
 
         Args:
@@ -235,37 +263,125 @@ class PatchClassifier(nn.Module):
             generator: Source of the tiler's jitter (training with ``jitter_in_training``).
 
         Returns:
-            :class:`ClassifierOutput` with logits ``(B, num_classes)``, weights ``(B, N)`` and
-            features ``(B, F)``.
+            Logits of shape ``(B, num_classes)`` (before softmax).
+        """
+        return self.forward_head(self.forward_features(images, generator=generator))
+
+    def forward_features(
+        self, images: Tensor, *, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """Tile, encode and project each patch: the features before attention.
+
+        Args:
+            images: ``(B, C, H, W)`` uint8 or float, ``(H, W)`` the tiler's ``image_size``.
+            generator: Source of the tiler's jitter (training with ``jitter_in_training``).
+
+        Returns:
+            Per-patch features ``g_n`` of shape ``(B, N, hidden_dim)``, in the tiler's
+            row-major patch order.
         """
         jitter = self.training and self.jitter_in_training
         patches = self.tiler(images, generator=generator, jitter=jitter).patches
-        return self.forward_patches(patches)
+        return self.patch_features(patches)
 
-    def forward_patches(self, patches: Tensor, *, normalized: bool = False) -> ClassifierOutput:
-        """Classify images given as patches already cut.
+    def patch_features(self, patches: Tensor, *, normalized: bool = False) -> Tensor:
+        """Encode and project patches already cut (``input_norm`` applied unless ``normalized``).
 
         Args:
-            patches: ``(B, N, C, h, w)`` uint8 or float, ``N`` the tiler's number of patches
-                in its row-major order.
-            normalized: the patches are already normalised with the encoder's mean and std.
+            patches: ``(B, N, C, h, w)`` uint8 (0..255) or float (0..1), ``N`` the tiler's
+                number of patches in its row-major order.
+            normalized: The patches are already normalised as ``input_norm`` says.
 
         Returns:
-            :class:`ClassifierOutput` (see :meth:`forward`).
+            Tensor of shape ``(B, N, hidden_dim)``.
         """
         if patches.ndim != 5 or patches.shape[1] != self.num_patches:
             raise ValueError(
                 f"expected patches of shape (B, {self.num_patches}, C, h, w) for a "
                 f"{self.tiler.grid[0]}x{self.tiler.grid[1]} grid; got {tuple(patches.shape)}"
             )
-        feats = self.patch_fc(self.encoder(patches, normalized=normalized))  # (B, N, hidden)
+        if self.input_norm == "per_patch" and not normalized:
+            x = patches.float() / 255.0 if patches.dtype == torch.uint8 else patches
+            patches, normalized = standardize_patches(x), True
+        return self.patch_fc(self.encoder(patches, normalized=normalized))
+
+    def _attend(self, features: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        if features.ndim != 3 or features.shape[1] != self.num_patches:
+            raise ValueError(
+                f"expected patch features of shape (B, {self.num_patches}, {self.hidden_dim}); "
+                f"got {tuple(features.shape)}"
+            )
         if self.attention is not None:
-            feats, weights = self.attention(feats)
+            features, weights = self.attention(features)
         else:
-            weights = feats.new_ones(feats.shape[:2])
-        features = feats.flatten(1) if self.head == "concat" else feats.sum(dim=1)
-        logits = self.fc(self.dropout(features))
-        return ClassifierOutput(logits, weights, features)
+            weights = features.new_ones(features.shape[:2])
+        pooled = features.flatten(1) if self.head == "concat" else features.sum(dim=1)
+        return self.fc(self.dropout(pooled)), weights, pooled
+
+    def forward_head(self, features: Tensor, pre_logits: bool = False) -> Tensor:
+        """Attention, pooling and the last layer, as timm's ``forward_head``.
+
+        Args:
+            features: Per-patch features ``(B, N, hidden_dim)`` from :meth:`forward_features`.
+            pre_logits: Return the pooled features the last layer sees instead of the logits.
+
+        Returns:
+            Logits ``(B, num_classes)``, or with ``pre_logits`` the pooled features ``(B, F)``
+            (``F = N * hidden_dim`` for ``head="concat"``, ``hidden_dim`` for ``"pooled"``).
+        """
+        logits, _, pooled = self._attend(features)
+        return pooled if pre_logits else logits
+
+    def forward_with_attention(
+        self, images: Tensor, *, generator: torch.Generator | None = None
+    ) -> ClassifierOutput:
+        """Classify images and return the attention weights and pooled features too.
+
+        Args:
+            images: ``(B, C, H, W)`` uint8 or float, ``(H, W)`` the tiler's ``image_size``.
+            generator: Source of the tiler's jitter (training with ``jitter_in_training``).
+
+        Returns:
+            :class:`ClassifierOutput` with logits ``(B, num_classes)``, weights ``(B, N)`` and
+            features ``(B, F)``.
+        """
+        return ClassifierOutput(*self._attend(self.forward_features(images, generator=generator)))
+
+    def forward_patches(self, patches: Tensor, *, normalized: bool = False) -> ClassifierOutput:
+        """Classify images given as patches already cut, with weights and features.
+
+        Args:
+            patches: ``(B, N, C, h, w)`` uint8 or float, ``N`` the tiler's number of patches
+                in its row-major order.
+            normalized: The patches are already normalised as ``input_norm`` says.
+
+        Returns:
+            :class:`ClassifierOutput` (see :meth:`forward_with_attention`).
+        """
+        return ClassifierOutput(*self._attend(self.patch_features(patches, normalized=normalized)))
+
+    def get_classifier(self) -> nn.Module:
+        """The last layer (``nn.Linear(F, num_classes)``), as timm's ``get_classifier``."""
+        return self.fc
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the last layer by a new one with ``num_classes`` outputs (timm's contract).
+
+        The encoder, per-patch layer and attention keep their weights.
+
+        Args:
+            num_classes: Number of outputs of the new layer; ``0`` makes the last layer an
+                identity, so that ``model(x)`` returns the pooled features ``(B, F)``.
+        """
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
+            raise ValueError(f"num_classes must be an int >= 0; got {num_classes!r}")
+        ref = next(self.patch_fc.parameters())
+        self.fc = (
+            nn.Linear(self.feature_dim, num_classes, device=ref.device, dtype=ref.dtype)
+            if num_classes > 0
+            else nn.Identity()
+        )
+        self.num_classes = num_classes
 
     # ------------------------------------------------------------------ configs
     @property
@@ -284,6 +400,7 @@ class PatchClassifier(nn.Module):
             "dropout": self.dropout_p,
             "attention_hidden_dim": self.attention_hidden_dim,
             "jitter_in_training": self.jitter_in_training,
+            "input_norm": self.input_norm,
         }
 
     @classmethod
@@ -316,6 +433,7 @@ class PatchClassifier(nn.Module):
         tiler: PatchTiler | None = None,
         encoder: SharedPatchEncoder | None = None,
         encoder_options: Mapping[str, Any] | None = None,
+        input_norm: str | None = None,
         **kwargs: Any,
     ) -> PatchClassifier:
         """Build a classifier around the encoder of a pretraining checkpoint.
@@ -340,6 +458,8 @@ class PatchClassifier(nn.Module):
             encoder_options: Options that may change at fine-tuning time: ``freeze``,
                 ``grad_checkpointing``, ``channels_last``, ``drop_path_rate``, and ``norm``
                 between ``"batch"`` and ``"sync_batch"``.
+            input_norm: ``"encoder"`` or ``"per_patch"``; default: the checkpoint's (how the
+                pretext normalised the encoder's input), so that transfer keeps the input.
             **kwargs: Further :class:`PatchClassifier` arguments (``head``, ``hidden_dim``,
                 ``dropout``, ``attention_hidden_dim``, ``jitter_in_training``).
 
@@ -422,7 +542,11 @@ class PatchClassifier(nn.Module):
         # --- the tiler and the classifier
         if tiler is None and tiler_config is not None:
             tiler = PatchTiler(**tiler_config)
-        classifier = cls(encoder, num_classes, attention, tiler=tiler, **kwargs)
+        if input_norm is None:
+            input_norm = checkpoint_input_norm(model_config)
+        classifier = cls(
+            encoder, num_classes, attention, tiler=tiler, input_norm=input_norm, **kwargs
+        )
         report = TransferReport(
             source=source,
             loaded=len(encoder_state),
@@ -482,6 +606,25 @@ class PatchClassifier(nn.Module):
             f"num_classes={self.num_classes}, attention={self.attention_mode!r}, "
             f"head={self.head!r}, hidden_dim={self.hidden_dim}, num_patches={self.num_patches}"
         )
+
+
+def checkpoint_input_norm(model_config: Mapping[str, Any]) -> str:
+    """How a pretraining checkpoint's encoder saw its input: ``"per_patch"`` or ``"encoder"``.
+
+    Reads ``model_config["input_norm"]``; checkpoints written before it was recorded fall back
+    on the pretext's ``per_patch_norm`` option.
+
+    Args:
+        model_config: The checkpoint's ``model_config``.
+
+    Returns:
+        One of :data:`INPUT_NORMS`.
+    """
+    stored = model_config.get("input_norm")
+    if stored in INPUT_NORMS:
+        return str(stored)
+    per_patch = (model_config.get("pretext_kwargs") or {}).get("per_patch_norm", False)
+    return "per_patch" if per_patch else "encoder"
 
 
 def _read(

@@ -21,7 +21,10 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-__all__ = ["PatchTiler", "TiledPatches"]
+__all__ = ["PatchTiler", "TiledPatches", "default_tiler", "paper_image_size"]
+
+# The paper's geometry (Chae et al., JIPS 2021): a 3x3 grid of 153 px patches in 512 px images.
+_PAPER_IMAGE, _PAPER_PATCHES = 512, 3 * 153
 
 
 class TiledPatches(NamedTuple):
@@ -299,3 +302,61 @@ class PatchTiler(nn.Module):
         b = torch.arange(batch, device=device)[:, None, None, None]
         image[b, :, rows[..., :, None], cols[..., None, :]] = patches.permute(0, 1, 3, 4, 2)
         return image
+
+
+def paper_image_size(
+    patch_size: int | tuple[int, int], grid: int | tuple[int, int] = (3, 3)
+) -> tuple[int, int]:
+    """The image size that keeps the paper's proportions for a patch size and grid.
+
+    Chae et al. cut 512 px images into a 3x3 grid of 153 px patches, which leaves about 17 px
+    per cell for the gap and the jitter. This keeps that ratio for any patch size and grid:
+    ``H = ceil(rows * h * 512 / 459)`` and ``W = ceil(cols * w * 512 / 459)``, so 153 px
+    patches give 512 px images and 64 px patches 215 px images. Every default geometry in
+    patchssl (pretext tasks, the classifier, the command line) comes from this function, so
+    a task and a classifier built with their defaults accept the same images.
+
+    Args:
+        patch_size: Patch side ``h`` (or ``(h, w)``).
+        grid: ``rows`` (square grid) or ``(rows, cols)``.
+
+    Returns:
+        ``(H, W)``.
+
+    References:
+        Chae et al., "Attentive Transfer Learning via Self-supervised Learning for Cervical
+        Dysplasia Diagnosis", JIPS 17(3), 2021.
+    """
+    ph, pw = _pair(patch_size, "patch_size")
+    rows, cols = _pair(grid, "grid")
+    return (
+        -(-rows * ph * _PAPER_IMAGE // _PAPER_PATCHES),
+        -(-cols * pw * _PAPER_IMAGE // _PAPER_PATCHES),
+    )
+
+
+def default_tiler(
+    patch_size: int | tuple[int, int],
+    grid: int | tuple[int, int] = (3, 3),
+    image_size: int | tuple[int, int] | None = None,
+) -> PatchTiler:
+    """The tiler every block builds when none is given: the paper's geometry, scaled.
+
+    The image size is :func:`paper_image_size` unless given; the gap and jitter are
+    :class:`PatchTiler`'s defaults.
+
+    Args:
+        patch_size: Patch side ``h`` (or ``(h, w)``), normally the encoder's.
+        grid: ``rows`` (square grid) or ``(rows, cols)``.
+        image_size: Override the image size ``H`` (or ``(H, W)``).
+
+    Returns:
+        A :class:`PatchTiler`.
+
+    Example:
+        >>> default_tiler(153).image_size
+        (512, 512)
+    """
+    if image_size is None:
+        image_size = paper_image_size(patch_size, grid)
+    return PatchTiler(grid=grid, patch_size=patch_size, image_size=image_size)

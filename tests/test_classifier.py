@@ -11,9 +11,11 @@ import torch
 from torch import nn
 
 from patchssl.checkpoint import CheckpointError, save_checkpoint
-from patchssl.classifier import PatchClassifier, TransferReport, _default_tiler
+from patchssl.classifier import ClassifierOutput, PatchClassifier, TransferReport
 from patchssl.encoder import SharedPatchEncoder
-from patchssl.tiling import PatchTiler
+from patchssl.permutations import PermutationSet
+from patchssl.pretext import JigsawPretext, create_pretext
+from patchssl.tiling import PatchTiler, paper_image_size
 
 PATCH = 32
 
@@ -52,7 +54,10 @@ def test_shapes_and_slow_reference(encoder, head, attention, device):
     clf = clf.to(device).eval()
     images = _images().to(device)
     with torch.no_grad():
-        out = clf(images)
+        out = clf.forward_with_attention(images)
+        logits = clf(images)
+    assert isinstance(logits, torch.Tensor) and logits.shape == (2, 3)
+    torch.testing.assert_close(logits, out.logits)
     assert out.logits.shape == (2, 3) and out.weights.shape == (2, 4)
     assert out.features.shape == (2, 8 * 4 if head == "concat" else 8)
     if attention is None:
@@ -61,7 +66,7 @@ def test_shapes_and_slow_reference(encoder, head, attention, device):
     # both sides run in true fp32 (no TF32 convolutions), so the fp32 tolerances hold there too.
     no_tf32 = torch.backends.cudnn.flags(enabled=True, allow_tf32=False)
     with torch.no_grad(), no_tf32:
-        out = clf(images)
+        out = clf.forward_with_attention(images)
         for b in range(2):
             boxes = clf.tiler.centre_boxes().tolist()
             hs = []
@@ -81,27 +86,46 @@ def test_forward_and_forward_patches_agree(encoder):
     clf = PatchClassifier(encoder, tiler=_tiler(), hidden_dim=8).eval()
     images = _images()
     with torch.no_grad():
-        a = clf(images)
+        a = clf.forward_with_attention(images)
         b = clf.forward_patches(clf.tiler(images).patches)
     for x, y in zip(a, b):
         torch.testing.assert_close(x, y)
 
 
+def test_timm_model_contract(encoder):
+    torch.manual_seed(0)
+    clf = PatchClassifier(copy.deepcopy(encoder), num_classes=3, tiler=_tiler(), hidden_dim=8)
+    clf.eval()
+    images = _images()
+    with torch.no_grad():
+        feats = clf.forward_features(images)
+        assert feats.shape == (2, 4, 8)
+        logits = clf.forward_head(feats)
+        torch.testing.assert_close(logits, clf(images))
+        pooled = clf.forward_head(feats, pre_logits=True)
+        assert pooled.shape == (2, 32)
+        torch.testing.assert_close(clf.get_classifier()(pooled), logits)
+    assert clf.get_classifier() is clf.fc
+    clf.reset_classifier(5)
+    assert clf.num_classes == 5 and clf(images).shape == (2, 5)
+    assert clf.config["num_classes"] == 5
+    clf.reset_classifier(0)  # timm: 0 classes leaves the pooled features
+    with torch.no_grad():
+        torch.testing.assert_close(clf(images), pooled)
+    with pytest.raises(ValueError, match="num_classes must be an int >= 0"):
+        clf.reset_classifier(-1)
+    out = clf.forward_with_attention(images)
+    assert isinstance(out, ClassifierOutput)
+
+
 def test_backward_reaches_encoder_and_head(encoder):
     clf = PatchClassifier(encoder, tiler=_tiler(), hidden_dim=8).train()
     clf.zero_grad()
-    out = clf(_images())
-    nn.functional.cross_entropy(out.logits, torch.tensor([0, 1])).backward()
+    logits = clf(_images())
+    nn.functional.cross_entropy(logits, torch.tensor([0, 1])).backward()
     for name in ("encoder.backbone.conv1.0.weight", "patch_fc.0.weight", "attention.pos_bias"):
         grad = dict(clf.named_parameters())[name].grad
         assert grad is not None and grad.abs().sum() > 0, name
-
-
-def _recorder(store: list[torch.Tensor]):
-    def hook(module, args, kwargs):
-        store.append(args[0])
-
-    return hook
 
 
 def _recorder(store: list[torch.Tensor]):
@@ -126,10 +150,74 @@ def test_jitter_only_when_asked(encoder):
 
 
 def test_default_tiler_keeps_the_paper_proportions(encoder):
-    assert _default_tiler((153, 153)).image_size == (512, 512)
     clf = PatchClassifier(encoder)
     assert clf.tiler.grid == (3, 3) and clf.tiler.patch_size == (PATCH, PATCH)
-    assert clf.tiler.image_size == (107, 107)
+    assert clf.tiler.image_size == paper_image_size(PATCH)
+
+
+@pytest.mark.parametrize(
+    ("pretext", "patch"),
+    [
+        *[(name, p) for name in ("jigsaw", "rotation", "relative_position") for p in (32, 64)],
+        ("jigsaw", (32, 48)),  # rotation needs square patches
+        ("relative_position", (32, 48)),
+    ],
+)
+def test_default_pretext_and_classifier_accept_the_same_images(pretext, patch):
+    # Every default geometry comes from one function: a task and a classifier built with their
+    # defaults around the same encoder take the same images.
+    torch.manual_seed(0)
+    enc = SharedPatchEncoder("test_resnet", patch_size=patch)
+    kwargs = {"permutations": PermutationSet.generate(4, 9, seed=0)} if pretext == "jigsaw" else {}
+    task = create_pretext(pretext, encoder=enc, **kwargs)
+    clf = PatchClassifier(task.encoder, hidden_dim=8).eval()
+    assert clf.tiler.config == task.tiler.config
+    size = task.tiler.image_size
+    images = torch.randint(0, 256, (2, 3, *size), dtype=torch.uint8)
+    task(images, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert clf(images).shape == (2, 2)
+
+
+def test_transfer_keeps_the_encoders_input(tmp_path):
+    # The pretext feeds its encoder per-patch standardised tiles; the classifier built from its
+    # checkpoint must feed the encoder the same input for the same patch.
+    torch.manual_seed(0)
+    enc = SharedPatchEncoder("test_resnet", patch_size=PATCH)
+    task = JigsawPretext(enc, PermutationSet.generate(4, 9, seed=0), color_drop=None).eval()
+    assert task.model_config["input_norm"] == "per_patch"
+    payload = {
+        "model": task.state_dict(),
+        "kind": "pretrain",
+        "model_config": task.model_config,
+        "permutations_fingerprint": task.permutation_fingerprint,
+    }
+    path = save_checkpoint(tmp_path / "p.pt", payload)
+    clf = PatchClassifier.from_pretrained(path).eval()
+    assert clf.input_norm == "per_patch" and clf.config["input_norm"] == "per_patch"
+    images = _images(1, size=task.tiler.image_size[0])
+    seen_task: list = []
+    seen_clf: list = []
+    h1 = task.encoder.register_forward_pre_hook(_recorder(seen_task), with_kwargs=True)
+    h2 = clf.encoder.register_forward_pre_hook(_recorder(seen_clf), with_kwargs=True)
+    with torch.no_grad():
+        identity = torch.arange(9)[None]  # the permutation that keeps the tiles in place
+        tiles = task.tiler(images).patches[:, identity[0]]
+        task.compute_logits(task.defences(tiles))
+        clf(images)
+    h1.remove()
+    h2.remove()
+    torch.testing.assert_close(seen_clf[0], seen_task[0])
+    # Overriding it feeds the encoder's own normalisation instead (uint8 patches as they are).
+    plain = PatchClassifier.from_pretrained(path, input_norm="encoder").eval()
+    seen: list = []
+    handle = plain.encoder.register_forward_pre_hook(_recorder(seen), with_kwargs=True)
+    with torch.no_grad():
+        plain(images)
+    handle.remove()
+    assert seen[0].dtype == torch.uint8
+    with pytest.raises(ValueError, match="unknown input_norm"):
+        PatchClassifier(enc, input_norm="imagenet")
 
 
 def test_argument_errors(encoder):
@@ -153,7 +241,7 @@ def test_config_round_trip(encoder):
     again.load_state_dict(clf.state_dict())
     images = _images()
     with torch.no_grad():
-        torch.testing.assert_close(again.eval()(images).logits, clf.eval()(images).logits)
+        torch.testing.assert_close(again.eval()(images), clf.eval()(images))
 
 
 # ---------------------------------------------------------------- transfer

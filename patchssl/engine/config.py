@@ -130,6 +130,10 @@ class ModelConfig:
         dropout: Dropout probability before the final layer (default 0.5; 0 turns it off).
         num_classes: Number of classes (2 for CIN2+ against CIN0/1).
         init: Pretraining checkpoint to start fine-tuning from; ``null`` trains from scratch.
+        input_norm: How the classifier normalises each patch before the encoder: ``auto``
+            (the pretraining checkpoint's when fine-tuning from ``init``, so the encoder keeps
+            the input it was trained on; else ``encoder``), ``encoder`` (the backbone's mean
+            and std) or ``per_patch`` (each patch standardised on its own).
         channels_last: Use the channels-last memory format on the GPU (no-op on the CPU).
     """
 
@@ -145,6 +149,7 @@ class ModelConfig:
     dropout: float = 0.5
     num_classes: int = 2
     init: str | None = None
+    input_norm: str = "auto"
     channels_last: bool = True
 
 

@@ -75,8 +75,8 @@ def predict(
     """Run a classifier in eval mode over a loader (centred patches, no jitter).
 
     Args:
-        model: A :class:`patchssl.classifier.PatchClassifier` (returns logits, weights,
-            features).
+        model: A :class:`patchssl.classifier.PatchClassifier` (its
+            ``forward_with_attention`` gives logits, weights and features).
         loader: Yields collated batches with ``"image"`` (B, C, H, W) uint8.
         device: Device of the model.
         amp_dtype: Autocast dtype (``None`` = float32).
@@ -103,7 +103,7 @@ def predict(
             continue
         batch = move_batch(batch, device)
         with autocast_context(device, amp_dtype):
-            out = model(batch["image"])
+            out = model.forward_with_attention(batch["image"])
         logits = out.logits.float()
         n = int(logits.shape[0])
         if "label" in batch:

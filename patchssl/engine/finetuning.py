@@ -104,6 +104,8 @@ def build_classifier(config: Config, device: torch.device) -> tuple[nn.Module, s
     m = config.model
     torch.manual_seed(derive_seed(config.train.seed, "init"))
     kwargs: dict[str, Any] = {"head": m.head, "dropout": m.dropout}
+    if m.input_norm != "auto":
+        kwargs["input_norm"] = m.input_norm
     attention = _attention(config)
     if not m.init:
         encoder = build_encoder(config, device)
@@ -264,10 +266,10 @@ class FinetuneTask:
         images = batch["image"]
         if self.augment == "flip":
             images = random_flips(images, generator)
-        out = self.train_model(images, generator=generator)
+        logits = self.train_model(images, generator=generator)
         labels = batch["label"]
-        loss = self.loss(out.logits, labels)
-        correct = (out.logits.detach().argmax(-1) == labels).sum()
+        loss = self.loss(logits, labels)
+        correct = (logits.detach().argmax(-1) == labels).sum()
         return StepOutput(loss, int(labels.shape[0]), correct)
 
     def validate(self, epoch: int) -> dict[str, float]:

@@ -25,14 +25,13 @@ References:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-if TYPE_CHECKING:
-    from patchssl.tiling import PatchTiler
+from patchssl.tiling import PatchTiler, default_tiler
 
 __all__ = [
     "COLOR_DROP_MODES",
@@ -121,35 +120,6 @@ def _pair(value: int | tuple[int, int] | list[int], what: str) -> tuple[int, int
     if len(pair) != 2:
         raise ValueError(f"{what} must be an int or a pair of ints; got {value!r}")
     return pair  # type: ignore[return-value]
-
-
-def default_tiler(
-    patch_size: int | tuple[int, int],
-    grid: int | tuple[int, int] = (3, 3),
-    image_size: int | tuple[int, int] | None = None,
-) -> PatchTiler:
-    """The tiler a task builds when none is given: the paper's geometry, scaled.
-
-    Chae et al. cut 512 px images into a 3x3 grid of 153 px patches, which leaves about 17 px
-    per cell for the gap and the jitter. This keeps that ratio for any patch size:
-    ``image_size = ceil(rows * patch * 512 / 459)`` (so 153 px patches give 512 px images).
-    The gap and jitter are the tiler's defaults.
-
-    Args:
-        patch_size: Patch side ``h`` (or ``(h, w)``), normally the encoder's.
-        grid: ``rows`` (square grid) or ``(rows, cols)``.
-        image_size: Override the image size ``H`` (or ``(H, W)``).
-
-    Returns:
-        A :class:`patchssl.tiling.PatchTiler`.
-    """
-    from patchssl.tiling import PatchTiler
-
-    ph, pw = _pair(patch_size, "patch_size")
-    rows, cols = _pair(grid, "grid")
-    if image_size is None:
-        image_size = (-(-rows * ph * 512 // 459), -(-cols * pw * 512 // 459))
-    return PatchTiler(grid=(rows, cols), patch_size=(ph, pw), image_size=image_size)
 
 
 # --------------------------------------------------------------------------------------------
@@ -481,14 +451,20 @@ class PretextTask(nn.Module):
 
         Returns:
             ``{"pretext": name, "pretext_kwargs": config, "encoder": encoder.config or None,
-            "tiler": tiler.config}``; rebuild with
-            :func:`patchssl.pretext.pretext_from_config`.
+            "tiler": tiler.config, "input_norm": "per_patch" or "encoder"}``; rebuild with
+            :func:`patchssl.pretext.pretext_from_config`. ``input_norm`` says how the encoder's
+            inputs were normalised (each patch standardised on its own, or the encoder's mean
+            and std), so that a classifier built from the checkpoint feeds the encoder the
+            same kind of input.
         """
+        defences = getattr(self, "defences", None)
+        per_patch = defences is not None and defences.normalizes
         return {
             "pretext": self.name,
             "pretext_kwargs": self.config,
             "encoder": getattr(self.encoder, "config", None),
             "tiler": self.tiler.config,
+            "input_norm": "per_patch" if per_patch else "encoder",
         }
 
     def _encode(self, patches: Tensor) -> Tensor:
