@@ -33,8 +33,6 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from patchssl import _optional
-
 __all__ = [
     "HIGHLIGHT_COLOR",
     "LESION_COLOR",
@@ -393,15 +391,11 @@ def attention_grid(
 
 
 def _pca_2d(x: np.ndarray) -> np.ndarray:
-    x = x - x.mean(axis=0, keepdims=True)
-    u, s, _ = np.linalg.svd(x, full_matrices=False)
-    coords = u[:, :2] * s[:2]
-    if coords.shape[1] < 2:
-        coords = np.pad(coords, ((0, 0), (0, 2 - coords.shape[1])))
-    # Deterministic signs: the largest-magnitude coordinate of each axis is positive.
-    idx = np.argmax(np.abs(coords), axis=0)
-    signs = np.sign(coords[idx, np.arange(2)])
-    return coords * np.where(signs == 0, 1.0, signs)
+    """The first two principal components, padded to two columns for one-dimensional input."""
+    from sklearn.decomposition import PCA  # deferred: scikit-learn is slow to import
+
+    coords = PCA(n_components=min(2, x.shape[1]), svd_solver="full").fit_transform(x)
+    return np.pad(coords, ((0, 0), (0, 2 - coords.shape[1])))
 
 
 def plot_embedding(
@@ -461,12 +455,9 @@ def plot_embedding(
         raise ValueError("labels must be integers")
     y = y.astype(np.int64)
 
-    # Fail on a missing matplotlib before spending time on t-SNE.
-    _optional.require("matplotlib", extra="viz", feature="plot_embedding")
-    figure_mod = _optional.require("matplotlib.figure", extra="viz", feature="plot_embedding")
-    agg = _optional.require(
-        "matplotlib.backends.backend_agg", extra="viz", feature="plot_embedding"
-    )
+    # Deferred: matplotlib takes about a second to import, and only this function draws with it.
+    import matplotlib.backends.backend_agg as agg
+    import matplotlib.figure as figure_mod
 
     if method == "pca":
         coords = _pca_2d(x)

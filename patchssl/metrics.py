@@ -123,10 +123,6 @@ def _check_threshold(threshold: Any) -> float:
     return t
 
 
-def _ratio(num: float, den: float) -> float:
-    return float(num) / float(den) if den > 0 else float("nan")
-
-
 # --------------------------------------------------------------------------------------------
 # Point estimates
 # --------------------------------------------------------------------------------------------

@@ -88,6 +88,18 @@ def test_fold_matches_one_patch_at_a_time(encoders):
                 torch.testing.assert_close(got[b, n], ref[0], rtol=1e-4, atol=1e-5)
 
 
+def test_encode_flat_matches_the_patch_forward(encoders):
+    enc = encoders("test_resnet").eval()
+    patches = torch.rand(2, 3, 3, PATCH, PATCH, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        folded = enc(patches)
+        flat = enc.encode_flat(patches.flatten(0, 1))
+    assert flat.shape == (6, enc.out_dim)
+    torch.testing.assert_close(flat.view(2, 3, -1), folded)
+    with pytest.raises(ValueError, match=r"flat batch of shape \(M, 3, h, w\)"):
+        enc.encode_flat(patches)
+
+
 def test_uint8_float_and_prenormalised_inputs_agree(encoders):
     enc = encoders("test_convnext").eval()
     u8 = torch.randint(0, 256, (1, 2, 3, PATCH, PATCH), dtype=torch.uint8)

@@ -1,14 +1,12 @@
 from __future__ import annotations
 
 import math
-import sys
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-import patchssl._optional
 from patchssl.explain import (
     HIGHLIGHT_COLOR,
     LESION_COLOR,
@@ -175,28 +173,6 @@ def test_embedding_argument_errors(tmp_path) -> None:
         plot_embedding(x, np.zeros(5), tmp_path / "e.png", perplexity=5)
     with pytest.raises(ValueError, match=r"\(5,\)"):
         plot_embedding(x, np.zeros(4), tmp_path / "e.png")
-
-
-def test_missing_matplotlib_names_the_extra(tmp_path, monkeypatch) -> None:
-    for name in ("matplotlib", "matplotlib.figure", "matplotlib.backends.backend_agg"):
-        monkeypatch.setitem(sys.modules, name, None)  # makes `import name` fail
-    path = tmp_path / "emb.png"
-    with pytest.raises(ImportError, match=r'pip install "patchssl\[viz\]"'):
-        plot_embedding(np.zeros((5, 3)), np.zeros(5), path, method="pca")
-    assert not path.exists()
-
-
-def test_missing_matplotlib_via_require(tmp_path, monkeypatch) -> None:
-    calls = []
-
-    def fake_require(module: str, *, extra: str, feature: str | None = None):
-        calls.append((module, extra))
-        raise ImportError(f'{feature} needs {module}: pip install "patchssl[{extra}]"')
-
-    monkeypatch.setattr(patchssl._optional, "require", fake_require)
-    with pytest.raises(ImportError, match=r"patchssl\[viz\]"):
-        plot_embedding(np.zeros((5, 3)), np.zeros(5), tmp_path / "e.png")
-    assert calls == [("matplotlib", "viz")]
 
 
 def _intersection(a, b) -> float:

@@ -34,7 +34,6 @@ __all__ = [
     "find_overlap",
     "grouped_kfold",
     "grouped_stratified_split",
-    "grouped_train_val_split",
     "load_split",
     "records_from_split",
     "save_split",
@@ -164,27 +163,6 @@ def _ensure_both_sides(in_test: np.ndarray, counts: np.ndarray) -> None:
                 continue
             g = donors[np.argmin(sizes[donors])]
             in_test[g] = side
-
-
-def grouped_train_val_split(
-    labels: Sequence[int] | np.ndarray,
-    groups: Sequence[Hashable] | np.ndarray | None,
-    *,
-    val_size: float = 0.1,
-    seed: int = 0,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Train/validation split, grouped and stratified like :func:`grouped_stratified_split`.
-
-    Args:
-        labels: Class of each sample, shape ``(n,)``.
-        groups: Patient of each sample, shape ``(n,)``, or None.
-        val_size: Fraction for validation, in (0, 1).
-        seed: Seed.
-
-    Returns:
-        ``(train_idx, val_idx)``: sorted int64 arrays.
-    """
-    return grouped_stratified_split(labels, groups, test_size=val_size, seed=seed)
 
 
 def grouped_kfold(
