@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import json
-import math
 import random
 
 import numpy as np
@@ -100,14 +99,30 @@ def test_warmup_cosine_schedule_matches_reference():
         opt.step()
         sched.step()
 
-    def reference(step: int) -> float:
-        warm, total = 5, 20
-        if step < warm:
-            return 0.1 * (step + 1) / warm
-        t = (step - warm) / (total - warm)
-        return 0.01 + (0.1 - 0.01) * 0.5 * (1 + math.cos(math.pi * t))
+    # Reference: torch's own warmup-then-cosine composition on a second optimizer.
+    warm, total = 5, 20
+    ref_opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=c.train.lr)
+    lr_mod = torch.optim.lr_scheduler
+    ref = lr_mod.SequentialLR(
+        ref_opt,
+        [
+            lr_mod.LinearLR(ref_opt, start_factor=1 / warm, total_iters=warm - 1),
+            lr_mod.CosineAnnealingLR(ref_opt, T_max=total - warm, eta_min=c.train.min_lr),
+        ],
+        milestones=[warm],
+    )
+    expected = []
+    for _ in range(20):
+        expected.append(ref_opt.param_groups[0]["lr"])
+        ref_opt.step()
+        ref.step()
+    assert seen == pytest.approx(expected)
 
-    assert seen == pytest.approx([reference(s) for s in range(20)])
+    # Built anew at a step (a resume whose steps per epoch changed), it continues the same
+    # rates through the public API.
+    again = build_scheduler(opt, c.train, steps, step=12)
+    assert again.get_last_lr()[0] == pytest.approx(expected[12])
+    assert opt.param_groups[0]["lr"] == pytest.approx(expected[12])
 
 
 def test_inverse_frequency_class_weights():

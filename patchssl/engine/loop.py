@@ -386,17 +386,25 @@ def build_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.Optimiz
 
 
 def build_scheduler(
-    optimizer: torch.optim.Optimizer, train: TrainConfig, steps_per_epoch: int
+    optimizer: torch.optim.Optimizer,
+    train: TrainConfig,
+    steps_per_epoch: int,
+    *,
+    step: int = 0,
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warmup then cosine decay to ``min_lr`` (or a constant rate), stepped per batch.
 
-    The schedule is a closure over the current configuration, so a resumed run whose
-    ``epochs`` were extended follows the new length.
+    The same rates as torch's ``SequentialLR(LinearLR, CosineAnnealingLR)``, written as one
+    ``LambdaLR`` whose factor is a function of the step alone, so that a resumed run whose
+    ``epochs`` or steps per epoch changed is put at the right rate by building it anew at
+    that step.
 
     Args:
         optimizer: The optimizer.
         train: Training section (``schedule``, ``warmup_epochs``, ``epochs``, ``lr``, ``min_lr``).
         steps_per_epoch: Optimizer steps per epoch.
+        step: The step the schedule starts at (0 for a new run; the optimizer must then have
+            been scheduled before, as on resume, so that its groups hold ``initial_lr``).
 
     Returns:
         A ``LambdaLR`` scheduler.
@@ -416,7 +424,7 @@ def build_scheduler(
         progress_ = min(1.0, (step - warmup) / max(1, total - warmup))
         return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress_))
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor, last_epoch=step - 1)
 
 
 def _better(value: float, best: float | None, mode: str) -> bool:
@@ -614,12 +622,9 @@ class Trainer:
 
     def _move_schedule(self, step: int) -> None:
         """Put the learning-rate schedule at ``step`` (after a change of steps per epoch)."""
-        scheduler = self.scheduler
-        scheduler.last_epoch = step
-        lrs = [base * fn(step) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
-        for group, lr in zip(self.optimizer.param_groups, lrs):
-            group["lr"] = lr
-        scheduler._last_lr = lrs  # what get_last_lr() reports
+        self.scheduler = build_scheduler(
+            self.optimizer, self.train, self.steps_per_epoch, step=step
+        )
 
     def _placeholder_batch(self) -> dict[str, Any]:
         """A one-image batch whose loss is multiplied by 0 (see :meth:`train_epoch`)."""
