@@ -18,7 +18,6 @@ from patchssl.engine.config import (
 )
 from patchssl.engine.finetuning import class_weights, random_flips
 from patchssl.engine.loop import (
-    EpochSampler,
     build_scheduler,
     resolve_amp,
     resolve_compile,
@@ -133,16 +132,6 @@ def test_inverse_frequency_class_weights():
     assert class_weights(np.array([0, 1]), 2).tolist() == [1.0, 1.0]
     with pytest.raises(ConfigError, match="labels must lie"):
         class_weights(np.array([0, 2]), 2)
-
-
-def test_epoch_sampler_is_seeded_per_epoch():
-    a, b = EpochSampler(10, seed=3), EpochSampler(10, seed=3)
-    a.set_epoch(1)
-    b.set_epoch(1)
-    assert list(a) == list(b) and sorted(a) == list(range(10))
-    b.set_epoch(2)
-    assert list(a) != list(b)
-    assert list(EpochSampler(5, shuffle=False)) == [0, 1, 2, 3, 4]
 
 
 def test_rng_state_round_trip():

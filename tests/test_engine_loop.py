@@ -9,10 +9,11 @@ from typing import Any
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import DistributedSampler
 
 from patchssl.checkpoint import load_checkpoint
 from patchssl.engine.config import Config
-from patchssl.engine.loop import EpochSampler, NonFiniteLossError, StepOutput, Trainer
+from patchssl.engine.loop import NonFiniteLossError, StepOutput, Trainer
 
 
 class ToyTask:
@@ -63,7 +64,13 @@ def _trainer(task: ToyTask, tmp_path, epochs: int = 5, patience: int = 0, monito
     config.train.lr = 0.01
     loader = kw.pop("loader", _loader())
     return Trainer(
-        task, config, loader, EpochSampler(12), torch.device("cpu"), monitor=monitor, **kw
+        task,
+        config,
+        loader,
+        DistributedSampler(range(12), num_replicas=1, rank=0),
+        torch.device("cpu"),
+        monitor=monitor,
+        **kw,
     )
 
 

@@ -12,8 +12,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from torch.utils.data import DistributedSampler
+
 from patchssl.engine.config import Config, ConfigError
-from patchssl.engine.distributed import is_main_process
+from patchssl.engine.distributed import get_rank, get_world_size, is_main_process
 from patchssl.engine.logging import echo
 
 __all__ = [
@@ -288,10 +290,12 @@ def training_loaders(
 ) -> tuple[Any, Any, Any | None]:
     """The loaders of a training run: the training loader, its sampler, the validation loader.
 
-    Every process draws the same data order from an :class:`EpochSampler` seeded with
-    ``train.seed``, sharded by rank (padded to equal shards). Every training image is kept,
-    so that unreadable ones are all reported, except a lone last one (decided on the shard
-    length, which is the same on every process). Memory is pinned on CUDA.
+    Every process draws the same data order from torch's ``DistributedSampler`` seeded with
+    ``train.seed`` (the order of an epoch depends only on the seed and the epoch, so a run can
+    resume with another number of processes), sharded by rank (padded to equal shards). Every
+    training image is kept, so that unreadable ones are all reported, except a lone last one
+    (decided on the shard length, which is the same on every process). Memory is pinned on
+    CUDA.
 
     Args:
         config: Run configuration (``train.batch_size`` or ``train.global_batch_size``,
@@ -305,12 +309,18 @@ def training_loaders(
     """
     from patchssl.data import make_loader
     from patchssl.engine.common import say
-    from patchssl.engine.loop import EpochSampler, describe_batch, per_process_batch_size
+    from patchssl.engine.loop import describe_batch, per_process_batch_size
 
     train_cfg = config.train
     batch_size = per_process_batch_size(train_cfg)
     say(f"batch size: {describe_batch(batch_size)}")
-    sampler = EpochSampler(len(train_set), seed=train_cfg.seed, shuffle=True)
+    sampler = DistributedSampler(
+        train_set,
+        num_replicas=get_world_size(),
+        rank=get_rank(),
+        shuffle=True,
+        seed=train_cfg.seed,
+    )
     pin = device.type == "cuda"
     workers = config.data.workers
     loader = make_loader(

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
@@ -43,7 +43,6 @@ from patchssl.engine.seeding import (
 )
 
 __all__ = [
-    "EpochSampler",
     "NonFiniteLossError",
     "StepOutput",
     "Trainer",
@@ -109,85 +108,6 @@ class TrainingTask(Protocol):
         Build it with :func:`patchssl.engine.checkpointing.model_entries`.
         """
         ...
-
-
-class EpochSampler(torch.utils.data.Sampler[int]):
-    """Shuffles indices with a generator reseeded from ``(seed, epoch)`` at every epoch.
-
-    The same contract as ``torch.utils.data.DistributedSampler`` (``set_epoch``, ``rank``,
-    ``num_replicas``, ``drop_last``). Every process draws the same order of the whole data
-    set, and process ``rank`` takes every ``num_replicas``-th index from position ``rank``.
-    Over all processes, step ``k`` of a run therefore trains on exactly the images of step
-    ``k`` of a single process whose batch is ``num_replicas`` times larger, and the order of an
-    epoch depends only on ``(seed, epoch)``: a run can resume at an epoch boundary with
-    another number of processes.
-
-    With several processes and ``drop_last=False`` (the default) the order is padded by
-    repeating its first indices until its length divides by ``num_replicas``, so every
-    process gets the same number of images (at most ``num_replicas - 1`` images are seen
-    twice per epoch); with ``drop_last=True`` the last ``size % num_replicas`` indices of the
-    order are left out instead (different ones each epoch).
-
-    Args:
-        size: Number of items.
-        seed: Base seed of the run.
-        shuffle: Shuffle (training) or keep the order (evaluation).
-        rank: This process's rank (default: the process group's, 0 without one).
-        num_replicas: Number of processes (default: the process group's, 1 without one).
-        drop_last: Drop the tail instead of padding (only matters with several processes).
-    """
-
-    def __init__(
-        self,
-        size: int,
-        *,
-        seed: int = 0,
-        shuffle: bool = True,
-        rank: int | None = None,
-        num_replicas: int | None = None,
-        drop_last: bool = False,
-    ) -> None:
-        self.size = int(size)
-        self.seed = int(seed)
-        self.shuffle = shuffle
-        self.rank = get_rank() if rank is None else int(rank)
-        self.num_replicas = get_world_size() if num_replicas is None else int(num_replicas)
-        if self.num_replicas < 1 or not 0 <= self.rank < self.num_replicas:
-            raise ValueError(
-                f"EpochSampler needs 0 <= rank < num_replicas; got rank={self.rank}, "
-                f"num_replicas={self.num_replicas}"
-            )
-        self.drop_last = bool(drop_last)
-        self.epoch = 0
-        self.generator = torch.Generator()
-
-    def set_epoch(self, epoch: int) -> None:
-        """Choose the epoch whose order :meth:`__iter__` yields."""
-        self.epoch = int(epoch)
-
-    def __iter__(self) -> Iterator[int]:
-        if self.shuffle:
-            from patchssl.engine.seeding import derive_seed
-
-            self.generator.manual_seed(derive_seed(self.seed, "data-order", self.epoch))
-            order = torch.randperm(self.size, generator=self.generator).tolist()
-        else:
-            order = list(range(self.size))
-        if self.num_replicas == 1:
-            return iter(order)
-        total = len(self) * self.num_replicas
-        if total <= len(order):
-            order = order[:total]
-        elif order:
-            order = (order * math.ceil(total / len(order)))[:total]
-        return iter(order[self.rank :: self.num_replicas])
-
-    def __len__(self) -> int:
-        if self.num_replicas == 1:
-            return self.size
-        if self.drop_last:
-            return self.size // self.num_replicas
-        return math.ceil(self.size / self.num_replicas)
 
 
 def per_process_batch_size(train: TrainConfig, world_size: int | None = None) -> int:
