@@ -50,22 +50,16 @@ import torch
 from torch import Tensor, nn
 
 __all__ = [
-    "INPUT_NORMS",
     "PatchEmbeddings",
     "ProbeResult",
     "embed_images",
     "encoder_from_checkpoint",
-    "input_norm_of",
     "knn_predict_proba",
     "paired_difference",
     "position_probe",
     "probe_encoder",
     "probe_features",
 ]
-
-#: How patches are normalised before the encoder: each patch by its own mean and standard
-#: deviation (``"per_patch"``, the jigsaw task's default) or by the encoder's ``mean``/``std``.
-INPUT_NORMS: tuple[str, ...] = ("per_patch", "encoder")
 
 METHODS: tuple[str, ...] = ("linear", "knn")
 POOLINGS: tuple[str, ...] = ("mean", "concat")
@@ -74,36 +68,6 @@ POOLINGS: tuple[str, ...] = ("mean", "concat")
 # --------------------------------------------------------------------------------------------
 # The encoder and how it was fed
 # --------------------------------------------------------------------------------------------
-def input_norm_of(model_config: Mapping[str, Any] | None) -> str:
-    """The input normalisation recorded in a checkpoint's (or pretext task's) ``model_config``.
-
-    Reads ``model_config["input_norm"]`` when present; otherwise ``"per_patch"`` when the
-    pretext task was built with ``per_patch_norm=True`` (``model_config["pretext_kwargs"]``),
-    else ``"encoder"``.
-
-    Args:
-        model_config: The ``model_config`` of a checkpoint, or
-            :attr:`patchssl.pretext.PretextTask.model_config`.
-
-    Returns:
-        ``"per_patch"`` or ``"encoder"``.
-
-    Raises:
-        ValueError: For an unknown recorded value.
-    """
-    config = dict(model_config or {})
-    value = config.get("input_norm")
-    if value is None:
-        classifier = config.get("classifier") or {}
-        value = classifier.get("input_norm") if isinstance(classifier, Mapping) else None
-    if value is None:
-        kwargs = config.get("pretext_kwargs") or {}
-        value = "per_patch" if kwargs.get("per_patch_norm") else "encoder"
-    if value not in INPUT_NORMS:
-        raise ValueError(f"unknown input_norm {value!r}; expected one of {INPUT_NORMS}")
-    return str(value)
-
-
 def encoder_from_checkpoint(
     checkpoint: str | os.PathLike[str] | Mapping[str, Any],
 ) -> tuple[nn.Module, nn.Module, str]:
@@ -142,8 +106,9 @@ def encoder_from_checkpoint(
         )
     if model.tiler is None:  # pragma: no cover - patchssl checkpoints always record a tiler
         raise CheckpointError("the checkpoint records no tiling geometry (model_config.tiler)")
-    norm = input_norm_of(payload.get("model_config"))
-    return model.encoder.eval(), model.tiler.eval(), norm
+    # from_pretrained reads the checkpoint's input_norm (model_config["input_norm"], or the
+    # pretext's per_patch_norm in older checkpoints); a fine-tuned classifier records its own
+    return model.encoder.eval(), model.tiler.eval(), model.input_norm
 
 
 # --------------------------------------------------------------------------------------------
@@ -261,6 +226,7 @@ def embed_images(
     Raises:
         ValueError: For an unknown ``input_norm`` or inconsistent inputs.
     """
+    from patchssl.classifier import INPUT_NORMS
     from patchssl.pretext.base import standardize_patches
 
     if input_norm not in INPUT_NORMS:
@@ -851,8 +817,10 @@ def probe_encoder(
     elif isinstance(encoder_or_checkpoint, nn.Module):
         module = encoder_or_checkpoint
         if hasattr(module, "encoder") and hasattr(module, "model_config"):  # a pretext task
+            from patchssl.classifier import checkpoint_input_norm
+
             encoder, ckpt_tiler = module.encoder, module.tiler
-            ckpt_norm = input_norm_of(module.model_config)
+            ckpt_norm = checkpoint_input_norm(module.model_config)
         else:
             encoder, ckpt_tiler, ckpt_norm = module, None, "encoder"
     else:

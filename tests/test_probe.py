@@ -26,7 +26,6 @@ from patchssl.pretext.base import standardize_patches
 from patchssl.probe import (
     embed_images,
     encoder_from_checkpoint,
-    input_norm_of,
     knn_predict_proba,
     paired_difference,
     position_probe,
@@ -174,17 +173,6 @@ def test_paired_difference_of_a_probe_with_itself_is_zero():
 
 
 # ------------------------------------------------------------------------------ embedding
-def test_input_norm_of_reads_the_record_or_the_pretext_fallback():
-    assert input_norm_of({"input_norm": "encoder", "pretext_kwargs": {"per_patch_norm": True}}) == (
-        "encoder"
-    )
-    assert input_norm_of({"pretext_kwargs": {"per_patch_norm": True}}) == "per_patch"
-    assert input_norm_of({"pretext_kwargs": {"per_patch_norm": False}}) == "encoder"
-    assert input_norm_of({}) == "encoder"
-    with pytest.raises(ValueError, match="input_norm"):
-        input_norm_of({"input_norm": "imagenet"})
-
-
 @pytest.mark.parametrize("norm", ["per_patch", "encoder"])
 def test_embedding_uses_eval_tiling_and_the_chosen_normalisation(norm):
     torch.manual_seed(0)

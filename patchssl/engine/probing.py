@@ -335,13 +335,14 @@ class PretrainProbe:
         return {"probe_knn_auc": float(broadcast_object(auc))}
 
     def _knn_auc(self, model: nn.Module) -> float:
-        from patchssl.probe import embed_images, input_norm_of, probe_features
+        from patchssl.classifier import checkpoint_input_norm
+        from patchssl.probe import embed_images, probe_features
 
         emb = embed_images(
             model.encoder,
             self.loader,
             tiler=model.tiler,
-            input_norm=input_norm_of(model.model_config),
+            input_norm=checkpoint_input_norm(model.model_config),
             device=self.device,
         )
         train = np.flatnonzero([i in self.train_set for i in emb.indices.tolist()])
