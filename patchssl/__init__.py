@@ -35,6 +35,14 @@ from patchssl.pretext import (
     list_pretexts,
     register_pretext,
 )
+from patchssl.probe import (
+    ProbeResult,
+    knn_predict_proba,
+    paired_difference,
+    position_probe,
+    probe_encoder,
+    probe_features,
+)
 from patchssl.tiling import PatchTiler, TiledPatches
 
 __all__ = [
@@ -48,6 +56,7 @@ __all__ = [
     "PermutationSet",
     "PretextOutput",
     "PretextTask",
+    "ProbeResult",
     "RelativePositionPretext",
     "RotationPretext",
     "SharedPatchEncoder",
@@ -64,10 +73,15 @@ __all__ = [
     "export_onnx",
     "export_torchscript",
     "format_table",
+    "knn_predict_proba",
     "lesion_hit_rate",
     "list_pretexts",
     "load_checkpoint",
+    "paired_difference",
     "plot_embedding",
+    "position_probe",
+    "probe_encoder",
+    "probe_features",
     "register_pretext",
     "save_checkpoint",
     "sensitivity_at_specificity",

@@ -1,11 +1,12 @@
 """The ``patchssl`` command line.
 
-Commands: ``prepare``, ``pretrain``, ``finetune``, ``evaluate``, ``explain``, ``demo``,
-``pretexts`` (list the registered pretext tasks) and ``permutations`` (describe or generate a
-permutation set). Every training command reads a YAML/JSON config (``--config``), then the
-common flags (``--epochs``, ``--lr``...), then ``--set section.key=value`` overrides, in that
-order. Exit status: 0 on success, 2 on a usage or configuration error (a message, no traceback;
-``--debug`` shows it), 1 when training stops on a non-finite loss, 130 when interrupted.
+Commands: ``prepare``, ``pretrain``, ``probe``, ``finetune``, ``evaluate``, ``explain``,
+``demo``, ``pretexts`` (list the registered pretext tasks) and ``permutations`` (describe or
+generate a permutation set). Every training command reads a YAML/JSON config (``--config``),
+then the common flags (``--epochs``, ``--lr``...), then ``--set section.key=value`` overrides,
+in that order. Exit status: 0 on success, 2 on a usage or configuration error (a message, no
+traceback; ``--debug`` shows it), 1 when training stops on a non-finite loss, 130 when
+interrupted.
 
 ``pretrain`` and ``finetune`` also run under ``torchrun`` (one process per GPU, e.g.
 ``torchrun --standalone --nproc_per_node 8 -m patchssl pretrain --config run.yaml``; see
@@ -84,7 +85,7 @@ _OPTIONS: dict[str, dict[str, Any]] = {
         "aliases": ("-c",),
         "metavar": "FILE",
         "help": "YAML or JSON config file (sections data, model, pretext, train, eval, "
-        "explain, dist)",
+        "explain, dist, probe)",
     },
     "--set": {
         "dest": "overrides",
@@ -248,7 +249,56 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="leave labeled evaluation images out of pretraining (data.exclude_overlap)",
     )
+    p.add_argument(
+        "--probe-data",
+        metavar="CSV",
+        help="labeled manifest: run the kNN probe on it during pretraining and log "
+        "probe_knn_auc (probe.manifest)",
+    )
+    p.add_argument(
+        "--probe-every",
+        type=int,
+        metavar="N",
+        help="with --probe-data, probe every N epochs and after the last; 0 = off "
+        "(probe.every, default 1)",
+    )
     _add_options(p, *_GEOMETRY_OPTIONS, *_TRAINING_OPTIONS, *_DEVICE_OPTIONS)
+
+    p = command(
+        "probe",
+        "frozen-feature probes: did pretraining help?",
+        "Embed the labeled images with a frozen encoder (a pretraining checkpoint, or 'none' "
+        "for a randomly initialised encoder of the given geometry: the baseline) and fit a "
+        "linear (logistic regression) and a kNN probe on mean-pooled and on concatenated patch "
+        "features, on a patient-grouped split. Reports AUC and accuracy with bootstrap "
+        "intervals that resample patients, and how well a patch's grid position can be read "
+        "from its features. Writes probe.json and probe.md in --out.",
+    )
+    _add_options(p, *_RUN_OPTIONS)
+    _add_option(
+        p,
+        "--checkpoint",
+        help="pretraining checkpoint whose encoder is probed, or 'none' for a randomly "
+        "initialised encoder of the --backbone/--image-size/--patch-size/--grid geometry "
+        "(probe.checkpoint)",
+    )
+    _add_option(p, "--data", help="labeled manifest, or a folder with labeled.csv (data.manifest)")
+    p.add_argument(
+        "--test-size",
+        type=float,
+        help="share of the images (by patient) held out to test the probes (probe.test_size)",
+    )
+    p.add_argument("--n-boot", type=int, help="bootstrap resamples (eval.n_boot)")
+    _add_option(p, "--label-map")
+    _add_option(
+        p,
+        "--split",
+        help="a saved split.json: its train and val parts fit the probes, its test part tests "
+        "them (data.split; default: a new split of --test-size)",
+    )
+    _add_options(p, *_GEOMETRY_OPTIONS)
+    _add_option(p, "--seed", help="seed of the split and of the random encoder (train.seed)")
+    _add_options(p, "--device", "--workers", "--batch-size", "--threads", "--no-progress")
 
     p = command(
         "finetune",
@@ -393,6 +443,9 @@ _FLAG_KEYS: dict[str, str] = {
     "specificity": "eval.target_specificity",
     "num_images": "explain.num_images",
     "part": "explain.split",
+    "test_size": "probe.test_size",
+    "probe_data": "probe.manifest",
+    "probe_every": "probe.every",
 }
 
 
@@ -437,10 +490,8 @@ def _config_from_args(args: argparse.Namespace) -> Any:
     if getattr(args, "resume", None) is not None:
         put("train.resume", args.resume)
     if getattr(args, "checkpoint", None):
-        put(
-            "eval.checkpoint" if args.command == "evaluate" else "explain.checkpoint",
-            args.checkpoint,
-        )
+        where = {"evaluate": "eval", "probe": "probe"}.get(args.command, "explain")
+        put(f"{where}.checkpoint", args.checkpoint)
     threshold = getattr(args, "threshold", None)
     if threshold is not None:
         try:
@@ -477,6 +528,16 @@ def _cmd_engine(args: argparse.Namespace) -> None:
 
     result = getattr(engine, args.command)(_config_from_args(args))
     _done(f"outputs written to {_ENGINE_OUTPUTS[args.command](result)}")
+
+
+def _cmd_probe(args: argparse.Namespace) -> None:
+    from patchssl.engine import probe
+    from patchssl.engine.probing import GEOMETRY_KEYS
+
+    # geometry flags given with a checkpoint must agree with it (they are checked, not applied)
+    expect = {key: getattr(args, key) for key in GEOMETRY_KEYS if getattr(args, key) is not None}
+    result = probe(_config_from_args(args), expect=expect)
+    _done(f"outputs written to {result.out_dir}")
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
@@ -567,6 +628,7 @@ def _cmd_permutations(args: argparse.Namespace) -> None:
 
 _HANDLERS: dict[str, Callable[[argparse.Namespace], None]] = {
     **dict.fromkeys(_ENGINE_OUTPUTS, _cmd_engine),
+    "probe": _cmd_probe,
     "demo": _cmd_demo,
     "pretexts": _cmd_pretexts,
     "permutations": _cmd_permutations,

@@ -44,6 +44,7 @@ def test_help_of_every_command_documents_every_option(capsys):
     assert set(sub.choices) == {
         "prepare",
         "pretrain",
+        "probe",
         "finetune",
         "evaluate",
         "explain",

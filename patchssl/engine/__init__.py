@@ -14,7 +14,8 @@ does what the ``patchssl`` command of the same name does::
 Modules: :mod:`~patchssl.engine.config` (configuration), :mod:`~patchssl.engine.loop` (the
 training loop), :mod:`~patchssl.engine.pretraining`, :mod:`~patchssl.engine.finetuning`,
 :mod:`~patchssl.engine.evaluation`, :mod:`~patchssl.engine.explain_run`,
-:mod:`~patchssl.engine.preparation`, :mod:`~patchssl.engine.demo`.
+:mod:`~patchssl.engine.preparation`, :mod:`~patchssl.engine.probing`,
+:mod:`~patchssl.engine.demo`.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from patchssl.engine.finetuning import finetune
 from patchssl.engine.loop import NonFiniteLossError, Trainer, TrainingResult
 from patchssl.engine.preparation import PrepareResult, prepare
 from patchssl.engine.pretraining import pretrain
+from patchssl.engine.probing import ProbeRunResult, probe
 
 __all__ = [
     "Config",
@@ -36,6 +38,7 @@ __all__ = [
     "ExplainResult",
     "NonFiniteLossError",
     "PrepareResult",
+    "ProbeRunResult",
     "Trainer",
     "TrainingResult",
     "demo_config",
@@ -46,6 +49,7 @@ __all__ = [
     "predict",
     "prepare",
     "pretrain",
+    "probe",
     "run_demo",
     "save_config",
 ]

@@ -1,8 +1,8 @@
 """Run configuration: dataclasses, YAML/JSON loading and dotted overrides.
 
 A run is described by one :class:`Config` with a section per concern (``data``, ``model``,
-``pretext``, ``train``, ``eval``, ``explain``, ``demo``, ``dist``). Every command reads the
-sections it needs and ignores the others, so one file can drive a whole study::
+``pretext``, ``train``, ``eval``, ``explain``, ``demo``, ``dist``, ``probe``). Every command
+reads the sections it needs and ignores the others, so one file can drive a whole study::
 
     out: runs/cervix
     data: {unlabeled: /data/cervix/unlabeled, manifest: /data/cervix/labeled.csv, image_size: 512}
@@ -43,6 +43,7 @@ __all__ = [
     "ExplainConfig",
     "ModelConfig",
     "PretextConfig",
+    "ProbeConfig",
     "TrainConfig",
     "apply_overrides",
     "load_config",
@@ -273,6 +274,35 @@ class ExplainConfig:
 
 
 @dataclass
+class ProbeConfig:
+    """Frozen-feature probes (``patchssl probe``, and the kNN probe during pretraining).
+
+    Attributes:
+        checkpoint: The encoder ``patchssl probe`` probes: a pretraining (or fine-tuning)
+            checkpoint, or ``none`` for a randomly initialised encoder of the geometry in
+            ``model``/``data`` (seeded by ``train.seed``): the baseline.
+        manifest: Labeled manifest that ``patchssl pretrain`` probes every ``every`` epochs
+            (columns and label map as in ``data``).
+        every: With ``manifest``, run the kNN probe during pretraining every this many epochs
+            and after the last (0 = off); its AUC is logged as ``probe_knn_auc``.
+        test_size: Share of the labeled patients held out to test the probes.
+        k: Neighbours of the kNN probe.
+        temperature: Temperature of the kNN vote (weights ``exp(cosine similarity / T)``).
+        input_norm: How patches are normalised before the frozen encoder: ``auto`` (what the
+            checkpoint records; for ``none``, what the configured pretext task would use:
+            per-patch for jigsaw), ``per_patch`` or ``encoder`` (its mean/std).
+    """
+
+    checkpoint: str | None = None
+    manifest: str | None = None
+    every: int = 1
+    test_size: float = 0.3
+    k: int = 20
+    temperature: float = 0.07
+    input_norm: str = "auto"
+
+
+@dataclass
 class DistConfig:
     """Multi-process training launched with ``torchrun`` (ignored in a single process).
 
@@ -316,6 +346,7 @@ class Config:
         explain: Explanation section.
         demo: Demo section.
         dist: Multi-process (torchrun) section.
+        probe: Frozen-feature probe section.
     """
 
     out: str = "runs/patchssl"
@@ -327,6 +358,7 @@ class Config:
     explain: ExplainConfig = field(default_factory=ExplainConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-able nested dict of the configuration."""

@@ -146,7 +146,9 @@ class PretrainTask:
         amp_dtype: Autocast dtype for validation (``None`` = float32).
         seed: Run seed (validation draws its random choices from a fixed generator, so the
             validation loss is comparable across epochs).
-        progress: Show a progress bar during validation.
+        skipped: Collects unreadable files.
+        probe: Called as ``probe(model, epoch)`` at the end of :meth:`validate`; its metrics
+            join the epoch's (see :class:`patchssl.engine.probing.PretrainProbe`).
     """
 
     kind = "pretrain"
@@ -160,6 +162,7 @@ class PretrainTask:
         amp_dtype: torch.dtype | None = None,
         seed: int = 0,
         skipped: Any = None,
+        probe: Callable[[nn.Module, int], dict[str, float]] | None = None,
     ) -> None:
         self.model = model
         self.train_model: nn.Module = model
@@ -168,19 +171,27 @@ class PretrainTask:
         self.amp_dtype = amp_dtype
         self.seed = seed
         self.skipped = skipped
+        self.probe = probe
 
     def step(self, batch: dict[str, Any], generator: torch.Generator | None) -> StepOutput:
         """One pretext step on ``batch["image"]`` of shape (B, C, H, W) uint8."""
         out = self.train_model(batch["image"], generator=generator)
         return StepOutput(out.loss, int(batch["image"].shape[0]), _correct(out.logits, out.targets))
 
-    @torch.no_grad()
     def validate(self, epoch: int) -> dict[str, float]:
-        """Pretext loss and accuracy on the held-out images (centred patches, fixed draws).
+        """Pretext loss and accuracy on the held-out images, then the probe when one is set.
 
         Every process evaluates its shard and the sums are reduced over the processes, so
         the metrics cover each held-out image once (every process must call this).
         """
+        metrics = self._validate_pretext()
+        if self.probe is not None:
+            metrics.update(self.probe(self.model, epoch))
+        return metrics
+
+    @torch.no_grad()
+    def _validate_pretext(self) -> dict[str, float]:
+        """``val_loss`` and ``val_acc`` (centred patches, fixed draws); ``{}`` without images."""
         if self.val_loader is None:
             return {}
         self.model.eval()
@@ -280,7 +291,14 @@ def _pretrain(config: Config, callbacks: Iterable[Callable[..., None]]) -> Train
     model = build_pretext(config, device)
     compile_encoder(model.encoder, compile_mode)
     amp_dtype, _ = resolve_amp(train_cfg.amp, device)
-    task = PretrainTask(model, val_loader, device, amp_dtype=amp_dtype, seed=train_cfg.seed)
+    probe = None
+    if config.probe.manifest and config.probe.every:
+        from patchssl.engine.probing import PretrainProbe
+
+        probe = PretrainProbe(config, device)
+    task = PretrainTask(
+        model, val_loader, device, amp_dtype=amp_dtype, seed=train_cfg.seed, probe=probe
+    )
     monitor = train_cfg.monitor if train_cfg.monitor != "auto" else "val_loss"
     trainer = Trainer(task, config, loader, sampler, device, monitor=monitor, callbacks=callbacks)
     task.skipped = trainer.skipped
