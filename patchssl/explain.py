@@ -509,14 +509,49 @@ def plot_embedding(
 # --------------------------------------------------------------------------------------------
 
 
-def lesion_hit_rate(boxes: Any, weights: Any, lesion_boxes: Any, labels: Any) -> dict[str, Any]:
+def lesion_hit_rate(
+    boxes: Any,
+    weights: Any,
+    lesion_boxes: Any,
+    labels: Any,
+    *,
+    groups: Any = None,
+    n_boot: int = 1000,
+    alpha: float = 0.05,
+    seed: int = 0,
+    tie_tolerance: float = 1e-6,
+) -> dict[str, Any]:
     """How often the highest-weight patch of a positive image overlaps its recorded lesion.
 
     Only positive images (label 1) with a recorded lesion count; a lesion box is missing when
     it holds a non-finite value (nan in the manifest) or is empty. A patch overlaps the lesion
-    when their intersection has positive area. The top patch is the first argmax of the weights.
-    The chance baseline is the hit rate of a top patch drawn uniformly at random: the mean,
-    over the counted images, of the fraction of patches that overlap the lesion.
+    when their intersection has positive area.
+
+    A hit rate means little on its own, so two baselines stand beside it, each with an interval:
+
+    * ``chance``: the hit rate of a patch drawn uniformly at random, i.e. the mean over the
+      counted images of the fraction of patches that overlap the lesion (1/N when every lesion
+      lies inside one patch);
+    * ``centre_patch_rate``: the hit rate of always choosing the middle patch (the patch whose
+      centre is nearest the centre of the grid), which is hard to beat wherever lesions sit near
+      the middle of the image (around the cervical os).
+
+    ``selectivity`` says whether the gate chooses at all: the mean over all images of the
+    highest minus the lowest weight (``weight_range``; 0 for a flat gate), and the mean
+    normalised entropy of the weights divided by their sum (``weight_entropy``: 1 when they are
+    all equal, 0 when one patch holds all the weight).
+
+    Ties: when several patches share an image's highest weight within ``tie_tolerance`` (a
+    saturated sigmoid gate gives 1.0 everywhere), the first maximum would be an arbitrary
+    choice. Such an image instead counts the fraction of its tied top patches that overlap the
+    lesion (the expected hit of a random tie-break), and a warning gives the number of tied
+    images, which is also returned as ``ties``.
+
+    Intervals are percentile bootstrap intervals of the mean over the counted images,
+    resampling patients when ``groups`` is given; a rate of exactly 0 or 1 gets the exact
+    Clopper-Pearson interval over the units (see :func:`patchssl.metrics.clopper_pearson_ci`).
+    ``vs_centre`` and ``vs_chance`` are paired differences (hit rate minus baseline) on the
+    same resamples, with a verdict as in :func:`patchssl.metrics.paired_difference`.
 
     Args:
         boxes: Patch boxes, (B, N, 4) or (N, 4) shared by every image, ``(x0, y0, x1, y1)``
@@ -524,14 +559,29 @@ def lesion_hit_rate(boxes: Any, weights: Any, lesion_boxes: Any, labels: Any) ->
         weights: Attention weights of shape (B, N).
         lesion_boxes: Lesion boxes of shape (B, 4); nan rows where no lesion is recorded.
         labels: Labels of shape (B,), 1 = positive.
+        groups: Optional patient ids of shape (B,) for the intervals.
+        n_boot: Bootstrap resamples of the intervals (0: none).
+        alpha: 1 - confidence level.
+        seed: Seed of the resampling.
+        tie_tolerance: Weights within this of an image's highest weight tie with it.
 
     Returns:
-        ``{"hit_rate", "hits", "count", "chance", "n_images"}``: ``hit_rate = hits / count``
-        and ``chance`` are ``nan`` when no image counts.
+        A dict: ``hit_rate`` (``hits / count``), ``hit_rate_ci``, ``hits`` (a float when
+        tied images count fractions), ``count``, ``chance``, ``chance_ci``,
+        ``centre_patch`` (its index), ``centre_patch_rate``, ``centre_patch_ci``,
+        ``vs_centre`` and ``vs_chance`` (``{"value", "ci", "verdict"}``), ``ties``,
+        ``selectivity`` (``{"weight_range", "weight_entropy"}`` over all B images),
+        ``ci_method`` (per interval: ``"bootstrap"``, ``"exact"``, ``"degenerate"`` or
+        ``"none"``), ``n_images``. Rates and intervals are ``nan`` when no image counts.
 
     References:
-        Chae et al., JIPS 2021, Fig. 4b (attention on the lesion).
+        Chae et al., JIPS 2021, Fig. 4b (attention on the lesion). Clopper, Pearson, Biometrika
+        26(4), 1934.
     """
+    import warnings
+
+    from patchssl.metrics import _mean_ci, _verdict, clopper_pearson_ci
+
     w = _to_numpy(weights).astype(np.float64)
     if w.ndim != 2:
         raise ValueError(f"weights must have shape (B, N); got {tuple(w.shape)}")
@@ -549,6 +599,13 @@ def lesion_hit_rate(boxes: Any, weights: Any, lesion_boxes: Any, labels: Any) ->
         raise ValueError(f"labels must have shape ({n_img},); got {tuple(y.shape)}")
     if not (np.isfinite(w).all() and np.isfinite(b).all()):
         raise ValueError("weights and boxes must be finite")
+    if not float(tie_tolerance) >= 0.0:
+        raise ValueError(f"tie_tolerance must be >= 0; got {tie_tolerance}")
+    g = None
+    if groups is not None:
+        g = _to_numpy(groups)
+        if g.shape != (n_img,):
+            raise ValueError(f"groups must have shape ({n_img},); got {tuple(g.shape)}")
 
     finite = np.isfinite(les).all(axis=1)
     safe = np.where(finite[:, None], les, 0.0)
@@ -558,13 +615,96 @@ def lesion_hit_rate(boxes: Any, weights: Any, lesion_boxes: Any, labels: Any) ->
     ix = np.minimum(b[..., 2], safe[:, None, 2]) - np.maximum(b[..., 0], safe[:, None, 0])
     iy = np.minimum(b[..., 3], safe[:, None, 3]) - np.maximum(b[..., 1], safe[:, None, 1])
     overlap = (ix > 0) & (iy > 0)
-    top = np.argmax(w, axis=1) if n_patch else np.zeros(n_img, dtype=np.int64)
-    hit = overlap[np.arange(n_img), top] if n_patch else np.zeros(n_img, dtype=bool)
-    count = int(counted.sum())
-    hits = int((hit & counted).sum())
-    if count and n_patch:
-        chance = float(overlap[counted].mean(axis=1).mean())
-        rate = hits / count
-    else:
-        chance = rate = float("nan")
-    return {"hit_rate": rate, "hits": hits, "count": count, "chance": chance, "n_images": n_img}
+    nan = float("nan")
+    out: dict[str, Any] = {
+        "hit_rate": nan,
+        "hit_rate_ci": (nan, nan),
+        "hits": 0,
+        "count": int(counted.sum()),
+        "chance": nan,
+        "chance_ci": (nan, nan),
+        "centre_patch": None,
+        "centre_patch_rate": nan,
+        "centre_patch_ci": (nan, nan),
+        "vs_centre": {"value": nan, "ci": (nan, nan), "verdict": "undefined"},
+        "vs_chance": {"value": nan, "ci": (nan, nan), "verdict": "undefined"},
+        "ties": 0,
+        "selectivity": {"weight_range": nan, "weight_entropy": nan},
+        "ci_method": {},
+        "n_images": n_img,
+    }
+    if n_patch == 0 or n_img == 0:
+        return out
+
+    # Selectivity of the gate over every image.
+    p = np.clip(w, 0.0, None)
+    total = p.sum(axis=1, keepdims=True)
+    p = np.where(total > 0, p / np.where(total > 0, total, 1.0), 1.0 / n_patch)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        entropy = -np.sum(np.where(p > 0, p * np.log(p), 0.0), axis=1)
+    out["selectivity"] = {
+        "weight_range": float((w.max(axis=1) - w.min(axis=1)).mean()),
+        "weight_entropy": float((entropy / math.log(n_patch)).mean()) if n_patch > 1 else nan,
+    }
+
+    # Top patches, with ties: each image scores the share of its tied top patches on the lesion.
+    top = w >= w.max(axis=1, keepdims=True) - float(tie_tolerance)
+    n_top = top.sum(axis=1)
+    hit = (top & overlap).sum(axis=1) / n_top
+    # The middle patch: its centre nearest the centre of the grid (first one on a tie).
+    cx = (b[..., 0] + b[..., 2]) / 2.0
+    cy = (b[..., 1] + b[..., 3]) / 2.0
+    dist = np.hypot(cx - cx.mean(axis=1, keepdims=True), cy - cy.mean(axis=1, keepdims=True))
+    middle = np.argmin(dist, axis=1)
+    middle_hit = overlap[np.arange(n_img), middle].astype(np.float64)
+    fraction = overlap.mean(axis=1)
+    out["centre_patch"] = int(middle[0]) if np.all(middle == middle[0]) else None
+
+    count = out["count"]
+    if not count:
+        return out
+    ties = int(((n_top > 1) & counted).sum())
+    out["ties"] = ties
+    if ties:
+        warnings.warn(
+            f"lesion_hit_rate: {ties} of {count} counted images have their highest attention "
+            f"weight shared by several patches (within tie_tolerance={tie_tolerance}); each "
+            "counts the share of its tied top patches that overlap the lesion, not the first "
+            "maximum. A saturated or flat gate causes this: see 'selectivity'.",
+            UserWarning,
+            stacklevel=2,
+        )
+    gc = g[counted] if g is not None else None
+    hits = float(hit[counted].sum())
+    out["hits"] = round(hits) if not ties else hits
+    out["hit_rate"] = hits / count
+    out["chance"] = float(fraction[counted].mean())
+    out["centre_patch_rate"] = float(middle_hit[counted].mean())
+    ci = {"n_boot": n_boot, "alpha": alpha, "seed": seed}
+    for key, values in (
+        ("hit_rate", hit[counted]),
+        ("chance", fraction[counted]),
+        ("centre_patch", middle_hit[counted]),
+    ):
+        out[f"{key}_ci"], out["ci_method"][key] = _mean_ci(values, gc, **ci)
+    for key, base in (("vs_centre", middle_hit), ("vs_chance", fraction)):
+        diff = hit[counted] - base[counted]
+        d = float(diff[0])
+        if np.all(diff == d) and abs(d) == 1.0:
+            # Every image hit where the baseline missed (or the reverse): no spread to resample.
+            # P(a) - P(b) >= P(a, not b) - P(b, not a) >= 2 L - 1, with L the exact lower bound
+            # of P(a, not b) over the units.
+            units = np.unique(gc).size if gc is not None else count
+            low = 2.0 * clopper_pearson_ci(units, units, float(alpha))[0] - 1.0
+            interval, method = ((low, 1.0) if d > 0 else (-1.0, -low)), "exact"
+        else:
+            interval, method = _mean_ci(diff, gc, **ci)
+            if method == "exact":  # every difference 0: _mean_ci's proportion rule is wrong here
+                interval, method = (0.0, 0.0), "degenerate"
+        out["ci_method"][key] = method
+        out[key] = {
+            "value": float(diff.mean()),
+            "ci": interval,
+            "verdict": _verdict(*interval) if method != "none" else "undefined",
+        }
+    return out

@@ -22,6 +22,9 @@ References:
 
     Efron, Tibshirani. "An Introduction to the Bootstrap." Chapman & Hall, 1993 (percentile
     intervals, ch. 13; resampling of independent units).
+
+    Clopper, Pearson. "The use of confidence or fiducial limits illustrated in the case of the
+    binomial." Biometrika 26(4), 1934 (the exact interval of a proportion).
 """
 
 from __future__ import annotations
@@ -35,14 +38,19 @@ import numpy as np
 
 __all__ = [
     "BOOTSTRAP_METRICS",
+    "PROPORTION_METRICS",
+    "VERDICTS",
     "EvaluationReport",
+    "PairedDifference",
     "binary_metrics",
     "bootstrap_ci",
     "bootstrap_samples",
     "choose_threshold",
+    "clopper_pearson_ci",
     "confusion_counts",
     "evaluate_predictions",
     "format_table",
+    "paired_difference",
     "sensitivity_at_specificity",
 ]
 
@@ -56,6 +64,22 @@ BOOTSTRAP_METRICS: tuple[str, ...] = (
     "auc",
     "sensitivity_at_specificity",
 )
+
+#: Metrics that are a proportion of images (a count over a count). At 0% or 100% their bootstrap
+#: interval collapses to a point, and :func:`evaluate_predictions` gives an exact interval
+#: instead (:func:`clopper_pearson_ci`). ``sensitivity_at_specificity`` is a sensitivity read at a
+#: threshold chosen on the same data, so its exact interval is an approximation.
+PROPORTION_METRICS: tuple[str, ...] = (
+    "accuracy",
+    "specificity",
+    "sensitivity",
+    "precision",
+    "sensitivity_at_specificity",
+)
+
+#: The verdicts of :func:`paired_difference`: the interval of the difference lies above 0, below
+#: 0, or holds 0 (``"undefined"`` when no resample defines the metric for both models).
+VERDICTS: tuple[str, ...] = ("better", "worse", "no difference detectable at this size")
 
 _DEFAULT_CI_METRICS: tuple[str, ...] = BOOTSTRAP_METRICS
 
@@ -524,7 +548,9 @@ def bootstrap_ci(
     The interval of a metric is the ``alpha / 2`` and ``1 - alpha / 2`` quantiles of its values
     over the resamples of :func:`bootstrap_samples`. Resamples in which the metric is undefined
     (a resample with a single class, for the AUC) are skipped; when every resample is undefined
-    the interval is ``(nan, nan)``.
+    the interval is ``(nan, nan)``. These are the raw percentile intervals: a proportion at 0%
+    or 100% gets ``(0, 0)`` or ``(1, 1)`` here, which :func:`evaluate_predictions` replaces with
+    an exact interval.
 
     Args:
         y_true: Labels of shape (n,), 0 or 1.
@@ -560,6 +586,314 @@ def bootstrap_ci(
 
 
 # --------------------------------------------------------------------------------------------
+# Exact intervals of proportions
+# --------------------------------------------------------------------------------------------
+
+
+def clopper_pearson_ci(successes: int, n: int, alpha: float = 0.05) -> tuple[float, float]:
+    """Exact (Clopper-Pearson) confidence interval of a binomial proportion ``successes / n``.
+
+    The bounds are quantiles of beta distributions: ``Beta(alpha/2; x, n - x + 1)`` and
+    ``Beta(1 - alpha/2; x + 1, n - x)``, with 0 below ``x = 0`` and 1 above ``x = n``. At the
+    edges they have a closed form: 21 successes out of 21 give ``(0.025 ** (1 / 21), 1)``, i.e.
+    ``(0.8389, 1)`` at 95%. The interval guarantees at least the nominal coverage for every true
+    proportion (it is conservative), which is what a proportion of 0% or 100% on a few dozen
+    images needs: there a percentile bootstrap collapses to the single point ``[1, 1]``, since
+    every resample of 21 correct images is again all correct.
+
+    :func:`evaluate_predictions` uses it only where the bootstrap collapses (a proportion at 0%
+    or 100%); elsewhere the patient bootstrap is kept, because it accounts for several images per
+    patient and an interval over images does not.
+
+    Args:
+        successes: Number of successes ``x``, ``0 <= x <= n``.
+        n: Number of independent trials.
+        alpha: 1 - confidence level (two-sided; 0.05 gives a 95% interval).
+
+    Returns:
+        ``(low, high)`` in [0, 1]; ``(nan, nan)`` when ``n == 0``.
+
+    Example:
+        >>> low, high = clopper_pearson_ci(21, 21)
+        >>> round(low, 4), high
+        (0.8389, 1.0)
+
+    References:
+        Clopper, Pearson. Biometrika 26(4), 1934.
+    """
+    if not 0.0 < float(alpha) < 1.0:
+        raise ValueError(f"alpha must be in (0, 1), e.g. 0.05 for 95% intervals; got {alpha}")
+    x, n = int(successes), int(n)
+    if n < 0 or not 0 <= x <= max(n, 0):
+        raise ValueError(f"need 0 <= successes <= n; got successes={successes}, n={n}")
+    if n == 0:
+        return float("nan"), float("nan")
+    from scipy.stats import beta  # lazy: scipy.stats is slow to import
+
+    a = float(alpha) / 2.0
+    low = 0.0 if x == 0 else float(beta.ppf(a, x, n - x + 1))
+    high = 1.0 if x == n else float(beta.ppf(1.0 - a, x + 1, n - x))
+    return low, high
+
+
+def _denominators(
+    y: np.ndarray, pred: np.ndarray, inverse: np.ndarray, grouped: bool
+) -> dict[str, int]:
+    """Independent units behind each proportion: images, or patients with any image in it."""
+    masks = {
+        "accuracy": np.ones_like(y, dtype=bool),
+        "specificity": y == 0,
+        "sensitivity": y == 1,
+        "precision": pred == 1,
+        "sensitivity_at_specificity": y == 1,
+    }
+    if not grouped:
+        return {m: int(mask.sum()) for m, mask in masks.items()}
+    return {m: int(np.unique(inverse[mask]).size) for m, mask in masks.items()}
+
+
+def _exact_where_degenerate(
+    metrics: Mapping[str, float],
+    ci: dict[str, tuple[float, float]],
+    units: Mapping[str, int],
+    alpha: float,
+) -> dict[str, str]:
+    """Replace the collapsed bootstrap interval of a proportion at 0 or 1 by an exact one.
+
+    Returns each metric's interval method: ``"bootstrap"``, ``"exact"`` or ``"degenerate"``
+    (a non-proportion whose resamples all gave one value: no interval is printed for it).
+    """
+    method: dict[str, str] = {}
+    for m, (lo, hi) in ci.items():
+        value = metrics.get(m, float("nan"))
+        if m in PROPORTION_METRICS and value in (0.0, 1.0) and units.get(m, 0) > 0:
+            n = units[m]
+            ci[m] = clopper_pearson_ci(round(value * n), n, alpha)
+            method[m] = "exact"
+        elif math.isfinite(lo) and lo == hi:
+            method[m] = "degenerate"
+        else:
+            method[m] = "bootstrap"
+    return method
+
+
+def _mean_ci(
+    values: Any,
+    groups: Any = None,
+    *,
+    n_boot: int = 1000,
+    alpha: float = 0.05,
+    seed: int = 0,
+) -> tuple[tuple[float, float], str]:
+    """Interval of the mean of per-image values (hits, fractions), resampling patients.
+
+    A percentile bootstrap over patients (``groups``) or images, as :func:`bootstrap_samples`
+    draws them; when every value is 0 or every value is 1 (a proportion at an edge, where the
+    bootstrap collapses) the exact interval over the units instead.
+
+    Args:
+        values: Per-image values of shape (n,).
+        groups: Optional patient ids of shape (n,).
+        n_boot: Resamples (0: no interval).
+        alpha: 1 - confidence level.
+        seed: Seed of the resampling.
+
+    Returns:
+        ``((low, high), method)`` with method ``"bootstrap"``, ``"exact"``, ``"degenerate"``
+        (every resample gave one value) or ``"none"`` (no values, or ``n_boot == 0``).
+    """
+    v = _to_numpy(values).astype(np.float64).reshape(-1)
+    nan2 = (float("nan"), float("nan"))
+    if v.size == 0:
+        return nan2, "none"
+    inverse, n_groups = _group_index(groups, v.size)
+    for edge in (0.0, 1.0):
+        if np.all(v == edge):
+            return clopper_pearson_ci(int(edge) * n_groups, n_groups, alpha), "exact"
+    if int(n_boot) < 1:
+        return nan2, "none"
+    draws = np.random.default_rng(seed).integers(0, n_groups, size=(int(n_boot), n_groups))
+    flat = (draws + np.arange(int(n_boot))[:, None] * n_groups).ravel()
+    mult = np.bincount(flat, minlength=int(n_boot) * n_groups).reshape(int(n_boot), n_groups)
+    sums = np.bincount(inverse, weights=v, minlength=n_groups)
+    sizes = np.bincount(inverse, minlength=n_groups).astype(np.float64)
+    low, high = _percentile_ci((mult @ sums) / (mult @ sizes), float(alpha))
+    return (low, high), "degenerate" if low == high else "bootstrap"
+
+
+def _verdict(low: float, high: float) -> str:
+    if not (math.isfinite(low) and math.isfinite(high)):
+        return "undefined"
+    if low > 0.0:
+        return VERDICTS[0]
+    if high < 0.0:
+        return VERDICTS[1]
+    return VERDICTS[2]
+
+
+# --------------------------------------------------------------------------------------------
+# Paired comparison of two models
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """The difference of one metric between two models scored on the same images.
+
+    Attributes:
+        metric: The metric's name (from :data:`BOOTSTRAP_METRICS`).
+        value: ``metric(model a) - metric(model b)`` on the full test set.
+        ci: ``(low, high)``: percentile interval of the difference over paired resamples.
+        verdict: ``"better"`` (the interval lies above 0: model a is better), ``"worse"``
+            (below 0), ``"no difference detectable at this size"`` (it holds 0), or
+            ``"undefined"`` (no resample defines the metric for both models).
+        value_a: The metric of model a.
+        value_b: The metric of model b.
+        n_boot: Number of paired resamples.
+        n_valid: Resamples where the metric is defined for both models.
+        alpha: 1 - confidence level.
+        resampled_by: ``"patient"`` or ``"image"``.
+    """
+
+    metric: str
+    value: float
+    ci: tuple[float, float]
+    verdict: str
+    value_a: float
+    value_b: float
+    n_boot: int
+    n_valid: int
+    alpha: float
+    resampled_by: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able dict (``nan`` becomes ``None``)."""
+        return {
+            "metric": self.metric,
+            "value": _json_float(self.value),
+            "ci": [_json_float(self.ci[0]), _json_float(self.ci[1])],
+            "verdict": self.verdict,
+            "value_a": _json_float(self.value_a),
+            "value_b": _json_float(self.value_b),
+            "n_boot": int(self.n_boot),
+            "n_valid": int(self.n_valid),
+            "alpha": float(self.alpha),
+            "resampled_by": self.resampled_by,
+        }
+
+    def __str__(self) -> str:
+        """E.g. ``"+2.60 [-9.10, 14.30] points: no difference detectable at this size"``."""
+        lo, hi = self.ci
+
+        def pts(v: float) -> str:
+            return "n/a" if not math.isfinite(v) else f"{100.0 * v:+.2f}"
+
+        return f"{pts(self.value)} [{pts(lo)}, {pts(hi)}] points: {self.verdict}"
+
+
+def paired_difference(
+    y_true: Any,
+    scores_a: Any,
+    scores_b: Any,
+    *,
+    groups: Any = None,
+    metric: str = "auc",
+    threshold_a: float | None = None,
+    threshold_b: float | None = None,
+    n_boot: int = 1000,
+    alpha: float = 0.05,
+    seed: int = 0,
+    sensitivity_at: float = 0.9,
+) -> PairedDifference:
+    """Model a minus model b on the same test images, with a paired bootstrap interval.
+
+    Both models are scored on every resample of the *same* patients (with ``groups``) or images,
+    so what the two share (an easy patient, a hard one) cancels out of the difference: the
+    interval of a paired difference is narrower than the two separate intervals suggest, and it,
+    not whether those overlap, says whether one model is better. The verdict reads the interval:
+    above 0, a is ``"better"``; below 0, ``"worse"``; holding 0, ``"no difference detectable
+    at this size"`` (which is not evidence that the models are equal: a larger test set may
+    still separate them).
+
+    The resamples are those of :func:`bootstrap_samples`, which with the same ``seed``,
+    ``n_boot`` and ``groups`` draws the same patients for both models. Resamples where either
+    model's metric is undefined (a single-class resample, for the AUC) are skipped.
+
+    Args:
+        y_true: Test labels of shape (n,), 0 or 1.
+        scores_a: Scores of model a, shape (n,), in the same image order as ``y_true``.
+        scores_b: Scores of model b, shape (n,).
+        groups: Optional patient ids of shape (n,); patients are then resampled with all their
+            images (recommended whenever a patient has several images).
+        metric: One of :data:`BOOTSTRAP_METRICS` (default ``"auc"``, which needs no threshold).
+        threshold_a: Model a's decision threshold, chosen on validation data; required for the
+            threshold metrics (accuracy, specificity, sensitivity, precision, F1).
+        threshold_b: Model b's threshold, likewise.
+        n_boot: Number of paired resamples.
+        alpha: 1 - confidence level.
+        seed: Seed of the resampling.
+        sensitivity_at: Target specificity for ``"sensitivity_at_specificity"``.
+
+    Returns:
+        A :class:`PairedDifference`.
+
+    Example:
+        >>> d = paired_difference(y, p_ssl, p_scratch, groups=patients, metric="auc")
+        >>> print(d)  # doctest: +SKIP
+        +2.60 [-9.10, 14.30] points: no difference detectable at this size
+
+    References:
+        Efron, Tibshirani. "An Introduction to the Bootstrap." 1993, ch. 13 (percentile
+        intervals) and ch. 8 (paired data).
+    """
+    (name,) = _check_metrics((metric,))
+    if not 0.0 < float(alpha) < 1.0:
+        raise ValueError(f"alpha must be in (0, 1), e.g. 0.05 for 95% intervals; got {alpha}")
+    y = _labels(y_true)
+    s_a = _scores(scores_a, y.shape[0], "scores_a")
+    s_b = _scores(scores_b, y.shape[0], "scores_b")
+    needs_threshold = name not in ("auc", "sensitivity_at_specificity")
+    if needs_threshold and (threshold_a is None or threshold_b is None):
+        raise ValueError(
+            f"metric {name!r} needs threshold_a= and threshold_b= (each model's threshold, "
+            "chosen on validation data with choose_threshold); the AUC needs none"
+        )
+    t_a = 0.5 if threshold_a is None else _check_threshold(threshold_a)
+    t_b = 0.5 if threshold_b is None else _check_threshold(threshold_b)
+
+    def point(s: np.ndarray, t: float) -> float:
+        if name == "sensitivity_at_specificity":
+            return sensitivity_at_specificity(y, s, sensitivity_at)[0]
+        return float(binary_metrics(y, s, t)[name])
+
+    value_a, value_b = point(s_a, t_a), point(s_b, t_b)
+    common = {
+        "groups": groups,
+        "n_boot": n_boot,
+        "seed": seed,
+        "metrics": (name,),
+        "sensitivity_at": sensitivity_at,
+    }
+    diff = (
+        bootstrap_samples(y, s_a, threshold=t_a, **common)[name]
+        - bootstrap_samples(y, s_b, threshold=t_b, **common)[name]
+    )
+    low, high = _percentile_ci(diff, float(alpha))
+    return PairedDifference(
+        metric=name,
+        value=value_a - value_b,
+        ci=(low, high),
+        verdict=_verdict(low, high),
+        value_a=value_a,
+        value_b=value_b,
+        n_boot=int(n_boot),
+        n_valid=int(np.isfinite(diff).sum()),
+        alpha=float(alpha),
+        resampled_by="image" if groups is None else "patient",
+    )
+
+
+# --------------------------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------------------------
 
@@ -591,7 +925,8 @@ class EvaluationReport:
         metrics: Point estimates: ``accuracy``, ``specificity``, ``sensitivity``,
             ``precision``, ``f1``, ``auc``, ``sensitivity_at_specificity`` (fractions in [0, 1]
             or ``nan``).
-        ci: ``{metric: (low, high)}`` percentile bootstrap intervals.
+        ci: ``{metric: (low, high)}``: percentile bootstrap intervals, except where
+            ``ci_method`` says ``"exact"``.
         threshold: The decision threshold applied (chosen on validation data).
         counts: ``tp``, ``fp``, ``tn``, ``fn``, ``n``, ``n_positive``, ``n_negative``,
             ``n_groups`` (patients, or images when no groups were given).
@@ -603,6 +938,14 @@ class EvaluationReport:
         alpha: 1 - confidence level.
         seed: Bootstrap seed.
         bootstrap_valid: Per metric, how many resamples gave a defined value.
+        ci_method: Per metric, how its interval was made: ``"bootstrap"`` (percentile
+            bootstrap); ``"exact"`` (a proportion at 0% or 100%, where every resample gives the
+            same value: Clopper-Pearson over ``ci_units[metric]`` independent units, patients
+            when resampled by patient); ``"degenerate"`` (a metric that is not a proportion,
+            e.g. an AUC of 100%, whose resamples all agree: no interval is printed);
+            ``"none"`` (no bootstrap was run).
+        ci_units: Per proportion, the number of independent units (patients or images) in its
+            denominator, the ``n`` of its exact interval.
     """
 
     metrics: dict[str, float]
@@ -617,6 +960,8 @@ class EvaluationReport:
     alpha: float = 0.05
     seed: int = 0
     bootstrap_valid: dict[str, int] = field(default_factory=dict)
+    ci_method: dict[str, str] = field(default_factory=dict)
+    ci_units: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able dict (``json.dumps`` works; ``nan`` becomes ``None``)."""
@@ -633,15 +978,24 @@ class EvaluationReport:
             "alpha": float(self.alpha),
             "seed": int(self.seed),
             "bootstrap_valid": {k: int(v) for k, v in self.bootstrap_valid.items()},
+            "ci_method": dict(self.ci_method),
+            "ci_units": {k: int(v) for k, v in self.ci_units.items()},
         }
 
     def format_metric(self, name: str) -> str:
-        """``"value [low, high]"`` in percent, e.g. ``"73.85 [68.10, 79.23]"``."""
+        """``"value [low, high]"`` in percent, e.g. ``"73.85 [68.10, 79.23]"``.
+
+        An exact interval (``ci_method`` ``"exact"``) ends with ``†``, e.g.
+        ``"100.00 [83.89, 100.00]†"``; a degenerate one is not printed: ``"100.00 [–]"``.
+        """
         value = _pct(self.metrics.get(name, float("nan")))
         if name not in self.ci:
             return value
+        method = self.ci_method.get(name, "bootstrap")
+        if method == "degenerate":
+            return f"{value} [–]"
         lo, hi = self.ci[name]
-        return f"{value} [{_pct(lo)}, {_pct(hi)}]"
+        return f"{value} [{_pct(lo)}, {_pct(hi)}]" + ("†" if method == "exact" else "")
 
     def to_markdown_row(self, name: str) -> str:
         """One row of :func:`format_table` for the model called ``name``."""
@@ -666,6 +1020,19 @@ def evaluate_predictions(
 ) -> EvaluationReport:
     """Evaluate test-split predictions: point metrics, sensitivity at specificity and CIs.
 
+    Intervals are percentile bootstrap intervals (by patient with ``groups``), with one
+    exception. A proportion (:data:`PROPORTION_METRICS`) at 0% or 100% has a bootstrap interval
+    of one point (every resample of 21 correctly classified negatives is again 100% specific), so
+    it gets the exact Clopper-Pearson interval (:func:`clopper_pearson_ci`) instead. Its ``n`` is
+    the number of independent units in the metric's denominator: images without ``groups``, and
+    with ``groups`` the *patients* with an image in it. Counting patients treats a patient's
+    images as one observation; when all of them are right (or all wrong) that is the most that
+    can be claimed without a model of how alike a patient's images are, so the interval is
+    conservative: 21 negatives of 7 patients at 100% give a lower bound of 0.59
+    (``0.025 ** (1 / 7)``), not the 0.84 of 21 independent images. Between 0% and 100% the
+    bootstrap is kept, because it resamples patients and an interval over images would be too
+    narrow. ``EvaluationReport.ci_method`` records the choice per metric.
+
     Args:
         y_true: Test labels of shape (n,), 0 or 1.
         scores: Test scores of the positive class, shape (n,).
@@ -681,7 +1048,8 @@ def evaluate_predictions(
         An :class:`EvaluationReport`.
 
     References:
-        Chae et al., JIPS 2021, Table 2; Efron & Tibshirani 1993 for the intervals.
+        Chae et al., JIPS 2021, Table 2; Efron & Tibshirani 1993 for the intervals; Clopper &
+        Pearson 1934 for the exact interval.
     """
     if not 0.0 <= float(sensitivity_at) <= 1.0:
         raise ValueError(f"sensitivity_at must be a specificity in [0, 1]; got {sensitivity_at}")
@@ -690,9 +1058,11 @@ def evaluate_predictions(
     metrics = {key: float(point[key]) for key in BOOTSTRAP_METRICS if key in point}
     metrics["sensitivity_at_specificity"] = sens
     y = _labels(y_true)
-    _, n_groups = _group_index(groups, y.shape[0])
+    inverse, n_groups = _group_index(groups, y.shape[0])
     counts = {k: int(point[k]) for k in ("tp", "fp", "tn", "fn", "n", "n_positive", "n_negative")}
     counts["n_groups"] = n_groups
+    pred = (_scores(scores, y.shape[0]) >= float(point["threshold"])).astype(np.int64)
+    units = _denominators(y, pred, inverse, groups is not None)
     if int(n_boot) > 0:
         samples = bootstrap_samples(
             y_true,
@@ -705,9 +1075,11 @@ def evaluate_predictions(
         )
         ci = {m: _percentile_ci(v, float(alpha)) for m, v in samples.items()}
         valid = {m: int(np.isfinite(v).sum()) for m, v in samples.items()}
+        method = _exact_where_degenerate(metrics, ci, units, float(alpha))
     else:
         ci = {m: (float("nan"), float("nan")) for m in BOOTSTRAP_METRICS}
         valid = {m: 0 for m in BOOTSTRAP_METRICS}
+        method = {m: "none" for m in BOOTSTRAP_METRICS}
     return EvaluationReport(
         metrics=metrics,
         ci=ci,
@@ -721,6 +1093,8 @@ def evaluate_predictions(
         alpha=float(alpha),
         seed=int(seed),
         bootstrap_valid=valid,
+        ci_method=method,
+        ci_units=units,
     )
 
 
@@ -760,4 +1134,13 @@ def format_table(reports: Mapping[str, EvaluationReport]) -> str:
         f"Values in percent, [{level}% bootstrap CI, resampled by {first.resampled_by}, "
         f"{first.n_boot} resamples]."
     )
+    methods = {m for r in reports.values() for m in r.ci_method.values()}
+    if "exact" in methods:
+        unit = "patients" if first.resampled_by == "patient" else "images"
+        note += (
+            f" †: a proportion at 0% or 100%, where every resample gives the same value: exact "
+            f"Clopper-Pearson interval over the {unit} in its denominator instead."
+        )
+    if "degenerate" in methods:
+        note += " [–]: every resample gave the same value; this metric has no exact interval."
     return "\n".join(lines) + "\n\n" + note + "\n"

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from patchssl.explain import (
     lesion_hit_rate,
     plot_embedding,
 )
+from patchssl.metrics import VERDICTS
 
 
 def _grid_boxes(size: int = 120, rows: int = 3, patch: int = 36) -> np.ndarray:
@@ -192,9 +194,9 @@ def _slow_hit_rate(boxes, weights, lesions, labels) -> dict:
             continue
         count += 1
         ws = list(weights[i])
-        top = ws.index(max(ws))
+        tops = [k for k, v in enumerate(ws) if v == max(ws)]  # a tie shares the hit
         overlaps = [_intersection(box, lesion) > 0 for box in boxes[i]]
-        hits += overlaps[top]
+        hits += sum(overlaps[k] for k in tops) / len(tops)
         fractions.append(sum(overlaps) / len(overlaps))
     return {
         "hits": hits,
@@ -211,16 +213,17 @@ def test_lesion_hit_rate_matches_slow_reference(seed: int) -> None:
     xy = rng.integers(0, 100, size=(b, n, 2))
     wh = rng.integers(1, 30, size=(b, n, 2))
     boxes = np.concatenate([xy, xy + wh], axis=-1).astype(float)
-    weights = rng.integers(0, 4, size=(b, n)) / 4.0  # ties: the first argmax wins
+    weights = rng.integers(0, 4, size=(b, n)) / 4.0  # ties: a tied image shares its hit
     lxy = rng.integers(0, 100, size=(b, 2))
     lesions = np.concatenate([lxy, lxy + rng.integers(0, 40, size=(b, 2))], axis=-1).astype(float)
     lesions[rng.random(b) < 0.2] = np.nan  # no recorded lesion
     labels = rng.integers(0, 2, b)
-    fast = lesion_hit_rate(
-        torch.from_numpy(boxes), torch.from_numpy(weights), lesions, torch.from_numpy(labels)
-    )
+    with pytest.warns(UserWarning, match="highest attention weight shared"):
+        fast = lesion_hit_rate(
+            torch.from_numpy(boxes), torch.from_numpy(weights), lesions, torch.from_numpy(labels)
+        )
     slow = _slow_hit_rate(boxes, weights, lesions, labels)
-    assert fast["hits"] == slow["hits"] and fast["count"] == slow["count"]
+    assert fast["hits"] == pytest.approx(slow["hits"]) and fast["count"] == slow["count"]
     assert fast["hit_rate"] == pytest.approx(slow["hit_rate"])
     assert fast["chance"] == pytest.approx(slow["chance"])
     assert fast["n_images"] == b
@@ -240,3 +243,87 @@ def test_lesion_hit_rate_shared_boxes_and_edge_cases() -> None:
     assert touching["hits"] == 0 and touching["count"] == 1
     none = lesion_hit_rate(boxes, weights, np.full((3, 4), np.nan), [1, 1, 1])
     assert none["count"] == 0 and math.isnan(none["hit_rate"]) and math.isnan(none["chance"])
+
+
+def test_lesion_hit_rate_warns_on_tied_top_weights_and_shares_the_hit() -> None:
+    boxes = _grid_boxes()  # 3 x 3, middle patch index 4
+    lesion = np.array([[10, 10, 30, 30]], dtype=float)  # inside patch 0 only
+    flat = np.ones((1, 9))  # a saturated gate: every weight 1.0
+    with pytest.warns(UserWarning, match=r"1 of 1 counted images"):
+        out = lesion_hit_rate(boxes, flat, lesion, [1], n_boot=50)
+    assert out["ties"] == 1
+    # Not the first maximum (patch 0, on the lesion), but the share of tied patches on it.
+    assert out["hit_rate"] == pytest.approx(1 / 9) == pytest.approx(out["chance"])
+    # Weights equal within the tolerance tie; a larger gap does not.
+    near = np.full((1, 9), 0.5)
+    near[0, 3] += 1e-9
+    with pytest.warns(UserWarning):
+        assert lesion_hit_rate(boxes, near, lesion, [1], n_boot=0)["ties"] == 1
+    near[0, 3] += 1e-3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        clear = lesion_hit_rate(boxes, near, lesion, [1], n_boot=0)
+    assert clear["ties"] == 0 and clear["hit_rate"] == 0.0
+    with pytest.warns(UserWarning):
+        wide = lesion_hit_rate(boxes, near, lesion, [1], n_boot=0, tie_tolerance=0.1)
+    assert wide["ties"] == 1
+
+
+def _direct_baselines(boxes, lesions):
+    """Middle patch and chance hits per image, written out patch by patch."""
+    centres = [((x0 + x1) / 2, (y0 + y1) / 2) for x0, y0, x1, y1 in boxes]
+    mx = sum(c[0] for c in centres) / len(centres)
+    my = sum(c[1] for c in centres) / len(centres)
+    dist = [math.hypot(cx - mx, cy - my) for cx, cy in centres]
+    middle = dist.index(min(dist))
+    mid, frac = [], []
+    for lesion in lesions:
+        overlaps = [_intersection(box, lesion) > 0 for box in boxes]
+        mid.append(float(overlaps[middle]))
+        frac.append(sum(overlaps) / len(boxes))
+    return middle, mid, frac
+
+
+def test_lesion_hit_rate_baselines_intervals_and_selectivity() -> None:
+    rng = np.random.default_rng(0)
+    boxes = _grid_boxes()
+    b = 30
+    lxy = rng.integers(0, 120, size=(b, 2))
+    lesions = np.concatenate([lxy, lxy + rng.integers(5, 60, size=(b, 2))], axis=-1).astype(float)
+    weights = rng.random((b, 9))
+    groups = np.repeat(np.arange(10), 3)
+    out = lesion_hit_rate(boxes, weights, lesions, np.ones(b), groups=groups, n_boot=400)
+    middle, mid, frac = _direct_baselines(boxes.tolist(), lesions.tolist())
+    assert middle == 4 and out["centre_patch"] == 4
+    assert out["centre_patch_rate"] == pytest.approx(np.mean(mid))
+    assert out["chance"] == pytest.approx(np.mean(frac))
+    for key in ("hit_rate", "centre_patch", "chance"):
+        value = out[key if key != "centre_patch" else "centre_patch_rate"]
+        lo, hi = out[f"{key}_ci"]
+        assert lo <= value <= hi and lo < hi, key
+    assert out["vs_centre"]["value"] == pytest.approx(out["hit_rate"] - out["centre_patch_rate"])
+    assert out["vs_centre"]["verdict"] in (*VERDICTS, "undefined")
+    # Selectivity, directly: mean range and mean normalised entropy of w / sum(w).
+    p = weights / weights.sum(1, keepdims=True)
+    entropy = -(p * np.log(p)).sum(1) / math.log(9)
+    sel = out["selectivity"]
+    assert sel["weight_range"] == pytest.approx((weights.max(1) - weights.min(1)).mean())
+    assert sel["weight_entropy"] == pytest.approx(entropy.mean())
+    one_hot = lesion_hit_rate(boxes, np.eye(9)[[4, 4]], lesions[:2], [1, 1], n_boot=0)
+    assert one_hot["selectivity"] == pytest.approx({"weight_range": 1.0, "weight_entropy": 0.0})
+
+
+def test_lesion_hit_rate_all_hits_gets_an_exact_interval() -> None:
+    boxes = _grid_boxes()
+    lesions = np.tile([[10, 10, 30, 30]], (6, 1)).astype(float)  # patch 0 only
+    weights = np.tile(np.eye(9)[0], (6, 1))  # always the lesion's patch
+    groups = ["a", "a", "b", "b", "c", "c"]
+    out = lesion_hit_rate(boxes, weights, lesions, np.ones(6), groups=groups, n_boot=200)
+    assert out["hit_rate"] == 1.0 and out["ci_method"]["hit_rate"] == "exact"
+    # Exact over the 3 patients, not the 6 images: lower bound 0.025 ** (1 / 3).
+    assert out["hit_rate_ci"] == pytest.approx((0.025 ** (1 / 3), 1.0))
+    assert out["centre_patch_rate"] == 0.0
+    assert out["centre_patch_ci"] == pytest.approx((0.0, 1 - 0.025 ** (1 / 3)))
+    # Every image beats the middle patch, but 3 patients cannot show it: 2 L - 1 < 0.
+    assert out["vs_centre"]["ci"][0] == pytest.approx(2 * 0.025 ** (1 / 3) - 1)
+    assert out["vs_centre"]["verdict"] == "no difference detectable at this size"

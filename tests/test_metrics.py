@@ -19,14 +19,17 @@ from sklearn.metrics import (
 
 from patchssl.metrics import (
     BOOTSTRAP_METRICS,
+    VERDICTS,
     EvaluationReport,
     binary_metrics,
     bootstrap_ci,
     bootstrap_samples,
     choose_threshold,
+    clopper_pearson_ci,
     confusion_counts,
     evaluate_predictions,
     format_table,
+    paired_difference,
     sensitivity_at_specificity,
 )
 
@@ -339,3 +342,149 @@ def test_evaluate_without_bootstrap() -> None:
     assert report.metrics["accuracy"] == 1.0
     assert all(math.isnan(lo) and math.isnan(hi) for lo, hi in report.ci.values())
     assert report.format_metric("accuracy") == "100.00 [n/a, n/a]"
+
+
+# --------------------------------------------------------------------------------------------
+# Exact intervals
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("x", "n"), [(21, 21), (0, 21), (0, 1), (7, 20), (1, 3), (50, 51)])
+def test_clopper_pearson_matches_scipy(x: int, n: int) -> None:
+    from scipy.stats import binomtest
+
+    expected = binomtest(x, n).proportion_ci(confidence_level=0.95, method="exact")
+    assert clopper_pearson_ci(x, n) == pytest.approx((expected.low, expected.high), abs=1e-12)
+
+
+def test_clopper_pearson_edges_in_closed_form() -> None:
+    low, high = clopper_pearson_ci(21, 21)
+    assert (
+        high == 1.0
+        and low == pytest.approx(0.025 ** (1 / 21))
+        and low == pytest.approx(0.8389, abs=1e-4)
+    )
+    assert clopper_pearson_ci(0, 21) == pytest.approx((0.0, 1 - 0.025 ** (1 / 21)))
+    assert all(math.isnan(v) for v in clopper_pearson_ci(0, 0))
+    with pytest.raises(ValueError, match="successes"):
+        clopper_pearson_ci(5, 3)
+
+
+def test_import_patchssl_does_not_load_scipy_stats() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, patchssl, patchssl.metrics; print('scipy.stats' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_report_replaces_a_degenerate_interval_by_an_exact_one() -> None:
+    # 21 negatives of 7 patients, all correctly negative; positives partly missed.
+    groups = np.repeat(np.arange(12), 3)
+    y = (groups >= 7).astype(int)  # patients 7..11 positive: 15 images
+    s = np.where(y == 1, np.tile([0.9, 0.8, 0.2], 12), 0.1)
+    by_image = evaluate_predictions(y, s, threshold=0.5, n_boot=300)
+    assert by_image.metrics["specificity"] == 1.0
+    assert by_image.ci_method["specificity"] == "exact" and by_image.ci_units["specificity"] == 21
+    assert by_image.ci["specificity"] == pytest.approx((0.025 ** (1 / 21), 1.0))
+    assert by_image.ci_method["sensitivity"] == "bootstrap"
+    # The raw percentile bootstrap is the collapsed point that the report must not print.
+    assert bootstrap_ci(y, s, threshold=0.5, n_boot=300)["specificity"] == (1.0, 1.0)
+    # Resampled by patient: the exact interval counts the 7 negative patients, not 21 images.
+    by_patient = evaluate_predictions(y, s, threshold=0.5, groups=groups, n_boot=300)
+    assert by_patient.ci_units["specificity"] == 7
+    assert by_patient.ci["specificity"] == pytest.approx((0.025 ** (1 / 7), 1.0))
+    assert by_patient.metrics["precision"] == 1.0 and by_patient.ci_units["precision"] == 5
+    table = format_table({"model": by_patient})
+    assert "100.00 [100.00, 100.00]" not in table and "0.00 [0.00, 0.00]" not in table
+    assert f"100.00 [{100 * 0.025 ** (1 / 7):.2f}, 100.00]†" in table
+    assert "Clopper-Pearson" in table
+    d = by_patient.to_dict()
+    json.dumps(d, allow_nan=False)
+    assert d["ci_method"]["specificity"] == "exact" and d["ci_units"]["specificity"] == 7
+
+
+def test_report_never_prints_a_degenerate_interval() -> None:
+    # Perfect separation: every proportion at 100%, and AUC / F1 at 100% with no exact interval.
+    groups = np.repeat(np.arange(8), 2)
+    y = (groups % 2).astype(int)
+    s = np.where(y == 1, 0.8, 0.2)
+    report = evaluate_predictions(y, s, threshold=0.5, groups=groups, n_boot=200)
+    row = report.to_markdown_row("perfect")
+    for lo_hi in ("[100.00, 100.00]", "[0.00, 0.00]"):
+        assert lo_hi not in row
+    assert report.format_metric("auc") == "100.00 [–]" and report.ci_method["auc"] == "degenerate"
+    assert report.ci_method["accuracy"] == "exact"
+    assert "[–]" in format_table({"perfect": report})
+
+
+# --------------------------------------------------------------------------------------------
+# Paired comparison
+# --------------------------------------------------------------------------------------------
+
+
+def _direct_paired_auc(y, a, b, groups, n_boot, seed, alpha=0.05):
+    """Reference: resample patients by hand, score both models with sklearn on each resample."""
+    keys, inverse = np.unique(groups, return_inverse=True)
+    members = [np.flatnonzero(inverse == k) for k in range(len(keys))]
+    draws = np.random.default_rng(seed).integers(0, len(keys), size=(n_boot, len(keys)))
+    diffs = []
+    for d in draws:
+        idx = np.concatenate([members[k] for k in d])
+        if 0 < y[idx].sum() < len(idx):
+            diffs.append(roc_auc_score(y[idx], a[idx]) - roc_auc_score(y[idx], b[idx]))
+    diffs = np.array(diffs)
+    value = roc_auc_score(y, a) - roc_auc_score(y, b)
+    return value, tuple(np.quantile(diffs, [alpha / 2, 1 - alpha / 2])), len(diffs)
+
+
+def test_paired_difference_matches_a_direct_computation() -> None:
+    y, s, g = _toy(n_patients=15, per_patient=3, seed=4)
+    rng = np.random.default_rng(5)
+    other = np.clip(s + rng.normal(0, 0.25, s.size), 0, 1)
+    out = paired_difference(y, s, other, groups=g, metric="auc", n_boot=300, seed=2)
+    value, (lo, hi), n_valid = _direct_paired_auc(y, s, other, g, 300, 2)
+    assert out.value == pytest.approx(value)
+    assert out.ci == pytest.approx((lo, hi))
+    assert out.n_valid == n_valid and out.resampled_by == "patient"
+    assert out.value_a == pytest.approx(roc_auc_score(y, s))
+    expected = "better" if lo > 0 else "worse" if hi < 0 else VERDICTS[2]
+    assert out.verdict == expected
+    json.dumps(out.to_dict(), allow_nan=False)
+
+
+def test_paired_difference_verdicts() -> None:
+    y, s, g = _toy(n_patients=60, per_patient=2, seed=1)
+    noise = np.random.default_rng(0).random(s.size)  # a useless model
+    better = paired_difference(y, s, noise, groups=g, n_boot=300)
+    assert better.verdict == "better" and better.ci[0] > 0
+    worse = paired_difference(y, noise, s, groups=g, n_boot=300)
+    assert worse.verdict == "worse" and worse.ci[1] < 0
+    assert worse.value == pytest.approx(-better.value)
+    same = paired_difference(y, s, s, groups=g, n_boot=100)
+    assert same.value == 0.0 and same.ci == (0.0, 0.0) and same.verdict == VERDICTS[2]
+    assert "no difference detectable at this size" in str(same)
+    # Threshold metrics: each model's own threshold; paired on the same resamples.
+    acc = paired_difference(
+        y, s, noise, groups=g, metric="accuracy", threshold_a=0.5, threshold_b=0.5, n_boot=200
+    )
+    expected = binary_metrics(y, s, 0.5)["accuracy"] - binary_metrics(y, noise, 0.5)["accuracy"]
+    assert acc.value == pytest.approx(expected)
+    samples_a = bootstrap_samples(y, s, threshold=0.5, groups=g, n_boot=200, metrics=("accuracy",))
+    samples_b = bootstrap_samples(
+        y, noise, threshold=0.5, groups=g, n_boot=200, metrics=("accuracy",)
+    )
+    diff = samples_a["accuracy"] - samples_b["accuracy"]
+    assert acc.ci == pytest.approx(tuple(np.quantile(diff, [0.025, 0.975])))
+
+
+def test_paired_difference_argument_errors() -> None:
+    with pytest.raises(ValueError, match="threshold_a"):
+        paired_difference([0, 1], [0.2, 0.8], [0.3, 0.7], metric="accuracy")
+    with pytest.raises(ValueError, match="scores_b has 3 entries"):
+        paired_difference([0, 1], [0.2, 0.8], [0.3, 0.7, 0.1])
+    with pytest.raises(ValueError, match="unknown metric"):
+        paired_difference([0, 1], [0.2, 0.8], [0.3, 0.7], metric="auroc")
+    undefined = paired_difference([0, 0, 0], [0.1, 0.2, 0.3], [0.3, 0.2, 0.1], n_boot=20)
+    assert undefined.verdict == "undefined"

@@ -4,7 +4,9 @@ For the images of a split it draws each patch's attention weight onto the image,
 patches above the mean weight (the paper's Fig. 4b), and a t-SNE map of the classifier features
 coloured by label (Fig. 4a). When the manifest records lesion boxes (``lesion_x0, lesion_y0,
 lesion_x1, lesion_y1``), it also scores how often the highest-weight patch of a positive image
-overlaps the lesion, against the chance rate of a random patch.
+overlaps the lesion, beside two baselines (a random patch, and always the middle patch) and the
+gate's selectivity, each rate with an interval that resamples patients
+(:func:`patchssl.explain.lesion_hit_rate`).
 
 References:
     Chae et al., JIPS 2021, Fig. 4.
@@ -30,7 +32,7 @@ from patchssl.engine.evaluation import (
 from patchssl.engine.logging import SkippedFiles
 from patchssl.engine.loop import resolve_amp
 
-__all__ = ["ExplainResult", "explain", "lesion_boxes"]
+__all__ = ["ExplainResult", "explain", "format_lesion", "lesion_boxes"]
 
 _LESION_COLUMNS = ("lesion_x0", "lesion_y0", "lesion_x1", "lesion_y1")
 
@@ -44,9 +46,10 @@ class ExplainResult:
         overlays: One attention overlay PNG per explained image.
         grid: Contact sheet of the overlays.
         embedding: t-SNE plot PNG (``None`` when not drawn).
-        lesion: Lesion-localisation score (``hit_rate``, ``hits``, ``count``, ``chance``, and
-            ``centre_patch_rate``: the rate of always pointing at the middle patch), or ``None``
-            without recorded lesions.
+        lesion: The lesion-localisation dict of :func:`patchssl.explain.lesion_hit_rate`
+            (``hit_rate``, ``chance``, ``centre_patch_rate``, each with its ``*_ci``,
+            ``vs_centre``, ``vs_chance``, ``selectivity``, ``ties``, ...), or ``None`` without
+            recorded lesions.
         json_path: ``explain.json``.
     """
 
@@ -74,6 +77,49 @@ def lesion_boxes(records: list[Any]) -> np.ndarray | None:
             except ValueError:
                 boxes[i, j] = math.nan
     return boxes
+
+
+def _num(x: Any) -> float:
+    return float("nan") if x is None else float(x)
+
+
+def _pct_ci(value: float, ci: Any) -> str:
+    lo, hi = ci
+
+    def pct(x: float | None) -> str:
+        return "n/a" if x is None or x != x else f"{100 * x:.1f}"
+
+    return f"{pct(value)}% [{pct(lo)}, {pct(hi)}]"
+
+
+def format_lesion(lesion: dict[str, Any]) -> str:
+    """One line: the hit rate beside its baselines and the gate's selectivity.
+
+    Args:
+        lesion: A dict from :func:`patchssl.explain.lesion_hit_rate` (or read back from
+            ``explain.json``, where intervals are lists).
+
+    Returns:
+        E.g. ``"top-weight patch on the lesion in 9/15 positive images, 60.0% [33.3, 86.7];
+        middle patch 80.0% [...]; random patch (chance) 17.0% [...]; weight range 0.12,
+        entropy 0.99"``.
+    """
+    sel = lesion.get("selectivity") or {}
+    hits = lesion.get("hits", 0)
+    hits_text = f"{hits:g}" if isinstance(hits, float) else str(hits)
+    text = (
+        f"top-weight patch on the lesion in {hits_text}/{lesion.get('count', 0)} positive images, "
+        f"{_pct_ci(lesion.get('hit_rate'), lesion.get('hit_rate_ci', (None, None)))}; "
+        f"middle patch "
+        f"{_pct_ci(lesion.get('centre_patch_rate'), lesion.get('centre_patch_ci', (None, None)))}"
+        f"; random patch (chance) "
+        f"{_pct_ci(lesion.get('chance'), lesion.get('chance_ci', (None, None)))}; "
+        f"gate weight range {_num(sel.get('weight_range')):.3f}, "
+        f"normalised entropy {_num(sel.get('weight_entropy')):.3f}"
+    )
+    if lesion.get("ties"):
+        text += f"; {lesion['ties']} image(s) with tied top weights"
+    return text
 
 
 def explain(config: Config | dict[str, Any] | str | Path | None) -> ExplainResult:
@@ -174,13 +220,16 @@ def explain(config: Config | dict[str, Any] | str | Path | None) -> ExplainResul
                 title=f"t-SNE of classifier features ({ex.split}, {pred.features.shape[0]} images)",
             )
     if lesions is not None:
-        result.lesion = lesion_hit_rate(boxes, pred.weights, lesions, pred.labels)
-        # Reference: always pointing at the middle patch (lesions tend to sit near the centre).
-        centre = np.zeros_like(pred.weights)
-        centre[:, pred.weights.shape[1] // 2] = 1.0
-        result.lesion["centre_patch_rate"] = lesion_hit_rate(boxes, centre, lesions, pred.labels)[
-            "hit_rate"
-        ]
+        result.lesion = lesion_hit_rate(
+            boxes,
+            pred.weights,
+            lesions,
+            pred.labels,
+            groups=pred.patients if all(pred.patients) else None,
+            n_boot=config.eval.n_boot,
+            alpha=1.0 - config.eval.ci,
+            seed=config.train.seed,
+        )
     result.json_path = write_json(
         target / "explain.json",
         {
@@ -193,10 +242,6 @@ def explain(config: Config | dict[str, Any] | str | Path | None) -> ExplainResul
         },
     )
     if result.lesion is not None and result.lesion["count"]:
-        les = result.lesion
-        say(
-            f"lesion localisation: top-weight patch on the lesion in {les['hits']}/{les['count']} "
-            f"positive images ({100 * les['hit_rate']:.1f}%; chance {100 * les['chance']:.1f}%)"
-        )
+        say(f"lesion localisation: {format_lesion(result.lesion)}")
     say(f"explanations written to {target}")
     return result
