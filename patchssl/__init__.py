@@ -17,11 +17,14 @@ from patchssl.explain import attention_grid, draw_attention, lesion_hit_rate, pl
 from patchssl.export import export_onnx, export_torchscript
 from patchssl.metrics import (
     EvaluationReport,
+    PairedDifference,
     binary_metrics,
     bootstrap_ci,
     choose_threshold,
+    clopper_pearson_ci,
     evaluate_predictions,
     format_table,
+    paired_difference,
     sensitivity_at_specificity,
 )
 from patchssl.permutations import PermutationSet
@@ -50,6 +53,7 @@ __all__ = [
     "ClassifierOutput",
     "EvaluationReport",
     "JigsawPretext",
+    "PairedDifference",
     "PatchAttention",
     "PatchClassifier",
     "PatchTiler",
@@ -67,6 +71,7 @@ __all__ = [
     "binary_metrics",
     "bootstrap_ci",
     "choose_threshold",
+    "clopper_pearson_ci",
     "create_pretext",
     "draw_attention",
     "evaluate_predictions",

@@ -30,7 +30,24 @@ def test_demo_fast_end_to_end(tmp_path, capsys):
             row["figures"]["embedding"],
         ]:
             assert (out / png).is_file() and (out / png).read_bytes()[:4] == b"\x89PNG"
+        # the hit rate stands beside its baselines, each with an interval
+        for key in ("hit_rate", "centre_patch_rate", "chance"):
+            assert 0.0 <= lesion[key] <= 1.0
+        for key in ("hit_rate_ci", "centre_patch_ci", "chance_ci"):
+            low, high = lesion[key]
+            assert 0.0 <= low <= high <= 1.0
+        assert set(lesion["selectivity"]) == {"weight_range", "weight_entropy"}
+    # the verdict: the paired AUC difference of the two rows on the same patients
+    comparison = report["comparison"]
+    ssl, scratch = (rows[name]["test"]["metrics"]["auc"] for name in comparison["models"])
+    assert comparison["metric"] == "auc" and comparison["resampled_by"] == "patient"
+    assert abs(comparison["value"] - (ssl - scratch)) < 1e-9
+    low, high = comparison["ci"]
+    expected = "better" if low > 0 else "worse" if high < 0 else "no difference detectable"
+    assert comparison["verdict"].startswith(expected)
     markdown = (out / "report.md").read_text()
+    assert markdown.rstrip().splitlines()[-1].startswith("**Verdict:**")
+    assert "[100.00, 100.00]" not in markdown and "[0.00, 0.00]" not in markdown
     assert "| SSL (jigsaw) + attention |" in markdown
     assert "| From scratch + attention |" in markdown
     assert "Lesion localisation" in markdown

@@ -45,17 +45,19 @@ __all__ = ["DEMO_SETTINGS", "DemoResult", "demo_config", "run_demo"]
 #: Sizes of the default and the ``--fast`` demo (measured on a 2-core CPU; see docs/demo.md).
 DEMO_SETTINGS: dict[str, dict[str, Any]] = {
     "default": {
-        "num_unlabeled": 240,
-        "num_patients": 48,
-        "images_per_patient": 3,
+        "num_unlabeled": 800,
+        "num_patients": 160,
+        "images_per_patient": 2,
+        "test_size": 0.3,
+        "val_size": 0.2,
         "image_size": 128,
         "patch_size": 32,
         "gap": 4,
         "backbone": "resnet10t",
         "num_permutations": 100,
-        "pretrain_epochs": 3,
+        "pretrain_epochs": 5,
         "pretrain_batch_size": 32,
-        "finetune_epochs": 5,
+        "finetune_epochs": 6,
         "finetune_batch_size": 16,
         "n_boot": 1000,
         "num_overlays": 8,
@@ -64,6 +66,8 @@ DEMO_SETTINGS: dict[str, dict[str, Any]] = {
         "num_unlabeled": 64,
         "num_patients": 30,
         "images_per_patient": 2,
+        "test_size": 0.25,
+        "val_size": 0.25,
         "image_size": 112,
         "patch_size": 32,
         "gap": 0,
@@ -107,8 +111,8 @@ def demo_config(
     config.demo.fast = fast
     config.data.image_size = s["image_size"]
     config.data.workers = 0
-    config.data.test_size = 0.25
-    config.data.val_size = 0.25
+    config.data.test_size = s["test_size"]
+    config.data.val_size = s["val_size"]
     config.model.backbone = s["backbone"]
     config.model.patch_size = s["patch_size"]
     config.model.gap = s["gap"]
@@ -391,9 +395,9 @@ def _verdict_sentence(c: dict[str, Any]) -> str:
     if c["verdict"] == "worse":
         return f"{a} is worse than {b}: {numbers}; the interval lies below 0."
     if c["verdict"] == "undefined":
-        return f"no comparison: the AUC is undefined on the test resamples ({numbers})."
+        return f"No comparison: the AUC is undefined on the test resamples ({numbers})."
     return (
-        f"no difference detectable at this size between {a} and {b}: {numbers}; the interval "
+        f"No difference detectable at this size between {a} and {b}: {numbers}; the interval "
         "holds 0, so this test set cannot tell the two apart (which does not show that they are "
         "equal)."
     )
@@ -479,6 +483,15 @@ def _markdown(report: dict[str, Any], table: str, runs: dict[str, Any]) -> str:
     ties = {
         name: (report["results"][name]["lesion_localisation"] or {}).get("ties", 0) for name in runs
     }
+    lines.append("")
+    for name in runs:
+        vs = (report["results"][name]["lesion_localisation"] or {}).get("vs_centre")
+        if vs and vs.get("value") is not None and vs["value"] == vs["value"]:
+            lo, hi = vs["ci"]
+            lines.append(
+                f"- {name}: hit rate minus middle patch {100 * vs['value']:+.1f} points "
+                f"[{100 * lo:+.1f}, {100 * hi:+.1f}], paired by patient: {vs['verdict']}."
+            )
     if any(ties.values()):
         lines += [
             "",
@@ -505,10 +518,12 @@ def _markdown(report: dict[str, Any], table: str, runs: dict[str, Any]) -> str:
         "",
         "## Verdict",
         "",
-        _verdict_sentence(report["comparison"]),
+        "The two models are compared on the same test patients: the difference of their test "
+        "AUC, with an interval from resampling patients jointly for both. A synthetic test set "
+        "shows the pipeline working and how wide the uncertainty is; it does not say whether "
+        "pretraining helps on real photographs.",
         "",
-        "A synthetic test set of this size shows the pipeline working and how wide the "
-        "uncertainty is; it does not say whether pretraining helps on real photographs.",
+        "**Verdict:** " + _verdict_sentence(report["comparison"]),
         "",
     ]
     return "\n".join(lines)
