@@ -782,7 +782,7 @@ class PairedDifference:
         }
 
     def __str__(self) -> str:
-        """E.g. ``"+2.60 [-9.10, 14.30] points: no difference detectable at this size"``."""
+        """``"<difference> [<low>, <high>] points: <verdict>"``, in percentage points."""
         lo, hi = self.ci
 
         def pts(v: float) -> str:
@@ -839,8 +839,8 @@ def paired_difference(
 
     Example:
         >>> d = paired_difference(y, p_ssl, p_scratch, groups=patients, metric="auc")
-        >>> print(d)  # doctest: +SKIP
-        +2.60 [-9.10, 14.30] points: no difference detectable at this size
+        >>> d.verdict  # doctest: +SKIP
+        'no difference detectable at this size'
 
     References:
         Efron, Tibshirani. "An Introduction to the Bootstrap." 1993, ch. 13 (percentile

@@ -100,9 +100,9 @@ def format_lesion(lesion: dict[str, Any]) -> str:
             ``explain.json``, where intervals are lists).
 
     Returns:
-        E.g. ``"top-weight patch on the lesion in 9/15 positive images, 60.0% [33.3, 86.7];
-        middle patch 80.0% [...]; random patch (chance) 17.0% [...]; weight range 0.12,
-        entropy 0.99"``.
+        ``"top-weight patch on the lesion in <hits>/<count> positive images, <rate> [<low>,
+        <high>]; middle patch ...; random patch (chance) ...; gate weight range ...,
+        normalised entropy ..."``.
     """
     sel = lesion.get("selectivity") or {}
     hits = lesion.get("hits", 0)
