@@ -42,7 +42,8 @@ from patchssl.engine.logging import echo
 
 __all__ = ["DEMO_SETTINGS", "DemoResult", "demo_config", "run_demo"]
 
-#: Sizes of the default and the ``--fast`` demo (measured on a 2-core CPU; see docs/demo.md).
+#: Sizes of the default and the ``--fast`` demo (the default: about 2 minutes on a quiet 2-core
+#: CPU, estimated from its work; see docs/demo.md).
 DEMO_SETTINGS: dict[str, dict[str, Any]] = {
     "default": {
         "num_unlabeled": 800,
