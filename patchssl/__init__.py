@@ -17,14 +17,12 @@ from patchssl.explain import attention_grid, draw_attention, lesion_hit_rate, pl
 from patchssl.export import export_onnx, export_torchscript
 from patchssl.metrics import (
     EvaluationReport,
-    PairedDifference,
     binary_metrics,
     bootstrap_ci,
     choose_threshold,
     clopper_pearson_ci,
     evaluate_predictions,
     format_table,
-    paired_difference,
     sensitivity_at_specificity,
 )
 from patchssl.permutations import PermutationSet
@@ -53,7 +51,6 @@ __all__ = [
     "ClassifierOutput",
     "EvaluationReport",
     "JigsawPretext",
-    "PairedDifference",
     "PatchAttention",
     "PatchClassifier",
     "PatchTiler",
