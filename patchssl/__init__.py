@@ -38,8 +38,8 @@ from patchssl.pretext import (
 )
 from patchssl.probe import (
     ProbeResult,
+    compare_probes,
     knn_predict_proba,
-    paired_difference,
     position_probe,
     probe_encoder,
     probe_features,
@@ -69,6 +69,7 @@ __all__ = [
     "bootstrap_ci",
     "choose_threshold",
     "clopper_pearson_ci",
+    "compare_probes",
     "create_pretext",
     "draw_attention",
     "evaluate_predictions",
@@ -79,7 +80,6 @@ __all__ = [
     "lesion_hit_rate",
     "list_pretexts",
     "load_checkpoint",
-    "paired_difference",
     "plot_embedding",
     "position_probe",
     "probe_encoder",

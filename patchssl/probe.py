@@ -18,7 +18,7 @@ that resample patients (:func:`patchssl.metrics.bootstrap_ci`).
 
 The same probe on a randomly initialised encoder of the same geometry is the baseline: the
 gain of pretraining is the difference between the two, on the same test images
-(:func:`paired_difference`). A further diagnostic, :func:`position_probe`, asks how well a
+(:func:`compare_probes`). A further diagnostic, :func:`position_probe`, asks how well a
 patch's grid position can be read from its frozen features alone (an ``N``-way logistic
 regression; chance ``1/N``): when even a random encoder reads it far above chance, the jigsaw
 puzzle can be solved from layout cues (vignetting, the lens edge) rather than from content.
@@ -49,13 +49,15 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from patchssl.metrics import PairedDifference, paired_difference
+
 __all__ = [
     "PatchEmbeddings",
     "ProbeResult",
+    "compare_probes",
     "embed_images",
     "encoder_from_checkpoint",
     "knn_predict_proba",
-    "paired_difference",
     "position_probe",
     "probe_encoder",
     "probe_features",
@@ -851,7 +853,7 @@ def probe_encoder(
     return result
 
 
-def paired_difference(
+def compare_probes(
     a: ProbeResult,
     b: ProbeResult,
     *,
@@ -861,13 +863,13 @@ def paired_difference(
     n_boot: int = 1000,
     alpha: float = 0.05,
     seed: int = 0,
-) -> dict[str, Any]:
-    """``a - b`` on the same test images, with an interval that resamples patients.
+) -> PairedDifference:
+    """Probe ``a`` minus probe ``b`` on the same test images, resampling patients jointly.
 
     Both probes must have tested the same images (same data, split and seed: e.g. a
-    pretrained and a random encoder probed with the same settings). Each bootstrap resample
-    draws the same patients for both (:func:`patchssl.metrics.bootstrap_samples` with one
-    seed), so the interval is that of the paired difference.
+    pretrained and a random encoder probed with the same settings). The difference, its
+    interval and its verdict are those of :func:`patchssl.metrics.paired_difference` on the
+    two probes' test scores (threshold 0.5 for accuracy, as in the probe itself).
 
     Args:
         a: The probe of one encoder (e.g. the pretrained one).
@@ -880,13 +882,11 @@ def paired_difference(
         seed: Bootstrap seed.
 
     Returns:
-        ``{"value": a - b, "ci": [lo, hi]}``.
+        A :class:`patchssl.metrics.PairedDifference` (``value``, ``ci``, ``verdict``).
 
     Raises:
         ValueError: When the two probes did not test the same images.
     """
-    from patchssl.metrics import binary_metrics, bootstrap_samples
-
     if not np.array_equal(a.test_index, b.test_index) or not np.array_equal(
         a.test_labels, b.test_labels
     ):
@@ -895,18 +895,15 @@ def paired_difference(
             "the same split settings (test_size, seed)"
         )
     key = (method, pooling)
-    groups = np.asarray([str(g) for g in a.test_groups])
-    diff = (
-        binary_metrics(a.test_labels, a.test_scores[key], 0.5)[metric]
-        - binary_metrics(b.test_labels, b.test_scores[key], 0.5)[metric]
+    thresholds = {"threshold_a": 0.5, "threshold_b": 0.5} if metric != "auc" else {}
+    return paired_difference(
+        a.test_labels,
+        a.test_scores[key],
+        b.test_scores[key],
+        groups=np.asarray([str(g) for g in a.test_groups]),
+        metric=metric,
+        n_boot=n_boot,
+        alpha=alpha,
+        seed=seed,
+        **thresholds,
     )
-    common = {"threshold": 0.5, "groups": groups, "n_boot": n_boot, "seed": seed}
-    sa = bootstrap_samples(a.test_labels, a.test_scores[key], metrics=(metric,), **common)
-    sb = bootstrap_samples(b.test_labels, b.test_scores[key], metrics=(metric,), **common)
-    delta = sa[metric] - sb[metric]
-    delta = delta[np.isfinite(delta)]
-    ci = None
-    if delta.size:
-        lo, hi = np.quantile(delta, [alpha / 2, 1 - alpha / 2])
-        ci = (float(lo), float(hi))
-    return _figure(float(diff), ci)

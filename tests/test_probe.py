@@ -24,10 +24,10 @@ from patchssl.engine.config import Config
 from patchssl.engine.testing import make_tiny_dataset
 from patchssl.pretext.base import standardize_patches
 from patchssl.probe import (
+    compare_probes,
     embed_images,
     encoder_from_checkpoint,
     knn_predict_proba,
-    paired_difference,
     position_probe,
     probe_encoder,
     probe_features,
@@ -161,15 +161,24 @@ def test_position_probe_reads_encoded_positions_and_not_noise():
     assert lo <= blind["accuracy"]["value"] <= hi
 
 
-def test_paired_difference_of_a_probe_with_itself_is_zero():
+def test_comparing_a_probe_with_itself_gives_zero():
     feats, labels, groups = _features()
     a = probe_features(feats, labels, groups, n_boot=0, position=False)
-    diff = paired_difference(a, a, n_boot=100)
-    assert diff["value"] == 0.0 and diff["ci"] == [0.0, 0.0]
-    other = probe_features(feats, labels, groups, seed=7, n_boot=0, position=False)
-    if not np.array_equal(other.test_index, a.test_index):
-        with pytest.raises(ValueError, match="different images"):
-            paired_difference(a, other)
+    diff = compare_probes(a, a, n_boot=100)
+    assert diff.value == 0.0 and tuple(diff.ci) == (0.0, 0.0)
+    assert diff.verdict == "no difference detectable at this size"
+    other = next(
+        r
+        for seed in range(1, 20)
+        if not np.array_equal(
+            (
+                r := probe_features(feats, labels, groups, seed=seed, n_boot=0, position=False)
+            ).test_index,
+            a.test_index,
+        )
+    )
+    with pytest.raises(ValueError, match="different images"):
+        compare_probes(a, other)
 
 
 # ------------------------------------------------------------------------------ embedding
