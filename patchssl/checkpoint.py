@@ -16,11 +16,18 @@ Keys written by the training engine:
 ``permutations_fingerprint`` content hash of the jigsaw permutation set, or ``None``
 ``model``                  the model's ``state_dict``
 ``optimizer``, ``scheduler``, ``scaler``, ``rng``, ``epoch``, ``step``, ``config`` ...
+``checksum``               ``{"algorithm": "sha256", "value": ...}`` over every other entry
+                           (see :func:`payload_checksum`), written by :func:`save_checkpoint`
+                           and verified by :func:`load_checkpoint`
 ========================== ==============================================================
+
+Checkpoints are written with the permissions of any other file the user creates (``0o666``
+less the process's umask, usually ``0o644``), not the ``0o600`` of a bare temporary file.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import tempfile
@@ -35,11 +42,14 @@ __all__ = [
     "FORMAT_VERSION",
     "CheckpointError",
     "check_compatible",
+    "default_file_mode",
     "load_checkpoint",
+    "payload_checksum",
     "save_checkpoint",
 ]
 
 FORMAT_VERSION = 1
+_CHECKSUM_KEY = "checksum"
 
 
 class CheckpointError(ValueError):
@@ -47,11 +57,13 @@ class CheckpointError(ValueError):
 
 
 def save_checkpoint(path: str | os.PathLike[str], payload: Mapping[str, Any]) -> Path:
-    """Write a checkpoint atomically.
+    """Write a checkpoint atomically, with a checksum of its contents.
 
     The payload is written to a temporary file in the same folder, flushed to disk, then
     renamed over ``path`` in one step: a crash or a full disk mid-write leaves the previous
-    file intact, never a truncated one.
+    file intact, never a truncated one. A ``checksum`` entry (:func:`payload_checksum`) lets
+    :func:`load_checkpoint` detect bits changed on disk afterwards. The file gets the
+    permissions of any new file (``0o666`` less the umask).
 
     Args:
         path: Destination file (its folder is created if needed).
@@ -69,8 +81,11 @@ def save_checkpoint(path: str | os.PathLike[str], payload: Mapping[str, Any]) ->
     data.setdefault("format", "patchssl")
     data.setdefault("format_version", FORMAT_VERSION)
     data.setdefault("library_version", __version__)
+    data.pop(_CHECKSUM_KEY, None)
+    data[_CHECKSUM_KEY] = {"algorithm": "sha256", "value": payload_checksum(data)}
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, default_file_mode())
         with os.fdopen(fd, "wb") as handle:
             torch.save(data, handle)
             handle.flush()
@@ -107,12 +122,14 @@ def load_checkpoint(
         kind: If given (``"pretrain"`` or ``"finetune"``), refuse a checkpoint of another kind.
 
     Returns:
-        The checkpoint dictionary.
+        The checkpoint dictionary (without its ``checksum`` entry).
 
     Raises:
         FileNotFoundError: If ``path`` does not exist.
-        CheckpointError: If the file is truncated or corrupt, was not written by patchssl, was
-            written by a newer format version, or is of the wrong kind.
+        CheckpointError: If the file is truncated or corrupt (including contents that do not
+            match the stored checksum), was not written by patchssl, was written by a newer
+            format version, or is of the wrong kind. Checkpoints written before checksums
+            existed load without the check.
     """
     path = Path(path)
     if not path.is_file():
@@ -137,6 +154,15 @@ def load_checkpoint(
             f"understands ({FORMAT_VERSION}); upgrade patchssl (it was written by "
             f"{data.get('library_version', 'an unknown version')})."
         )
+    stored = data.pop(_CHECKSUM_KEY, None)
+    if stored is not None:
+        value = stored.get("value") if isinstance(stored, dict) else None
+        if not isinstance(value, str) or payload_checksum(data) != value:
+            raise CheckpointError(
+                f"checkpoint {path} is corrupt: its contents do not match the sha256 checksum "
+                "stored when it was written (bits changed on disk or in a copy). Use another "
+                "copy of the file, or the run's other checkpoint (last.pt / best.pt)."
+            )
     if kind is not None and data.get("kind") != kind:
         raise CheckpointError(
             f"{path} is a {data.get('kind', 'unknown')!r} checkpoint; a {kind!r} checkpoint is "
@@ -144,6 +170,63 @@ def load_checkpoint(
             "ones from `patchssl finetune`)."
         )
     return data
+
+
+def default_file_mode() -> int:
+    """The permissions of a new file: ``0o666`` less the process's umask (usually ``0o644``).
+
+    Temporary files from :func:`tempfile.mkstemp` are ``0o600``; a file renamed into place
+    from one gets this mode instead, like any file the user creates.
+    """
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def payload_checksum(payload: Mapping[str, Any]) -> str:
+    """The sha256 of a checkpoint payload, over its entries in a deterministic order.
+
+    Keys are visited in sorted order at every depth; a tensor contributes its dtype, shape
+    and raw bytes (on the CPU), a NumPy array likewise, any other value its ``repr``. Lists
+    and tuples hash alike (a payload read back may hold either). The ``checksum`` entry
+    itself is left out.
+
+    Args:
+        payload: A checkpoint dictionary.
+
+    Returns:
+        The hex digest.
+    """
+    digest = hashlib.sha256()
+    _feed(digest, {k: v for k, v in payload.items() if k != _CHECKSUM_KEY})
+    return digest.hexdigest()
+
+
+def _feed(digest: Any, value: Any) -> None:
+    """Add ``value`` to ``digest`` (see :func:`payload_checksum`)."""
+    import numpy as np
+
+    if isinstance(value, Mapping):
+        digest.update(b"{")
+        for key in sorted(value, key=lambda k: (type(k).__name__, str(k))):
+            digest.update(repr(key).encode() + b":")
+            _feed(digest, value[key])
+        digest.update(b"}")
+    elif isinstance(value, (list, tuple)):
+        digest.update(b"[")
+        for item in value:
+            _feed(digest, item)
+            digest.update(b",")
+        digest.update(b"]")
+    elif torch.is_tensor(value):
+        tensor = value.detach().to("cpu").contiguous().reshape(-1)
+        digest.update(f"T{tensor.dtype}{tuple(value.shape)}".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes())
+    elif isinstance(value, np.ndarray):
+        digest.update(f"A{value.dtype}{value.shape}".encode())
+        digest.update(np.ascontiguousarray(value).tobytes())
+    else:
+        digest.update(repr(value).encode())
 
 
 def check_compatible(

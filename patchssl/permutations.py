@@ -293,8 +293,11 @@ class PermutationSet:
         """
         path = Path(path)
         suffix = path.suffix.lower()
+        from patchssl.checkpoint import default_file_mode
+
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         try:
+            os.fchmod(fd, default_file_mode())
             with os.fdopen(fd, "wb") as fh:
                 if suffix == ".npy":
                     np.save(fh, self._array.astype("<i8"), allow_pickle=False)

@@ -95,9 +95,23 @@ def config_differences(saved: Any, current: Any, prefix: str = "") -> list[str]:
                 continue
             lines.extend(config_differences(saved[key], current[key], f"{prefix}{key}."))
         return lines
-    if _plain(saved) == _plain(current):
+    saved, current = _plain(saved), _plain(current)
+    if saved == current:
         return []
-    return [f"{prefix.rstrip('.')}: checkpoint has {saved!r}, this run has {current!r}"]
+    key = prefix.rstrip(".")
+    if isinstance(saved, list) and isinstance(current, list) and max(len(saved), len(current)) > 8:
+        # a long table (a permutation set): its size and first differing row, not every row
+        first = next(
+            (i for i, (a, b) in enumerate(zip(saved, current)) if a != b),
+            min(len(saved), len(current)),
+        )
+        theirs = saved[first] if first < len(saved) else "no row"
+        ours = current[first] if first < len(current) else "no row"
+        return [
+            f"{key}: checkpoint has {len(saved)} rows, this run has {len(current)}; first "
+            f"difference at row {first}: checkpoint has {theirs!r}, this run has {ours!r}"
+        ]
+    return [f"{key}: checkpoint has {saved!r}, this run has {current!r}"]
 
 
 def _plain(value: Any) -> Any:

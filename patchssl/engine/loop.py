@@ -523,6 +523,7 @@ class Trainer:
         self.best_epoch = state.get("best_epoch")
         self.bad_epochs = int(state.get("bad_epochs", 0))
         self.history = list(state.get("history", []))
+        self._restore_best(ckpt, path)
         echo(f"resumed from {path} (epoch {self.start_epoch} of {self.train.epochs})")
         saved_world = int(state.get("world_size", 1))
         saved_batch = state.get("batch_size")
@@ -569,6 +570,101 @@ class Trainer:
                 for where in entry.get("seen", []):
                     if where not in mine["seen"]:
                         mine["seen"].append(where)
+
+    def check_finite(self, epoch: int, row: dict[str, Any]) -> None:
+        """Refuse to checkpoint non-finite weights, optimizer state or losses.
+
+        Called by every process right before the checkpoints of ``epoch`` are written (the
+        weights are the same on every process, so all stop together). It looks at the
+        model's parameters and buffers and the optimizer's state, whatever the training step
+        checked, so no NaN or infinity ever reaches ``last.pt`` or ``best.pt``.
+
+        Args:
+            epoch: 0-based epoch number.
+            row: The epoch's metrics (``train_loss``, ``val_loss`` are checked).
+
+        Raises:
+            NonFiniteLossError: Naming the loss or the first tensors that are not finite.
+        """
+        problems = [
+            f"{key}={row[key]}"
+            for key in ("train_loss", "val_loss")
+            if key in row and not math.isfinite(float(row[key]))
+        ]
+        tensors = {
+            f"weight {name}": t for name, t in self.model.state_dict().items() if t.is_floating_point()
+        }
+        for index, state in enumerate(self.optimizer.state.values()):
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.is_floating_point():
+                    tensors[f"optimizer state {key} of parameter {index}"] = value
+        if tensors:
+            flags = torch.stack([torch.isfinite(t).all() for t in tensors.values()]).cpu()
+            if not bool(flags.all()):
+                bad = [name for name, ok in zip(tensors, flags.tolist()) if not ok]
+                more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+                problems.append(f"non-finite values in {', '.join(bad[:3])}{more}")
+        if not problems:
+            return
+        raise NonFiniteLossError(
+            f"non-finite training state at the end of epoch {epoch + 1} "
+            f"({'; '.join(problems)}); training stopped and nothing was saved for this epoch. "
+            + (
+                f"The last good checkpoint is kept at {self.last_path}."
+                if self.last_path.is_file()
+                else "No checkpoint had been written yet."
+            )
+            + " Try a lower learning rate (--lr), gradient clipping (--set "
+            "train.grad_clip=1.0) or --amp none."
+        )
+
+    def _check_images_seen(self, epoch: int) -> None:
+        """Stop a run whose epoch trained on no image at all (every file unreadable)."""
+        if getattr(self, "images_seen", 1) > 0:
+            return
+        entries = list(self.skipped.entries.values())
+        shown = "; ".join(f"{e['path']} ({e['reason']})" for e in entries[:5])
+        more = f"; ... and {len(entries) - 5} more" if len(entries) > 5 else ""
+        raise ConfigError(
+            f"epoch {epoch + 1} trained on no image: none of the {len(entries)} training "
+            f"image(s) could be read ({shown}{more}); nothing was saved. Check the files "
+            f"(the list is in {self.out_dir / 'skipped_files.txt'})."
+        )
+
+    def _restore_best(self, ckpt: dict[str, Any], source: Path) -> None:
+        """Make ``best.pt`` match the best epoch that the resumed checkpoint records.
+
+        ``last.pt`` is written before ``best.pt``; a run killed between the two leaves a
+        ``last.pt`` that names its own epoch as the best while ``best.pt`` is older or
+        missing. That ``last.pt`` holds exactly what ``best.pt`` should (the same payload),
+        so it is copied there.
+        """
+        if not is_main_process() or self.best_epoch is None:
+            return
+        from patchssl.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+
+        current = None
+        if self.best_path.is_file():
+            try:
+                current = load_checkpoint(self.best_path).get("epoch")
+            except CheckpointError:
+                current = None
+        if current == self.best_epoch:
+            return
+        if int(ckpt["epoch"]) == self.best_epoch:
+            save_checkpoint(self.best_path, ckpt)
+            echo(
+                f"note: {self.best_path} did not hold the best epoch ({self.best_epoch + 1}) "
+                f"recorded in {source} (the run was stopped between the two writes); "
+                "restored it from that checkpoint"
+            )
+            return
+        echo(
+            f"warning: {self.best_path} does not hold the best epoch ({self.best_epoch + 1}) "
+            f"recorded in {source} and cannot be rebuilt from it; it will be written again "
+            "when the monitored metric next improves",
+            err=True,
+        )
 
     def _save(self, path: Path, epoch: int, metrics: dict[str, Any]) -> None:
         if is_main_process():
@@ -672,6 +768,7 @@ class Trainer:
             bar.close()
         elapsed = max(time.perf_counter() - start, 1e-9)
         totals = reduce_sums({**sums, "seen": float(seen)})
+        self.images_seen = int(totals["seen"])  # 0: every training image was unreadable
         row: dict[str, float] = {
             "train_loss": totals["loss"] / max(totals["count"], 1.0),
             "lr": float(self.optimizer.param_groups[0]["lr"]),
@@ -705,6 +802,7 @@ class Trainer:
             for epoch in range(self.start_epoch, self.train.epochs):
                 row: dict[str, Any] = {"epoch": epoch + 1}
                 row.update(self.train_epoch(epoch))
+                self._check_images_seen(epoch)
                 if self.world_size > 1:
                     sync_buffers(self.model)  # rank 0's batch-norm statistics everywhere
                 val = self.task.validate(epoch)
@@ -713,6 +811,7 @@ class Trainer:
                     self._gather_skipped()
                 row["step"] = self.global_step
                 row["skipped"] = len(self.skipped)
+                self.check_finite(epoch, row)  # nothing non-finite is ever checkpointed
                 monitored = row.get(self.monitor)
                 if monitored is None:
                     fallback = "train_loss"
