@@ -4,9 +4,11 @@ Commands: ``prepare``, ``pretrain``, ``probe``, ``finetune``, ``evaluate``, ``ex
 ``demo``, ``pretexts`` (list the registered pretext tasks) and ``permutations`` (describe or
 generate a permutation set). Every training command reads a YAML/JSON config (``--config``),
 then the common flags (``--epochs``, ``--lr``...), then ``--set section.key=value`` overrides,
-in that order. Exit status: 0 on success, 2 on a usage or configuration error (a message, no
-traceback; ``--debug`` shows it), 1 when training stops on a non-finite loss, 130 when
-interrupted.
+in that order. Exit status: 0 on success; 1 when training stops on a non-finite loss or
+non-finite weights; 2 on a usage, configuration or data error, a run folder that is taken, or
+an operating-system error such as a folder that cannot be written or a full disk (a one-line
+message, no traceback; ``--debug`` shows it); 130 when interrupted; 141 when the reader of
+the output went away (``| head``).
 
 ``pretrain`` and ``finetune`` also run under ``torchrun`` (one process per GPU, e.g.
 ``torchrun --standalone --nproc_per_node 8 -m patchssl pretrain --config run.yaml``; see
@@ -16,6 +18,7 @@ interrupted.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 import traceback
@@ -137,6 +140,11 @@ _OPTIONS: dict[str, dict[str, Any]] = {
         "help": "continue the run in --out from its last.pt (or from CHECKPOINT); without "
         "--config, the run's saved config.yaml is used",
     },
+    "--overwrite": {
+        "action": "store_true",
+        "help": "start afresh in an --out that already holds a run, removing its checkpoints "
+        "and metrics (train.overwrite); without it such a folder is refused",
+    },
     "--patience": {
         "type": int,
         "help": "early stopping patience in epochs, 0 = off (train.patience)",
@@ -156,7 +164,7 @@ _OPTIONS: dict[str, dict[str, Any]] = {
 _RUN_OPTIONS = ("--config", "--set", "--out", "--debug")  # every config-driven command
 _DEVICE_OPTIONS = ("--device", "--workers", "--batch-size", "--amp", "--threads", "--no-progress")
 _GEOMETRY_OPTIONS = ("--backbone", "--image-size", "--patch-size", "--grid")
-_TRAINING_OPTIONS = ("--epochs", "--lr", "--seed", "--resume", "--patience")
+_TRAINING_OPTIONS = ("--epochs", "--lr", "--seed", "--resume", "--overwrite", "--patience")
 _LABEL_OPTIONS = ("--label-map", "--split")
 _CLASSIFIER_OPTIONS = ("--checkpoint", "--data")  # what evaluate and explain read
 
@@ -222,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_option(p, "--workers", help="parallel resize workers (data.workers)")
     _add_option(p, "--seed", help="seed of the split (train.seed)")
     _add_option(p, "--no-progress", help="hide progress bars")
-    _add_options(p, *_LABEL_OPTIONS)
+    _add_options(p, *_LABEL_OPTIONS, "--overwrite")
 
     p = command(
         "pretrain",
@@ -489,6 +497,8 @@ def _config_from_args(args: argparse.Namespace) -> Any:
         put("train.progress", False)
     if getattr(args, "resume", None) is not None:
         put("train.resume", args.resume)
+    if getattr(args, "overwrite", False):
+        put("train.overwrite", True)
     if getattr(args, "checkpoint", None):
         where = {"evaluate": "eval", "probe": "probe"}.get(args.command, "explain")
         put(f"{where}.checkpoint", args.checkpoint)
@@ -665,8 +675,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: Arguments without the program name (default: ``sys.argv[1:]``).
 
     Returns:
-        The exit status: 0 success, 2 usage or configuration error, 1 training stopped on a
-        non-finite loss, 130 interrupted.
+        The exit status: 0 success; 1 training stopped on a non-finite loss or weights; 2
+        usage, configuration or data error, a taken run folder, or an operating-system error
+        (permissions, full disk); 130 interrupted; 141 closed output pipe.
     """
     parser = build_parser()
     args = parser.parse_args(list(argv) if argv is not None else None)
@@ -698,6 +709,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         print(f"{name}: stopped: {err}", file=sys.stderr)
         return 1
+
     except KeyboardInterrupt:
         print(
             f"{name}: interrupted; continue with --resume (the last "
@@ -710,7 +722,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 141
+    except OSError as err:  # a folder that cannot be written, a full disk...
+        if err.errno is None:
+            raise
+        if debug:
+            traceback.print_exc()
+        print(f"{name}: error: {_os_error_message(err)}", file=sys.stderr)
+        return 2
     return 0
+
+
+def _os_error_message(err: OSError) -> str:
+    """One line for an operating-system error: what failed, where, and what to do."""
+    reason = err.strerror or os.strerror(err.errno or 0)
+    where = f": {err.filename}" if err.filename else ""
+    if err.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        hint = (
+            "free some space or choose another --out; checkpoints are written atomically, so "
+            "those already there are whole (continue with --resume)"
+        )
+    elif err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        hint = "choose a folder you can write with --out, or change its permissions"
+    else:
+        hint = "check the file or folder named here"
+    return f"{reason}{where}; {hint}"
 
 
 if __name__ == "__main__":  # pragma: no cover

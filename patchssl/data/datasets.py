@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import random
+import stat
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -59,7 +60,10 @@ def find_images(
 
     Hidden files and folders (names starting with ``.``) are skipped. Matching of
     ``extensions`` is case-insensitive (``.JPG`` matches ``.jpg``). The order is the sorted
-    order of the paths relative to ``root`` (POSIX form), the same on every machine.
+    order of the paths relative to ``root`` (POSIX form), the same on every machine. Each
+    real folder is scanned once, however many symbolic links lead to it (a link back to a
+    parent folder cannot make the scan loop or list an image twice), and only regular files
+    are kept (a FIFO or a device named ``x.png`` would block the loader).
 
     Args:
         root: Folder to scan.
@@ -80,12 +84,23 @@ def find_images(
         raise NotADirectoryError(f"image folder {root} is a file, not a folder")
     exts = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in extensions)
     found: list[tuple[str, Path]] = []
+    seen_dirs: set[tuple[int, int]] = set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=follow_symlinks):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        info = os.stat(dirpath)
+        if (info.st_dev, info.st_ino) in seen_dirs:
+            dirnames[:] = []  # this real folder was scanned already (a symlink loop)
+            continue
+        seen_dirs.add((info.st_dev, info.st_ino))
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in filenames:
             if is_image_file(name, exts):
                 path = Path(dirpath) / name
-                found.append((path.relative_to(root).as_posix(), path))
+                try:
+                    regular = stat.S_ISREG(os.stat(path).st_mode)
+                except OSError:  # a dangling link
+                    regular = False
+                if regular:
+                    found.append((path.relative_to(root).as_posix(), path))
     found.sort(key=lambda item: item[0])
     return [path for _, path in found]
 

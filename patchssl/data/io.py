@@ -14,7 +14,8 @@ Pillow's global ``ImageFile.LOAD_TRUNCATED_IMAGES`` is never changed: a truncate
 error, not a silently grey-filled image. Pillow's decompression-bomb guard
 (``Image.MAX_IMAGE_PIXELS``, about 89 megapixels by default; twice that is refused) is kept:
 a cervix photograph (about 2800 x 1900 = 5.3 megapixels) is far below it. Raise
-``PIL.Image.MAX_IMAGE_PIXELS`` yourself for whole-slide sized files.
+``PIL.Image.MAX_IMAGE_PIXELS`` yourself (in a run's config: ``data.max_image_pixels``) for
+whole-slide sized files.
 
 References:
     Chae et al., "Attentive Transfer Learning via Self-supervised Learning for Cervical
@@ -24,6 +25,7 @@ References:
 from __future__ import annotations
 
 import os
+import stat
 import struct
 from collections.abc import Sequence
 from pathlib import Path
@@ -278,7 +280,8 @@ def _reason(err: BaseException) -> str:
     if isinstance(err, Image.DecompressionBombError):
         return (
             f"{text} (larger than twice PIL.Image.MAX_IMAGE_PIXELS={Image.MAX_IMAGE_PIXELS}; "
-            "raise PIL.Image.MAX_IMAGE_PIXELS if you trust the file)"
+            "raise PIL.Image.MAX_IMAGE_PIXELS, or data.max_image_pixels in a run's config, "
+            "if you trust the file)"
         )
     if isinstance(err, UnidentifiedImageError):
         return "not an image file Pillow can identify (corrupt, or not an image)"
@@ -321,6 +324,15 @@ def load_pil_image(
     _check_channels(channels)
     _check_resize(resize)
     size = None if image_size is None else normalize_size(image_size)
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as err:
+        raise ImageReadError(path, _reason(err)) from err
+    if not stat.S_ISREG(mode):
+        # a FIFO or a device would block the reader forever
+        if stat.S_ISDIR(mode):
+            raise ImageReadError(path, "is a directory, not a file")
+        raise ImageReadError(path, "not a regular file (a FIFO, socket or device)")
     try:
         with Image.open(path) as im:
             if size is not None and im.format == "JPEG":

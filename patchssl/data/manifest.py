@@ -361,6 +361,7 @@ def read_manifest(
     patient_column: str | None = "patient",
     visit_column: str | None = "visit",
     check_files: bool = True,
+    allow_outside_root: bool = True,
 ) -> list[Record]:
     """Read a CSV manifest of labeled images.
 
@@ -381,6 +382,9 @@ def read_manifest(
             images together). None to ignore it.
         visit_column: Column holding the visit id (optional). None to ignore it.
         check_files: Check that every image file exists.
+        allow_outside_root: Accept image paths that lead outside ``root`` (absolute paths
+            elsewhere, ``../``). The engine passes ``data.allow_outside_root`` (default
+            ``False``), so a manifest cannot make a command read arbitrary files.
 
     Returns:
         One :class:`Record` per row, in file order.
@@ -391,7 +395,9 @@ def read_manifest(
         ManifestError: If the CSV is empty, a required column is missing (the message lists
             the columns found and the argument that sets the name), an image cell is empty,
             or labels are unknown to the map (all unknown values are listed with their
-            counts, next to the configured map).
+            counts, next to the configured map), an image is on several rows with different
+            labels or patient ids (the rows are listed), or (``allow_outside_root=False``)
+            a path leads outside ``root``.
     """
     csv_path = Path(csv_path)
     if not csv_path.is_file():
@@ -502,6 +508,17 @@ def read_manifest(
             UserWarning,
             stacklevel=2,
         )
+    _check_consistent_rows(csv_path, records)
+    if not allow_outside_root:
+        inside = os.path.abspath(base)
+        outside = [r for r in records if os.path.commonpath([inside, str(r.path)]) != inside]
+        if outside:
+            listed = _list_some([f"line {r.row}: {r.path}" for r in outside])
+            raise ManifestError(
+                f"manifest {csv_path}: {len(outside)} image path(s) lead outside the data root "
+                f"{inside} ({listed}). Keep the images under the root (set it with "
+                "data.image_root), or allow this with data.allow_outside_root: true."
+            )
     dups = sorted(p for p, c in seen.items() if c > 1)
     if dups:
         warnings.warn(
@@ -519,6 +536,30 @@ def read_manifest(
                 "(set root= / --data-root to change it)."
             )
     return records
+
+
+def _check_consistent_rows(csv_path: Path, records: Sequence[Record]) -> None:
+    """Refuse an image listed on several rows with different labels or patient ids."""
+    rows: dict[Path, list[Record]] = {}
+    for r in records:
+        rows.setdefault(r.path, []).append(r)
+    problems: list[str] = []
+    for path, group in rows.items():
+        if len(group) < 2:
+            continue
+        lines = ", ".join(str(r.row) for r in group)
+        labels = sorted({r.raw_label for r in group if _norm(r.raw_label)}, key=_norm)
+        if len({_norm(r.raw_label) for r in group}) > 1:
+            problems.append(f"{path} (lines {lines}) is labelled {' and '.join(labels)}")
+        patients = sorted({r.patient for r in group})
+        if len(patients) > 1:
+            problems.append(f"{path} (lines {lines}) belongs to patients {' and '.join(patients)}")
+    if problems:
+        raise ManifestError(
+            f"manifest {csv_path}: {len(problems)} contradiction(s) between rows of the same "
+            f"image: {_list_some(problems)}. Keep one row per image with its true label and "
+            "patient."
+        )
 
 
 def write_manifest(

@@ -256,9 +256,10 @@ def prepare_images(
 
     Raises:
         FileNotFoundError: If ``src`` does not exist or holds no images.
-        ValueError: For bad arguments, two sources that map to the same cache file (e.g.
-            ``a.jpg`` and ``a.png``), or a ``dst`` prepared earlier with other settings
-            (use another ``dst`` or ``overwrite=True``).
+        ValueError: For bad arguments, two different sources that map to the same cache
+            file (e.g. ``a.jpg`` and ``a.png``; one file listed twice is cached once), or a
+            ``dst`` prepared earlier with other settings (use another ``dst`` or
+            ``overwrite=True``).
     """
     from tqdm.auto import tqdm
 
@@ -310,6 +311,8 @@ def prepare_images(
     for s in sources:
         out = cache_path(s, src_p, dst_p, fmt)
         if out in targets:
+            if os.path.abspath(targets[out]) == os.path.abspath(s):
+                continue  # the same file listed twice (a repeated manifest row): one copy
             clashes.append(f"{targets[out]} and {s} -> {out}")
         targets[out] = s
     if clashes:
@@ -317,7 +320,7 @@ def prepare_images(
             f"{len(clashes)} source images map to the same cache file: {'; '.join(clashes[:3])}. "
             "Rename one of each pair."
         )
-    report = PrepareReport(src=src_p, dst=dst_p, total=len(sources))
+    report = PrepareReport(src=src_p, dst=dst_p, total=len(targets))
     dst_p.mkdir(parents=True, exist_ok=True)
     todo: list[tuple[Path, Path]] = []
     for out, s in targets.items():
@@ -329,7 +332,7 @@ def prepare_images(
         max_workers=workers
     )
     bar = tqdm(
-        total=len(sources),
+        total=len(targets),
         initial=report.skipped,
         desc="prepare",
         unit="img",

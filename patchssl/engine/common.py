@@ -52,7 +52,9 @@ def as_config(config: Config | dict[str, Any] | str | Path | None) -> Config:
 
 
 def prepare_run(config: Config, *, save: bool = True) -> tuple[Path, torch.device]:
-    """Set threads, resolve the device and create the output folder (saving ``config.yaml``).
+    """Set threads, the image size limit, the device; create the output folder.
+
+    ``data.max_image_pixels``, when set, becomes ``PIL.Image.MAX_IMAGE_PIXELS``.
 
     Args:
         config: The run configuration.
@@ -66,6 +68,10 @@ def prepare_run(config: Config, *, save: bool = True) -> tuple[Path, torch.devic
         if config.train.num_threads < 1:
             raise ConfigError(f"train.num_threads must be >= 1; got {config.train.num_threads}")
         torch.set_num_threads(config.train.num_threads)
+    if config.data.max_image_pixels is not None:
+        from PIL import Image
+
+        Image.MAX_IMAGE_PIXELS = int(config.data.max_image_pixels)
     device = process_device(resolve_device(config.train.device))
     out = Path(config.out)
     if is_main_process():

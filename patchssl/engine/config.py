@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -46,6 +47,7 @@ __all__ = [
     "ProbeConfig",
     "TrainConfig",
     "apply_overrides",
+    "check_ranges",
     "load_config",
     "merge_dicts",
     "read_config_file",
@@ -89,6 +91,15 @@ class DataConfig:
         cache: Output folder of ``patchssl prepare`` (resized copies); default ``<out>/cache``.
         workers: Data-loader worker processes (decoding only).
         max_images: Use at most this many images of each kind (quick trials).
+        allow_outside_root: Accept manifest image paths that lead outside the data root
+            (``image_root``, default the manifest's folder): absolute paths elsewhere or
+            ``../``. Off by default, for every command, so a manifest cannot make a run read
+            arbitrary files.
+        max_image_pixels: Sets ``PIL.Image.MAX_IMAGE_PIXELS`` for the run: an image of more
+            than twice this many pixels is refused at once as a possible decompression bomb,
+            before it is decoded (default ``null``: Pillow's 89,478,485, so files above about
+            179 megapixels, e.g. 30000 x 30000, are refused). Raise it for whole-slide sized
+            files you trust.
     """
 
     unlabeled: str | None = None
@@ -109,6 +120,8 @@ class DataConfig:
     cache: str | None = None
     workers: int = 2
     max_images: int | None = None
+    allow_outside_root: bool = False
+    max_image_pixels: int | None = None
 
 
 @dataclass
@@ -208,6 +221,8 @@ class TrainConfig:
         tensorboard: ``auto`` (when installed), ``true`` or ``false``.
         num_threads: CPU threads for torch (``null`` = torch's default).
         resume: Continue the run in ``out`` from its ``last.pt`` (or from the given file).
+        overwrite: Start afresh in an ``out`` that already holds a run, removing its
+            checkpoints and metrics (without it such a folder is refused).
     """
 
     epochs: int = 30
@@ -234,6 +249,7 @@ class TrainConfig:
     tensorboard: bool | str = "auto"
     num_threads: int | None = None
     resume: bool | str = False
+    overwrite: bool = False
 
 
 @dataclass
@@ -375,9 +391,13 @@ class Config:
             The configuration.
 
         Raises:
-            ConfigError: On unknown keys or values of the wrong type.
+            ConfigError: On unknown keys, values of the wrong type, or values out of range
+                (a learning rate that is not a positive finite number, ``workers`` below 0,
+                ...; see :func:`check_ranges`).
         """
-        return _build(cls, data or {}, prefix="")
+        config = _build(cls, data or {}, prefix="")
+        check_ranges(config)
+        return config
 
     def replace(self, **changes: Any) -> Config:
         """Return a deep copy with top-level fields replaced."""
@@ -389,6 +409,72 @@ class Config:
     def copy(self) -> Config:
         """Return a deep copy."""
         return Config.from_dict(self.to_dict())
+
+
+# (section, key) -> (lowest, highest, lowest included, highest included); None: no bound.
+# A value that is None where the option allows it is not checked.
+_RANGES: dict[tuple[str, str], tuple[float | None, float | None, bool, bool]] = {
+    ("train", "lr"): (0.0, None, False, False),
+    ("train", "min_lr"): (0.0, None, True, False),
+    ("train", "weight_decay"): (0.0, None, True, False),
+    ("train", "momentum"): (0.0, 1.0, True, False),
+    ("train", "warmup_epochs"): (0.0, None, True, False),
+    ("train", "epochs"): (1, None, True, False),
+    ("train", "batch_size"): (1, None, True, False),
+    ("train", "global_batch_size"): (1, None, True, False),
+    ("train", "patience"): (0, None, True, False),
+    ("train", "grad_clip"): (0.0, None, False, False),
+    ("train", "max_steps_per_epoch"): (1, None, True, False),
+    ("train", "num_threads"): (0, None, True, False),
+    ("data", "workers"): (0, None, True, False),
+    ("data", "image_size"): (1, None, True, False),
+    ("data", "in_chans"): (1, None, True, False),
+    ("data", "test_size"): (0.0, 1.0, False, False),
+    ("data", "val_size"): (0.0, 1.0, True, False),
+    ("data", "pretrain_val_size"): (0.0, 1.0, True, False),
+    ("data", "max_images"): (1, None, True, False),
+    ("data", "max_image_pixels"): (1, None, True, False),
+    ("model", "grid"): (1, None, True, False),
+    ("model", "patch_size"): (1, None, True, False),
+    ("model", "gap"): (0, None, True, False),
+    ("model", "jitter"): (0, None, True, False),
+    ("model", "dropout"): (0.0, 1.0, True, False),
+    ("model", "num_classes"): (2, None, True, False),
+    ("eval", "target_specificity"): (0.0, 1.0, True, True),
+    ("eval", "n_boot"): (0, None, True, False),
+    ("eval", "ci"): (0.0, 1.0, False, False),
+    ("explain", "num_images"): (0, None, True, False),
+    ("dist", "timeout_s"): (0.0, None, False, False),
+}
+
+
+def check_ranges(config: Config) -> None:
+    """Refuse numeric options that are not finite or lie outside their range.
+
+    A NaN or infinite number is refused everywhere; bounds are checked for the options that
+    have them (a positive learning rate, ``workers >= 0``, a dropout in ``[0, 1)``...).
+
+    Args:
+        config: The configuration to check.
+
+    Raises:
+        ConfigError: Naming the option, its value and the range it must lie in.
+    """
+    for (section, key), (low, high, low_in, high_in) in _RANGES.items():
+        value = getattr(getattr(config, section), key)
+        if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        name = f"{section}.{key}"
+        if not math.isfinite(value):
+            raise ConfigError(f"{name} must be a finite number; got {value}")
+        too_low = low is not None and (value < low if low_in else value <= low)
+        too_high = high is not None and (value > high if high_in else value >= high)
+        if too_low or too_high:
+            left = "" if low is None else f"{'>=' if low_in else '>'} {low}"
+            right = "" if high is None else f"{'<=' if high_in else '<'} {high}"
+            raise ConfigError(
+                f"{name} must be {' and '.join(p for p in (left, right) if p)}; got {value}"
+            )
 
 
 def _did_you_mean(name: str, options: typing.Iterable[str]) -> str:

@@ -9,6 +9,7 @@ reports keep naming the original files.
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +21,13 @@ from patchssl.engine.logging import echo
 
 __all__ = [
     "cache_dirs",
+    "check_labels",
     "find_eval_overlap",
     "labeled_dataset",
     "labeled_records",
     "make_split",
     "unlabeled_dataset",
+    "write_split",
 ]
 
 
@@ -101,6 +104,7 @@ def labeled_records(config: Config) -> list[Any]:
             label_column=d.label_column,
             patient_column=d.patient_column or None,
             visit_column=d.visit_column or None,
+            allow_outside_root=d.allow_outside_root,
         )
     except (ManifestError, FileNotFoundError) as err:
         raise ConfigError(f"manifest {manifest}: {err}") from err
@@ -109,16 +113,21 @@ def labeled_records(config: Config) -> list[Any]:
     return records
 
 
-def make_split(config: Config, records: list[Any], out_dir: Path) -> dict[str, list[Any]]:
+def make_split(
+    config: Config, records: list[Any], out_dir: Path, *, save: bool = True
+) -> dict[str, list[Any]]:
     """Load ``data.split`` or draw a new patient-grouped, label-stratified split; save it.
 
     The split is written to ``<out>/split.json`` either way, so the run's folder always holds
-    the split it used.
+    the split it used. A saved split that leaves manifest images out of every part is used
+    as it is, with a warning that counts them.
 
     Args:
         config: Run configuration (``data.split``, ``test_size``, ``val_size``; ``train.seed``).
         records: Manifest records.
         out_dir: Run folder.
+        save: Write ``split.json`` now; with ``False`` the caller writes it with
+            :func:`write_split` once every other check has passed.
 
     Returns:
         ``{"train": [...], "val": [...], "test": [...]}`` lists of records.
@@ -127,7 +136,7 @@ def make_split(config: Config, records: list[Any], out_dir: Path) -> dict[str, l
         ConfigError: When the saved split does not match the manifest, or a new split cannot
             be drawn (too few patients of a class).
     """
-    from patchssl.data import load_split, records_from_split, save_split, split_records
+    from patchssl.data import load_split, records_from_split, split_records
 
     d = config.data
     if d.split:
@@ -137,6 +146,15 @@ def make_split(config: Config, records: list[Any], out_dir: Path) -> dict[str, l
             message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
             raise ConfigError(f"data.split: {message}") from err
         source = f"reused {d.split}"
+        used = {str(r.path) for part in parts.values() for r in part}
+        unused = [r for r in records if str(r.path) not in used]
+        if unused:
+            echo(
+                f"warning: the saved split {d.split} leaves {len(unused)} of {len(records)} "
+                f"manifest image(s) out of every part (first: {unused[0].path}); they are not "
+                "used. Drop data.split to draw a split of every image.",
+                err=True,
+            )
     else:
         if not 0.0 < d.test_size < 1.0 or not 0.0 <= d.val_size < 1.0:
             raise ConfigError(
@@ -155,21 +173,80 @@ def make_split(config: Config, records: list[Any], out_dir: Path) -> dict[str, l
         source = f"new split (seed {config.train.seed})"
     parts.setdefault("val", [])
     check_patient_leakage(parts)
+    binary = max((r.label for r in records), default=0) <= 1
+
+    def describe(part: list[Any]) -> str:
+        if binary:
+            labels = f"{sum(r.label for r in part)} positive"
+        else:
+            counts = Counter(r.label for r in part)
+            labels = "classes " + "/".join(str(counts[c]) for c in sorted(counts))
+        return f"{len(part)} ({labels}, {len({r.patient for r in part})} patients)"
+
+    counts = ", ".join(f"{k} {describe(v)}" for k, v in parts.items())
+    where = "saved to" if save else "to be saved to"
+    echo(f"split ({source}): {counts}; {where} {out_dir / 'split.json'}")
+    if save:
+        write_split(config, parts, out_dir)
+    return parts
+
+
+def write_split(config: Config, parts: dict[str, list[Any]], out_dir: Path) -> Path:
+    """Write the split of a run to ``<out_dir>/split.json`` (on the main process).
+
+    Args:
+        config: Run configuration (recorded with the split: manifest, seed, sizes).
+        parts: ``{"train": [...], "val": [...], "test": [...]}`` from :func:`make_split`.
+        out_dir: Run folder.
+
+    Returns:
+        The path of ``split.json``.
+    """
+    from patchssl.data import save_split
+
+    d = config.data
     meta = {
         "manifest": str(d.manifest),
         "seed": config.train.seed,
         "test_size": d.test_size,
         "val_size": d.val_size,
-        "source": source,
+        "source": f"reused {d.split}" if d.split else f"new split (seed {config.train.seed})",
     }
+    path = out_dir / "split.json"
     if is_main_process():  # every process draws the same split; rank 0 writes it
-        save_split(out_dir / "split.json", parts, meta=meta)
-    counts = ", ".join(
-        f"{k} {len(v)} ({sum(r.label for r in v)} positive, {len({r.patient for r in v})} patients)"
-        for k, v in parts.items()
-    )
-    echo(f"split ({source}): {counts}; saved to {out_dir / 'split.json'}")
-    return parts
+        save_split(path, parts, meta=meta)
+    return path
+
+
+def check_labels(config: Config, records: list[Any]) -> None:
+    """Refuse labeled images whose classes cannot train ``model.num_classes`` classes.
+
+    Raises:
+        ConfigError: When the label map's number of classes differs from
+            ``model.num_classes``, or a class has no image (listing the counts).
+    """
+    from patchssl.data import LabelMap
+
+    k = config.model.num_classes
+    try:
+        names = LabelMap.from_config(config.data.label_map).class_names
+    except Exception:  # already read once by labeled_records; any problem was reported there
+        names = tuple(str(i) for i in range(k))
+    if len(names) != k:
+        raise ConfigError(
+            f"the label map has {len(names)} classes ({', '.join(names)}) but "
+            f"model.num_classes={k}; set --set model.num_classes={len(names)} or use a "
+            f"{k}-class label map"
+        )
+    counts = Counter(r.label for r in records)
+    missing = [c for c in range(k) if counts[c] == 0]
+    if missing:
+        listed = ", ".join(f"class {c} ({names[c]}): {counts[c]}" for c in range(k))
+        raise ConfigError(
+            f"the labeled images do not cover every class ({listed} image(s)); a classifier "
+            f"cannot learn class(es) {', '.join(names[c] for c in missing)} without "
+            "examples. Add images of every class, or check the label column and --label-map."
+        )
 
 
 def check_patient_leakage(parts: dict[str, list[Any]]) -> None:

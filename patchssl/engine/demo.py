@@ -230,6 +230,7 @@ def run_demo(config: Config | None = None) -> DemoResult:
     pre.train.lr = 2e-3
     pre.train.weight_decay = 1e-4
     pre.train.class_weights = "none"
+    pre.train.overwrite = True  # the demo regenerates its whole folder
     pre_result = pretrain(pre)
     seconds["pretrain"] = time.perf_counter() - t
 
@@ -245,6 +246,7 @@ def run_demo(config: Config | None = None) -> DemoResult:
         ft = config.copy()
         ft.out = str(out / folder)
         ft.model.init = init
+        ft.train.overwrite = True
         ft.train.epochs = s["finetune_epochs"]
         ft.train.lr = 1e-3
         ft.train.weight_decay = 1e-4

@@ -41,11 +41,13 @@ from patchssl.engine.common import (
 )
 from patchssl.engine.config import Config, ConfigError
 from patchssl.engine.data import (
+    check_labels,
     find_eval_overlap,
     labeled_dataset,
     labeled_records,
     make_split,
     training_loaders,
+    write_split,
 )
 from patchssl.engine.distributed import (
     broadcast_object,
@@ -61,6 +63,7 @@ from patchssl.engine.loop import (
     resolve_amp,
     resolve_compile,
 )
+from patchssl.engine.run_dir import run_folder, start_run
 from patchssl.engine.seeding import derive_seed
 
 __all__ = ["FinetuneTask", "build_classifier", "class_weights", "finetune"]
@@ -333,11 +336,14 @@ def finetune(
         The :class:`~patchssl.engine.loop.TrainingResult`.
 
     Raises:
-        ConfigError: On invalid settings, unknown labels, a mismatched checkpoint.
+        ConfigError: On invalid settings, unknown labels, a mismatched checkpoint, or an ``out``
+            that holds another run (without ``train.resume``/``train.overwrite``) or is in
+            use by another run (see :mod:`patchssl.engine.run_dir`); nothing is written
+            then.
         NonFiniteLossError: When the loss becomes NaN or infinite (``last.pt`` is kept).
     """
     config = as_config(config)
-    with distributed_session(config):
+    with distributed_session(config), run_folder(config):
         return _finetune(config, callbacks)
 
 
@@ -347,16 +353,15 @@ def _finetune(config: Config, callbacks: Iterable[Callable[..., None]]) -> Train
 
     train_cfg = config.train
     records = labeled_records(config)
-    out, device = prepare_run(config)
+    check_labels(config, records)
+    out, device = prepare_run(config, save=False)  # every output: once everything is checked
     compile_mode = resolve_compile(train_cfg.compile)  # refuse a bad value before any work
     origin = f"from {config.model.init}" if config.model.init else "from scratch"
     say(
         f"fine-tuning {config.model.backbone} (attention: {config.model.attention}) {origin} "
         f"on {device}; output: {out}"
     )
-    parts = make_split(config, records, out)
-    if config.model.init:
-        _warn_pretrain_overlap(config, parts, out)
+    parts = make_split(config, records, out, save=False)
     train_records = parts["train"]
     if not train_records:
         raise ConfigError("the training part of the split is empty; use more labeled images")
@@ -376,8 +381,6 @@ def _finetune(config: Config, callbacks: Iterable[Callable[..., None]]) -> Train
 
     model, fingerprint, transfer = build_classifier(config, device)
     compile_encoder(model.encoder, compile_mode)
-    if transfer:
-        write_json(out / "transfer.json", transfer)
     amp_dtype, _ = resolve_amp(train_cfg.amp, device)
     task = FinetuneTask(
         model,
@@ -399,6 +402,12 @@ def _finetune(config: Config, callbacks: Iterable[Callable[..., None]]) -> Train
     if train_cfg.resume:
         path = Path(train_cfg.resume) if isinstance(train_cfg.resume, str) else out / "last.pt"
         trainer.resume_from(path)
+    start_run(config)
+    write_split(config, parts, out)
+    if transfer:
+        write_json(out / "transfer.json", transfer)
+    if config.model.init:
+        _warn_pretrain_overlap(config, parts, out)
     result = trainer.fit()
     say(f"fine-tuning done: checkpoints {result.last_checkpoint} and {result.best_checkpoint}")
     return result

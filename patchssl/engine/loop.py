@@ -592,7 +592,9 @@ class Trainer:
             if key in row and not math.isfinite(float(row[key]))
         ]
         tensors = {
-            f"weight {name}": t for name, t in self.model.state_dict().items() if t.is_floating_point()
+            f"weight {name}": t
+            for name, t in self.model.state_dict().items()
+            if t.is_floating_point()
         }
         for index, state in enumerate(self.optimizer.state.values()):
             for key, value in state.items():

@@ -15,6 +15,7 @@ from typing import Any
 
 from patchssl.engine.common import as_config, prepare_run, say, write_json
 from patchssl.engine.config import Config, ConfigError
+from patchssl.engine.run_dir import run_folder, start_run
 
 __all__ = ["PrepareResult", "prepare"]
 
@@ -50,25 +51,35 @@ def prepare(config: Config | dict[str, Any] | str | Path | None) -> PrepareResul
         The :class:`PrepareResult`.
 
     Raises:
-        ConfigError: When neither data source is given, or the manifest is invalid.
+        ConfigError: When neither data source is given, the manifest is invalid, or ``out``
+            holds a training run (without ``train.overwrite``) or is in use by another run.
     """
-    from patchssl.data import prepare_images
-    from patchssl.engine.data import find_eval_overlap, labeled_records, make_split
-
     config = as_config(config)
     d = config.data
     if not d.unlabeled and not d.manifest:
         raise ConfigError(
             "nothing to prepare: give --data DIR (unlabeled) and/or --manifest FILE.csv"
         )
-    out, _ = prepare_run(config)
+    with run_folder(config):
+        return _prepare(config)
+
+
+def _prepare(config: Config) -> PrepareResult:
+    """The body of :func:`prepare`, with the output folder locked."""
+    from patchssl.data import prepare_images
+    from patchssl.engine.data import find_eval_overlap, labeled_records, make_split
+
+    d = config.data
+    if d.unlabeled and not Path(d.unlabeled).is_dir():
+        raise ConfigError(f"data.unlabeled: folder not found: {d.unlabeled}")
+    records = labeled_records(config) if d.manifest else []  # checked before any write
+    out, _ = prepare_run(config, save=False)
+    start_run(config)
     cache = out / "cache"
     result = PrepareResult(out_dir=out, cache=cache)
     workers = max(1, d.workers)
     if d.unlabeled:
         src = Path(d.unlabeled)
-        if not src.is_dir():
-            raise ConfigError(f"data.unlabeled: folder not found: {src}")
         say(f"resizing unlabeled images from {src} to {d.image_size} px into {cache / 'unlabeled'}")
         try:
             report = prepare_images(
@@ -84,7 +95,6 @@ def prepare(config: Config | dict[str, Any] | str | Path | None) -> PrepareResul
         say(report.summary())
         result.reports["unlabeled"] = report
     if d.manifest:
-        records = labeled_records(config)
         say(f"manifest {d.manifest}: {len(records)} labeled images, labels valid")
         root = Path(d.image_root) if d.image_root else Path(d.manifest).parent
         try:

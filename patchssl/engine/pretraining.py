@@ -47,6 +47,7 @@ from patchssl.engine.loop import (
     resolve_amp,
     resolve_compile,
 )
+from patchssl.engine.run_dir import run_folder, start_run
 from patchssl.engine.seeding import derive_seed, make_generator
 
 __all__ = ["PretrainTask", "build_pretext", "pretext_options", "pretrain"]
@@ -249,7 +250,10 @@ def pretrain(
         The :class:`~patchssl.engine.loop.TrainingResult`.
 
     Raises:
-        ConfigError: On invalid settings or a checkpoint that does not match (resume).
+        ConfigError: On invalid settings or a checkpoint that does not match (resume), or an ``out``
+            that holds another run (without ``train.resume``/``train.overwrite``) or is in
+            use by another run (see :mod:`patchssl.engine.run_dir`); nothing is written
+            then.
         NonFiniteLossError: When the loss becomes NaN or infinite (``last.pt`` is kept).
     """
     config = as_config(config)
@@ -257,14 +261,14 @@ def pretrain(
         raise ConfigError(
             "pretraining needs a folder of unlabeled images: --data DIR (data.unlabeled)"
         )
-    with distributed_session(config):
+    with distributed_session(config), run_folder(config):
         return _pretrain(config, callbacks)
 
 
 def _pretrain(config: Config, callbacks: Iterable[Callable[..., None]]) -> TrainingResult:
     """The body of :func:`pretrain`, inside the process group (if any)."""
     train_cfg = config.train
-    out, device = prepare_run(config)
+    out, device = prepare_run(config, save=False)  # config.yaml: once everything is checked
     compile_mode = resolve_compile(train_cfg.compile)  # refuse a bad value before any work
     say(
         f"pretraining '{config.pretext.name}' with {config.model.backbone} on {device}; "
@@ -305,6 +309,7 @@ def _pretrain(config: Config, callbacks: Iterable[Callable[..., None]]) -> Train
     if train_cfg.resume:
         path = Path(train_cfg.resume) if isinstance(train_cfg.resume, str) else out / "last.pt"
         trainer.resume_from(path)
+    start_run(config)
     result = trainer.fit()
     say(f"pretraining done: checkpoints {result.last_checkpoint} and {result.best_checkpoint}")
     return result
