@@ -10,9 +10,9 @@ been checked (config, data, checkpoints), right before it writes its first outpu
   :func:`start_run`);
 - an exclusive lock (:func:`fcntl.flock` on ``<out>/.patchssl.lock``) is held while the
   command runs, so a second run into the same folder is refused at once instead of
-  interleaving its rows and checkpoints with the first. The kernel releases the lock when
-  the process ends, however it ends, so a lock file left by a killed run never blocks the
-  next one (it is reported and taken over);
+  interleaving its rows and checkpoints with the first. The lock file is removed when the
+  command ends; the kernel releases the lock when the process ends, however it ends, so a
+  lock file left by a killed run never blocks the next one (it is reported and taken over);
 - temporary files left by an interrupted atomic write (``.last.pt.*.tmp``,
   ``config.yaml.tmp``...) are removed;
 - a refused run leaves nothing behind: a folder it created is removed again.
@@ -86,8 +86,8 @@ def run_folder(config: Config) -> Iterator[Path]:
         raise
     finally:
         if handle is not None:
-            with contextlib.suppress(OSError):
-                os.ftruncate(handle, 0)  # a process id left behind means: killed
+            with contextlib.suppress(OSError):  # a lock file left behind means: killed
+                (out / LOCK_NAME).unlink(missing_ok=True)
             os.close(handle)  # releases the lock
         elif created:
             _remove_created(out)
@@ -139,19 +139,26 @@ def _refusal(out: Path, resume: bool, overwrite: bool) -> str | None:
 def _lock(out: Path) -> tuple[int | None, str | None]:
     """Take the folder's lock: ``(file descriptor, None)`` or ``(None, why not)``."""
     path = out / LOCK_NAME
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as err:
-        holder = _read_pid(fd)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            holder = _read_pid(fd)
+            os.close(fd)
+            if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            who = f"process {holder}" if holder else "another process"
+            return None, (
+                f"{out} is in use by another patchssl run ({who} holds {path}); wait for it "
+                "to finish, or choose another folder with --out"
+            )
+        try:  # the file may have been removed by a run ending meanwhile: lock the new one
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                break
+        except FileNotFoundError:
+            pass
         os.close(fd)
-        if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            raise
-        who = f"process {holder}" if holder else "another process"
-        return None, (
-            f"{out} is in use by another patchssl run ({who} holds {path}); wait for it to "
-            "finish, or choose another folder with --out"
-        )
     previous = _read_pid(fd)
     if previous and previous != os.getpid():
         echo(
