@@ -80,6 +80,8 @@ def _done(message: str) -> None:
 
 
 # ------------------------------------------------------------------------------------ options
+_PRETRAINED_WORDS = {"true": True, "false": False}
+
 # Every option that more than one command takes, defined once: flag -> add_argument keywords
 # ("aliases": its short forms). A command may reword the help where the option means something
 # narrower there (`prepare --workers` resizes images, it loads no batches).
@@ -125,6 +127,12 @@ _OPTIONS: dict[str, dict[str, Any]] = {
     },
     # tiling geometry and encoder
     "--backbone": {"help": "timm model name of the patch encoder (model.backbone)"},
+    "--pretrained": {
+        "type": lambda value: _PRETRAINED_WORDS.get(value.lower(), value),
+        "metavar": "true|false|FILE",
+        "help": "ImageNet weights of the encoder: true (timm's, downloaded once into the "
+        "Hugging Face cache), false, or a local .safetensors/.pth file (model.pretrained)",
+    },
     "--image-size": {"type": int, "help": "working image size in px (data.image_size)"},
     "--patch-size": {"type": int, "help": "patch side in px (model.patch_size)"},
     "--grid": {"type": int, "help": "patches per side, 3 = 3x3 (model.grid)"},
@@ -163,7 +171,7 @@ _OPTIONS: dict[str, dict[str, Any]] = {
 # the groups of options that commands take together
 _RUN_OPTIONS = ("--config", "--set", "--out", "--debug")  # every config-driven command
 _DEVICE_OPTIONS = ("--device", "--workers", "--batch-size", "--amp", "--threads", "--no-progress")
-_GEOMETRY_OPTIONS = ("--backbone", "--image-size", "--patch-size", "--grid")
+_GEOMETRY_OPTIONS = ("--backbone", "--pretrained", "--image-size", "--patch-size", "--grid")
 _TRAINING_OPTIONS = ("--epochs", "--lr", "--seed", "--resume", "--overwrite", "--patience")
 _LABEL_OPTIONS = ("--label-map", "--split")
 _CLASSIFIER_OPTIONS = ("--checkpoint", "--data")  # what evaluate and explain read
@@ -442,6 +450,7 @@ _FLAG_KEYS: dict[str, str] = {
     "label_map": "data.label_map",
     "split": "data.split",
     "backbone": "model.backbone",
+    "pretrained": "model.pretrained",
     "patch_size": "model.patch_size",
     "grid": "model.grid",
     "init": "model.init",

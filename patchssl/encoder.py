@@ -40,12 +40,12 @@ IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 #: Normalisation layers the encoder can use (see :class:`SharedPatchEncoder`).
 NORMS: tuple[str, ...] = ("batch", "group", "sync_batch", "frozen_batch")
 
-_DOWNLOAD_HELP = (
-    "patchssl never downloads weights. Download them once on a machine with internet access "
-    "(for example the 'model.safetensors' file of the model's page on the Hugging Face hub, "
-    "or any timm/torchvision .pth state dict) and pass the local file instead: "
+_LOCAL_FILE_HELP = (
+    "Without internet access, download the weights once on a machine that has it (for example "
+    "the 'model.safetensors' file of the model's page on the Hugging Face hub, or any "
+    "timm/torchvision .pth state dict) and pass the local file: "
     "SharedPatchEncoder({name!r}, pretrained='/path/to/weights.safetensors') "
-    "(or a .pth/.pt/.bin file)."
+    "(or a .pth/.pt/.bin file; on the command line --pretrained FILE)."
 )
 
 
@@ -92,25 +92,17 @@ def _channel_stats(
     return values
 
 
-class _GroupNormAct(nn.GroupNorm):
-    """GroupNorm followed by the dropout and activation a timm ``BatchNormAct2d`` carried."""
-
-    def __init__(self, num_groups: int, num_channels: int, eps: float, affine: bool) -> None:
-        super().__init__(num_groups, num_channels, eps=eps, affine=affine)
-        self.drop: nn.Module = nn.Identity()
-        self.act: nn.Module = nn.Identity()
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.act(self.drop(super().forward(x)))
-
-
 def _to_group_norm(module: nn.Module, max_groups: int) -> nn.Module:
     """Replace every ``BatchNorm2d`` (timm's ``BatchNormAct2d`` included) with GroupNorm."""
     if isinstance(module, nn.BatchNorm2d):
         channels = module.num_features
         groups = math.gcd(channels, max_groups)
         if hasattr(module, "act") or hasattr(module, "drop"):
-            new: nn.Module = _GroupNormAct(groups, channels, module.eps, module.affine)
+            from timm.layers import GroupNormAct
+
+            new: nn.Module = GroupNormAct(
+                channels, groups, eps=module.eps, affine=module.affine, apply_act=False
+            )
             new.act = getattr(module, "act", nn.Identity())
             new.drop = getattr(module, "drop", nn.Identity())
         else:
@@ -129,68 +121,6 @@ def _to_group_norm(module: nn.Module, max_groups: int) -> nn.Module:
     return module
 
 
-def _load_weights_file(path: Path) -> dict[str, Tensor]:
-    """Load a state dict from ``.safetensors`` or a torch file, with ``weights_only=True``."""
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state: Any = load_file(str(path), device="cpu")
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict):
-        for key in ("state_dict", "model"):
-            if key in state and isinstance(state[key], dict):
-                state = state[key]
-                break
-    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ValueError(f"{path} does not hold a state dict (a mapping of names to tensors)")
-    return {k.removeprefix("module."): v for k, v in state.items()}
-
-
-class _TimmLoadMessages(logging.Handler):
-    """Collect what timm's weight loader reports, to make loading a local file strict.
-
-    timm loads with ``strict=False`` once the classifier is removed and only logs missing and
-    unexpected keys; these messages are turned into an error by :meth:`raise_on_mismatch`.
-    """
-
-    _LOGGER = "timm.models._builder"
-    _PROBLEMS = ("Missing keys", "Unexpected keys", "Unable to convert")
-
-    def __init__(self) -> None:
-        super().__init__(level=logging.INFO)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
-
-    def __enter__(self) -> _TimmLoadMessages:
-        log = logging.getLogger(self._LOGGER)
-        self._saved = (log.level, log.propagate)
-        log.setLevel(logging.INFO)
-        log.propagate = False
-        log.addHandler(self)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        log = logging.getLogger(self._LOGGER)
-        log.removeHandler(self)
-        log.setLevel(self._saved[0])
-        log.propagate = self._saved[1]
-
-    def raise_on_mismatch(self, path: Path, name: str, in_chans: int) -> None:
-        problems = [m for m in self.messages if m.startswith(self._PROBLEMS)]
-        if problems:
-            detail = " ".join(p.split(" discovered")[0].split(" found while")[0] for p in problems)
-            if len(detail) > 600:
-                detail = detail[:600] + "...)"
-            raise ValueError(
-                f"could not load the weights file {str(path)!r} into timm backbone {name!r} "
-                f"(in_chans={in_chans}): {detail}. The file must hold a state dict of this "
-                "architecture; only classifier weights may be missing or extra."
-            )
-
-
 def _json_able(value: Any) -> bool:
     try:
         json.dumps(value)
@@ -202,7 +132,7 @@ def _json_able(value: Any) -> bool:
 class SharedPatchEncoder(nn.Module):
     """One backbone applied with shared weights to every patch: ``(B, N, C, h, w) -> (B, N, D)``.
 
-    The backbone is a timm model name (built with ``timm.create_model(name, pretrained=False,
+    The backbone is a timm model name (built with ``timm.create_model(name, pretrained=...,
     num_classes=0, in_chans=in_chans, ...)``) or any ``nn.Module``. Patches are folded into the
     batch, encoded once and pooled, so that batch normalisation sees the ``B * N`` patches of
     the same images together, as in the paper's ResNet.
@@ -249,12 +179,14 @@ class SharedPatchEncoder(nn.Module):
         backbone: a timm model name (``"resnet50"``, ``"vgg16"``, ``"vit_small_patch16_224"``,
             ...) or an ``nn.Module`` mapping ``(M, C, h, w)`` to ``(M, D)`` or
             ``(M, D, h', w')``.
-        pretrained: ``False`` (random initialisation) or the path of a local weights file
-            (``.safetensors``, ``.pth``, ``.pt``, ``.bin``), loaded with ``weights_only=True``
-            through timm's file mechanism (its per-model conversions, for example ViT position
-            embeddings resized to ``patch_size`` and the first convolution adapted to
-            ``in_chans``). The classifier weights of the file are dropped; any other missing or
-            unexpected key is an error. ``True`` raises: nothing is downloaded.
+        pretrained: ``False`` (random initialisation), ``True`` (the timm model's published
+            weights, as ``timm.create_model(name, pretrained=True)``: downloaded once from the
+            Hugging Face hub, then read from its cache, also offline with
+            ``HF_HUB_OFFLINE=1``) or the path of a local weights file (``.safetensors``,
+            ``.pth``, ``.pt``, ``.bin``, read with ``weights_only=True``). Either way timm
+            applies its per-model conversions (for example ViT position embeddings resized to
+            ``patch_size`` and the first convolution adapted to ``in_chans``). The classifier
+            weights are dropped; any other missing or unexpected key of a file is an error.
         in_chans: channels of the patches (1 for grayscale).
         patch_size: patch height and width in pixels, an int or ``(h, w)``.
         norm: one of ``"batch"``, ``"group"``, ``"sync_batch"``, ``"frozen_batch"``.
@@ -278,9 +210,12 @@ class SharedPatchEncoder(nn.Module):
         - Output: ``(B, N, D)`` with ``D = out_dim``.
 
     Raises:
-        ValueError: unknown timm name, ``pretrained=True``, a patch size the backbone cannot
-            encode, an unknown ``norm``, an invalid ``freeze``, unsupported grad checkpointing.
+        ValueError: unknown timm name, a weights file of another architecture, a patch size
+            the backbone cannot encode, an unknown ``norm``, an invalid ``freeze``,
+            unsupported grad checkpointing.
         FileNotFoundError: ``pretrained`` names a file that does not exist.
+        RuntimeError: ``pretrained=True`` and the weights can be neither downloaded nor found
+            in the Hugging Face cache (the message names the cache and the local-file way).
 
     References:
         Chae et al., "Attentive Transfer Learning via Self-supervised Learning for Cervical
@@ -335,7 +270,7 @@ class SharedPatchEncoder(nn.Module):
         self.freeze: str | int | None = None
         self.min_patch_size: tuple[int, int] | None = None
 
-        pretrained_path = self._check_pretrained(pretrained, backbone)
+        resolved = self._check_pretrained(pretrained, backbone)
 
         if isinstance(backbone, str):
             if out_dim is not None:
@@ -344,7 +279,7 @@ class SharedPatchEncoder(nn.Module):
                     "read from the model (head_hidden_size or num_features)"
                 )
             self.backbone_name: str | None = backbone
-            self.backbone = self._create_timm(backbone, pretrained_path)
+            self.backbone = self._create_timm(backbone, resolved)
             default_mean = self.backbone.pretrained_cfg.get("mean") or IMAGENET_MEAN
             default_std = self.backbone.pretrained_cfg.get("std") or IMAGENET_STD
         elif isinstance(backbone, nn.Module):
@@ -355,8 +290,8 @@ class SharedPatchEncoder(nn.Module):
                 )
             self.backbone_name = None
             self.backbone = backbone
-            if pretrained_path is not None:
-                self._load_custom_weights(pretrained_path)
+            if isinstance(resolved, Path):
+                self._load_custom_weights(resolved)
             default_mean, default_std = IMAGENET_MEAN, IMAGENET_STD
         else:
             raise TypeError(
@@ -397,35 +332,41 @@ class SharedPatchEncoder(nn.Module):
 
     # ------------------------------------------------------------------ construction helpers
     @staticmethod
-    def _check_pretrained(pretrained: bool | str | Path, backbone: str | nn.Module) -> Path | None:
+    def _check_pretrained(
+        pretrained: bool | str | Path | None, backbone: str | nn.Module
+    ) -> bool | Path:
+        """``False``, ``True`` (timm's hub weights) or the checked path of a local file."""
         if pretrained is False or pretrained is None:
-            return None
+            return False
         name = backbone if isinstance(backbone, str) else "<your backbone>"
         if pretrained is True:
-            raise ValueError(
-                "pretrained=True asks for a download, which is not possible here. "
-                + _DOWNLOAD_HELP.format(name=name)
-            )
+            if not isinstance(backbone, str):
+                raise ValueError(
+                    "pretrained=True loads a timm model's published weights, so it needs a timm "
+                    "model name; for a custom nn.Module pass the path of its weights file"
+                )
+            return True
         if not isinstance(pretrained, (str, Path)):
             raise TypeError(
-                f"pretrained must be False or the path of a weights file; got {pretrained!r}"
+                f"pretrained must be True, False or the path of a weights file; got {pretrained!r}"
             )
         path = Path(pretrained).expanduser()
         if not path.is_file():
             raise FileNotFoundError(
                 f"pretrained weights file not found: {str(path)!r}. "
-                + _DOWNLOAD_HELP.format(name=name)
+                + _LOCAL_FILE_HELP.format(name=name)
             )
         return path
 
-    def _create_timm(self, name: str, pretrained_path: Path | None) -> nn.Module:
+    def _create_timm(self, name: str, pretrained: bool | Path) -> nn.Module:
         import timm
+        from timm.models import get_pretrained_cfg, load_state_dict
 
         if ":" in name:
             raise ValueError(
-                f"backbone {name!r} names a hub or directory source, which needs a download or a "
-                "timm config file; give the architecture name (for example 'resnet50' or "
-                "'resnet50.a1_in1k') and pass the weights file with pretrained='/path/to/file'"
+                f"backbone {name!r} names a hub or directory source; give the architecture name "
+                "(for example 'resnet50' or 'resnet50.a1_in1k') with pretrained=True for its "
+                "published weights, or pretrained='/path/to/file' for a local file"
             )
         if not timm.is_model(name):
             hints = difflib.get_close_matches(name, timm.list_models(), n=3)
@@ -433,48 +374,64 @@ class SharedPatchEncoder(nn.Module):
             raise ValueError(
                 f"unknown timm backbone {name!r}.{extra} See timm.list_models() for the names."
             )
+        cfg = get_pretrained_cfg(name)
         kwargs: dict[str, Any] = dict(self._timm_kwargs)
-        kwargs.update(num_classes=0, in_chans=self.in_chans)
+        kwargs.update(in_chans=self.in_chans, num_classes=0, pretrained=pretrained is not False)
         if self.drop_path_rate > 0:
             kwargs["drop_path_rate"] = self.drop_path_rate
-        if pretrained_path is not None:
-            kwargs["pretrained"] = True
-            kwargs["pretrained_cfg_overlay"] = {"file": str(pretrained_path), "source": ""}
-        else:
-            kwargs["pretrained"] = False
-        # Backbones that must know their input size (vision transformers and friends) get the
-        # patch size; the others reject the keyword, and are built without it.
-        give_size = "img_size" not in kwargs and not kwargs.get("dynamic_img_size", False)
-        attempts = [{**kwargs, "img_size": self.patch_size}, kwargs] if give_size else [kwargs]
-        for i, attempt in enumerate(attempts):
-            try:
-                with _TimmLoadMessages() as messages:
-                    model = timm.create_model(name, **attempt)
-                if pretrained_path is not None:
-                    messages.raise_on_mismatch(pretrained_path, name, self.in_chans)
-                break
-            except TypeError as err:
-                message = str(err)
-                if "img_size" in message and i + 1 < len(attempts):
-                    continue
-                bad = re.search(r"unexpected keyword argument '(\w+)'", message)
-                if bad:
-                    raise ValueError(
-                        f"timm backbone {name!r} does not accept the option {bad.group(1)!r} "
-                        f"(given through SharedPatchEncoder's keyword arguments)"
-                    ) from err
-                raise
-            except (RuntimeError, ValueError, KeyError, AssertionError) as err:
-                if pretrained_path is None:
-                    raise
+        # timm's rule: a model whose input size is fixed (vision transformers and friends)
+        # takes img_size; give it the patch size.
+        fixed = cfg is not None and cfg.fixed_input_size
+        if fixed and "img_size" not in kwargs and not kwargs.get("dynamic_img_size", False):
+            kwargs["img_size"] = self.patch_size
+        if isinstance(pretrained, Path):
+            # The file is read here rather than through pretrained_cfg_overlay=dict(file=...),
+            # whose torch.load is weights_only=True only from timm 1.0.26 on.
+            state = load_state_dict(str(pretrained), weights_only=True)
+            classifiers = (cfg.classifier if cfg is not None else None) or ()
+            for head in (classifiers,) if isinstance(classifiers, str) else classifiers:
+                state.pop(f"{head}.weight", None)
+                state.pop(f"{head}.bias", None)
+            # Without the classifier on both sides, timm loads the rest strictly (and still
+            # applies the model's own conversions, e.g. the stem adapted to in_chans).
+            kwargs["pretrained_cfg_overlay"] = {
+                "state_dict": state,
+                "num_classes": 0,
+                "label_offset": 0,
+            }
+        elif pretrained:
+            # Keep the published classifier while loading, so that timm loads strictly, and
+            # remove it afterwards.
+            kwargs.pop("num_classes")
+        try:
+            model = timm.create_model(name, **kwargs)
+        except TypeError as err:
+            bad = re.search(r"unexpected keyword argument '(\w+)'", str(err))
+            if bad:
                 raise ValueError(
-                    f"could not load the weights file {str(pretrained_path)!r} into timm "
+                    f"timm backbone {name!r} does not accept the option {bad.group(1)!r} "
+                    f"(given through SharedPatchEncoder's keyword arguments)"
+                ) from err
+            raise
+        except (RuntimeError, ValueError, KeyError, AssertionError) as err:
+            if isinstance(pretrained, Path):
+                raise ValueError(
+                    f"could not load the weights file {str(pretrained)!r} into timm "
                     f"backbone {name!r} (in_chans={self.in_chans}): {err}. The file must hold "
                     "a state dict of this architecture; only classifier weights may be missing "
                     "or extra."
                 ) from err
-        if pretrained_path is not None:
-            logger.info("loaded pretrained weights for %r from %s", name, pretrained_path)
+            if pretrained is not True:
+                raise
+            raise self._hub_error(name, cfg, err) from err
+        except OSError as err:  # the hub's errors when offline or without a cached copy
+            if pretrained is not True:
+                raise
+            raise self._hub_error(name, cfg, err) from err
+        if pretrained is True:
+            model.reset_classifier(0)
+        if pretrained is not False:
+            logger.info("loaded pretrained weights for %r from %s", name, pretrained)
 
         from timm.models.vgg import VGG
 
@@ -485,8 +442,24 @@ class SharedPatchEncoder(nn.Module):
             self._pool_spatial = True
         return model
 
+    @staticmethod
+    def _hub_error(name: str, cfg: Any, err: BaseException) -> RuntimeError:
+        """The error for ``pretrained=True`` weights that could neither be downloaded nor found."""
+        from huggingface_hub import constants
+
+        source = getattr(cfg, "hf_hub_id", None) or getattr(cfg, "url", None) or "none"
+        return RuntimeError(
+            f"could not load the published weights of timm backbone {name!r} (source: "
+            f"{source}): {type(err).__name__}: {err}. timm downloads them once from the Hugging "
+            f"Face hub and then reads them from its cache, {constants.HF_HUB_CACHE} (set "
+            "HF_HUB_CACHE to move it; with HF_HUB_OFFLINE=1 only the cache is read). "
+            + _LOCAL_FILE_HELP.format(name=name)
+        )
+
     def _load_custom_weights(self, path: Path) -> None:
-        state = _load_weights_file(path)
+        from timm.models import load_state_dict
+
+        state = load_state_dict(str(path), weights_only=True)
         result = self.backbone.load_state_dict(state, strict=False)
         if result.missing_keys or result.unexpected_keys:
             raise ValueError(

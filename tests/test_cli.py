@@ -261,3 +261,15 @@ def test_a_closed_pipe_ends_quietly(monkeypatch):
     with open(write_end, "w", buffering=1) as stream:
         monkeypatch.setattr(sys, "stdout", stream)
         assert main(["permutations", "describe"]) == 141  # no BrokenPipeError escapes
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [("true", True), ("False", False), ("weights/r50.safetensors", "weights/r50.safetensors")],
+)
+def test_pretrained_flag_takes_true_false_or_a_file(given, expected):
+    from patchssl.cli import _config_from_args
+
+    for command in ("pretrain", "finetune"):
+        args = build_parser().parse_args([command, "--pretrained", given])
+        assert _config_from_args(args).model.pretrained == expected

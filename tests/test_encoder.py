@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import timm
@@ -145,9 +148,70 @@ def test_hub_names_are_refused_with_the_way_out():
         SharedPatchEncoder("hf-hub:timm/resnet50.a1_in1k")
 
 
-def test_pretrained_true_explains_local_files():
-    with pytest.raises(ValueError, match=r"pretrained='/path/to/weights\.safetensors'"):
-        SharedPatchEncoder("test_resnet", pretrained=True, patch_size=32)
+# pretrained=True goes through timm and huggingface_hub, which read HF_HUB_CACHE and
+# HF_HUB_OFFLINE when imported: each case runs in a fresh interpreter with its environment.
+_HUB_SCRIPT = """
+import sys, torch
+from huggingface_hub import try_to_load_from_cache
+from patchssl.encoder import SharedPatchEncoder
+repo, weights = sys.argv[1], sys.argv[2]
+print("cached:", try_to_load_from_cache(repo, "model.safetensors"))
+enc = SharedPatchEncoder("test_resnet", pretrained=True, patch_size=32)
+state = enc.backbone.state_dict()
+from safetensors.torch import load_file
+source = load_file(weights)
+assert not any(k.startswith("fc.") for k in state), sorted(state)
+for key, value in source.items():
+    if not key.startswith("fc."):
+        torch.testing.assert_close(state[key], value, msg=key)
+print("loaded", len(state))
+"""
+
+
+def _run_offline(cache, *args):
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(
+        [sys.executable, "-c", _HUB_SCRIPT, *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_pretrained_true_reads_the_hugging_face_cache_offline(tmp_path):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(6)
+    hub_id = timm.get_pretrained_cfg("test_resnet").hf_hub_id  # timm/test_resnet.r160_in1k
+    source = timm.create_model("test_resnet")  # with its 1000-class classifier, as published
+    revision = "0" * 40
+    repo = tmp_path / "hub" / f"models--{hub_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / revision
+    snapshot.mkdir(parents=True)
+    weights = snapshot / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(weights))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    done = _run_offline(tmp_path / "hub", hub_id, str(weights))
+    assert done.returncode == 0, done.stderr
+    assert f"cached: {weights}" in done.stdout  # huggingface_hub itself finds the file
+    assert "loaded" in done.stdout
+
+
+def test_pretrained_true_offline_without_cache_says_what_to_do(tmp_path):
+    hub_id = timm.get_pretrained_cfg("test_resnet").hf_hub_id
+    done = _run_offline(tmp_path / "empty", hub_id, "unused")
+    assert done.returncode != 0
+    assert "cached: None" in done.stdout
+    assert "could not load the published weights of timm backbone 'test_resnet'" in done.stderr
+    assert str(tmp_path / "empty") in done.stderr  # the cache directory is named
+    assert "pretrained='/path/to/weights.safetensors'" in done.stderr
+
+
+def test_pretrained_true_needs_a_timm_name():
+    with pytest.raises(ValueError, match="needs a timm model name"):
+        SharedPatchEncoder(nn.Conv2d(3, 4, 3), pretrained=True, patch_size=16)
 
 
 def test_missing_weights_file_is_named(tmp_path):

@@ -243,3 +243,23 @@ def test_unknown_compile_mode_says_what_is_accepted():
         ConfigError, match="train.compile must be true, false or a torch.compile mode"
     ):
         resolve_compile("fastest")
+
+
+def test_model_pretrained_file_reaches_the_encoder(tmp_path):
+    import timm
+
+    from patchssl.engine.common import build_encoder
+
+    torch.manual_seed(7)
+    path = tmp_path / "weights.pth"
+    source = timm.create_model("test_resnet")
+    torch.save(source.state_dict(), path)
+    config = load_config(
+        None,
+        ["model.backbone=test_resnet", "model.patch_size=32", f"model.pretrained={path}"],
+    )
+    assert config.model.pretrained == str(path)
+    encoder = build_encoder(config, torch.device("cpu"))
+    torch.testing.assert_close(encoder.backbone.conv1[0].weight, source.conv1[0].weight)
+    with pytest.raises(ConfigError, match="expected bool or str"):
+        load_config(None, ["model.pretrained=3"])

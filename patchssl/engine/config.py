@@ -130,7 +130,9 @@ class ModelConfig:
 
     Attributes:
         backbone: timm model name of the shared patch encoder (the paper: ``resnet50``).
-        pretrained: Load ImageNet weights (needs a local timm cache; nothing is downloaded).
+        pretrained: ImageNet weights for the encoder: ``true`` (timm's published weights,
+            downloaded once into the Hugging Face cache, read from it offline), ``false``
+            (random initialisation) or the path of a local ``.safetensors``/``.pth`` file.
         grid: Patches per side (3 = the paper's 3x3 grid).
         patch_size: Patch side in pixels (the paper: 153 px in 512 px images).
         gap: Minimum space in pixels between neighbouring patches (default: the tiler's).
@@ -152,7 +154,7 @@ class ModelConfig:
     """
 
     backbone: str = "resnet50"
-    pretrained: bool = False
+    pretrained: bool | str = False
     grid: int = 3
     patch_size: int = 153
     gap: int | None = None
