@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import argparse
 import errno
+import functools
 import os
+import re
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -34,25 +36,50 @@ EPILOG = (
 )
 
 
-class _Formatter(argparse.HelpFormatter):
-    """Show each option's default where it has one of its own.
+# the config key an option's help names, e.g. "(train.epochs)" or "(config: out)"
+_HELP_KEY = re.compile(r"\((?:config: )?(out|[a-z_]+(?:\.[a-z_]+)+)\)")
 
-    Most options default to ``None``: "take the value from the config" (whose default the help
-    names by its key), so no ``(default: None)``; switches (``False``) and ``--set`` (``[]``)
-    show none either.
+
+@functools.cache
+def _config_defaults() -> dict[str, Any]:
+    """Every config key's default, by its dotted path (``{"train.epochs": 30, ...}``)."""
+    # patchssl.engine.config needs only dataclasses and yaml: help stays free of torch
+    from patchssl.engine.config import Config
+
+    flat: dict[str, Any] = {}
+
+    def walk(data: dict[str, Any], prefix: str) -> None:
+        for key, value in data.items():
+            if isinstance(value, dict) and value and prefix + key != "pretext.options":
+                walk(value, f"{prefix}{key}.")
+            else:
+                flat[prefix + key] = value
+
+    walk(Config().to_dict(), "")
+    return flat
+
+
+class _Formatter(argparse.HelpFormatter):
+    """Show each option's default: its own, or that of the config key it sets.
+
+    Most options default to ``None``, "take the value from the config": their help names the
+    config key, and the key's default is shown beside it (``(train.epochs; default: 30)``).
+    Switches (``False``), ``--set`` (``[]``) and keys without a default show none.
     """
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         help_ = action.help or ""
         default = action.default
-        if (
-            default is None
-            or default is False
-            or default is argparse.SUPPRESS
-            or default == []
-            or "default" in help_
-            or not action.option_strings
-        ):
+        if "default" in help_ or not action.option_strings or default is argparse.SUPPRESS:
+            return help_
+        if default is None:
+            match = _HELP_KEY.search(help_)
+            value = _config_defaults().get(match.group(1)) if match else None
+            if value is None or value == "" or value == {}:
+                return help_
+            shown = str(value).replace("%", "%%")
+            return help_.replace(match.group(0), f"({match.group(1)}; default: {shown})")
+        if default is False or default == []:
             return help_
         return f"{help_} (default: %(default)s)"
 
@@ -166,6 +193,23 @@ _OPTIONS: dict[str, dict[str, Any]] = {
         "metavar": "FILE",
         "help": "reuse a saved split.json instead of drawing one (data.split)",
     },
+    # manifest columns
+    "--image-column": {
+        "metavar": "NAME",
+        "help": "manifest column of image paths (data.path_column)",
+    },
+    "--label-column": {
+        "metavar": "NAME",
+        "help": "manifest column of raw labels (data.label_column)",
+    },
+    "--patient-column": {
+        "metavar": "NAME",
+        "help": "manifest column of patient ids, '' for none (data.patient_column)",
+    },
+    "--visit-column": {
+        "metavar": "NAME",
+        "help": "manifest column of visit ids, '' for none (data.visit_column)",
+    },
 }
 
 # the groups of options that commands take together
@@ -173,7 +217,8 @@ _RUN_OPTIONS = ("--config", "--set", "--out", "--debug")  # every config-driven 
 _DEVICE_OPTIONS = ("--device", "--workers", "--batch-size", "--amp", "--threads", "--no-progress")
 _GEOMETRY_OPTIONS = ("--backbone", "--pretrained", "--image-size", "--patch-size", "--grid")
 _TRAINING_OPTIONS = ("--epochs", "--lr", "--seed", "--resume", "--overwrite", "--patience")
-_LABEL_OPTIONS = ("--label-map", "--split")
+_COLUMN_OPTIONS = ("--image-column", "--label-column", "--patient-column", "--visit-column")
+_LABEL_OPTIONS = ("--label-map", "--split", *_COLUMN_OPTIONS)
 _CLASSIFIER_OPTIONS = ("--checkpoint", "--data")  # what evaluate and explain read
 
 
@@ -254,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--manifest",
         help="labeled manifest, to detect evaluation images inside the unlabeled folder",
     )
+    _add_options(p, *_COLUMN_OPTIONS)
     p.add_argument("--pretext", help="pretext task name, see `patchssl pretexts` (pretext.name)")
     p.add_argument(
         "--permutations",
@@ -449,6 +495,10 @@ _FLAG_KEYS: dict[str, str] = {
     "manifest": "data.manifest",
     "label_map": "data.label_map",
     "split": "data.split",
+    "image_column": "data.path_column",
+    "label_column": "data.label_column",
+    "patient_column": "data.patient_column",
+    "visit_column": "data.visit_column",
     "backbone": "model.backbone",
     "pretrained": "model.pretrained",
     "patch_size": "model.patch_size",
@@ -691,6 +741,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(list(argv) if argv is not None else None)
     debug = bool(getattr(args, "debug", False))
+    # Imported only now, after parsing, and inside the handlers: these defer torch, so that
+    # --help and argument errors answer at once.
     from patchssl.engine.loop import NonFiniteLossError
 
     user_errors = _user_errors()

@@ -273,3 +273,46 @@ def test_pretrained_flag_takes_true_false_or_a_file(given, expected):
     for command in ("pretrain", "finetune"):
         args = build_parser().parse_args([command, "--pretrained", given])
         assert _config_from_args(args).model.pretrained == expected
+
+
+_HEAVY = ("torch", "numpy", "timm", "scipy", "sklearn", "PIL", "matplotlib")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--help"], ["pretrain", "--help"], ["finetune", "--epochs", "many"], ["nocommand"]],
+)
+def test_help_and_argument_errors_do_not_import_torch(argv):
+    code = (
+        "import sys\n"
+        "from patchssl.cli import main\n"
+        "try:\n"
+        f"    main({argv!r})\n"
+        "except SystemExit as exit_:\n"
+        "    status = exit_.code\n"
+        f"print('loaded:', [m for m in {_HEAVY!r} if m in sys.modules], file=sys.stderr)\n"
+        "sys.exit(status)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == (0 if "--help" in argv else 2), proc.stderr
+    assert "loaded: []" in proc.stderr
+
+
+def test_help_shows_the_config_defaults(capsys):
+    from patchssl.engine.config import Config
+
+    with pytest.raises(SystemExit):
+        main(["pretrain", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"(train.epochs; default: {Config().train.epochs})" in out
+    assert f"(model.backbone; default: {Config().model.backbone})" in out
+
+
+def test_manifest_column_flags_set_the_config():
+    from patchssl.cli import _config_from_args
+
+    args = build_parser().parse_args(
+        ["finetune", "--image-column", "path", "--label-column", "grade", "--patient-column", ""]
+    )
+    data = _config_from_args(args).data
+    assert (data.path_column, data.label_column, data.patient_column) == ("path", "grade", "")

@@ -20,15 +20,59 @@ training loop), :mod:`~patchssl.engine.pretraining`, :mod:`~patchssl.engine.fine
 
 from __future__ import annotations
 
-from patchssl.engine.config import Config, ConfigError, load_config, save_config
-from patchssl.engine.demo import DemoResult, demo_config, run_demo
-from patchssl.engine.evaluation import EvaluationResult, evaluate, predict
-from patchssl.engine.explain_run import ExplainResult, explain
-from patchssl.engine.finetuning import finetune
-from patchssl.engine.loop import NonFiniteLossError, Trainer, TrainingResult
-from patchssl.engine.preparation import PrepareResult, prepare
-from patchssl.engine.pretraining import pretrain
-from patchssl.engine.probing import ProbeRunResult, probe
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# The names below are imported on first use (PEP 562), so that `import patchssl.engine` and the
+# command line's --help stay free of torch; type checkers and the API docs read them here.
+if TYPE_CHECKING:
+    from patchssl.engine.config import Config, ConfigError, load_config, save_config
+    from patchssl.engine.demo import DemoResult, demo_config, run_demo
+    from patchssl.engine.evaluation import EvaluationResult, evaluate, predict
+    from patchssl.engine.explain_run import ExplainResult, explain
+    from patchssl.engine.finetuning import finetune
+    from patchssl.engine.loop import NonFiniteLossError, Trainer, TrainingResult
+    from patchssl.engine.preparation import PrepareResult, prepare
+    from patchssl.engine.pretraining import pretrain
+    from patchssl.engine.probing import ProbeRunResult, probe
+
+_EXPORTS: dict[str, str] = {
+    "Config": "patchssl.engine.config",
+    "ConfigError": "patchssl.engine.config",
+    "DemoResult": "patchssl.engine.demo",
+    "EvaluationResult": "patchssl.engine.evaluation",
+    "ExplainResult": "patchssl.engine.explain_run",
+    "NonFiniteLossError": "patchssl.engine.loop",
+    "PrepareResult": "patchssl.engine.preparation",
+    "ProbeRunResult": "patchssl.engine.probing",
+    "Trainer": "patchssl.engine.loop",
+    "TrainingResult": "patchssl.engine.loop",
+    "demo_config": "patchssl.engine.demo",
+    "evaluate": "patchssl.engine.evaluation",
+    "explain": "patchssl.engine.explain_run",
+    "finetune": "patchssl.engine.finetuning",
+    "load_config": "patchssl.engine.config",
+    "predict": "patchssl.engine.evaluation",
+    "prepare": "patchssl.engine.preparation",
+    "pretrain": "patchssl.engine.pretraining",
+    "probe": "patchssl.engine.probing",
+    "run_demo": "patchssl.engine.demo",
+    "save_config": "patchssl.engine.config",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})
+
 
 __all__ = [
     "Config",
