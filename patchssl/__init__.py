@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from patchssl._version import __version__
 
 # The names below are imported on first use (PEP 562), so that `import patchssl` and the
 # command line's --help stay free of torch; type checkers and the API docs read them here.

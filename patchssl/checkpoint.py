@@ -73,7 +73,7 @@ def save_checkpoint(path: str | os.PathLike[str], payload: Mapping[str, Any]) ->
     Returns:
         The path written.
     """
-    from patchssl import __version__
+    from patchssl._version import __version__
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -249,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     Returns:
         The ``patchssl`` parser with its sub-commands.
     """
-    from patchssl import __version__
+    from patchssl._version import __version__
 
     parser = argparse.ArgumentParser(
         prog="patchssl",
@@ -460,7 +460,10 @@ def build_parser() -> argparse.ArgumentParser:
         "docs/permutations.md for the methods.",
     )
     p.add_argument(
-        "action", choices=["describe", "generate"], help="describe a set, or generate one"
+        "action",
+        nargs="?",
+        choices=["describe", "generate"],
+        help="describe a set, or generate one",
     )
     p.add_argument(
         "path",
@@ -476,6 +479,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="generate: auto, max_avg, max_min or projective",
     )
     _add_option(p, "--seed", default=0, help="generate: seed")
+    # for maintainers: regenerate patchssl/assets/permutations_1000x9.* (not in --help)
+    p.add_argument("--write-default-asset", action="store_true", help=argparse.SUPPRESS)
     _add_options(p, "--debug")
     return parser
 
@@ -667,6 +672,13 @@ def _stat(value: Any) -> str:
 def _cmd_permutations(args: argparse.Namespace) -> None:
     from patchssl.permutations import PermutationSet
 
+    if args.write_default_asset:
+        from patchssl.permutations import _write_default_asset
+
+        print(_write_default_asset())
+        return
+    if args.action is None:
+        raise UsageError("permutations needs an action: describe or generate")
     try:
         if args.action == "describe":
             if args.path:

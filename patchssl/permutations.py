@@ -44,7 +44,6 @@ import json
 import math
 import os
 import re
-import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from functools import lru_cache
@@ -984,32 +983,3 @@ def _write_default_asset(directory: PathLike | None = None) -> Path:
     (folder / _DEFAULT_CHECKSUM).write_text(f"{digest}  {_DEFAULT_ASSET}\n")
     _load_default.cache_clear()
     return path
-
-
-# ---------------------------------------------------------------------- command line
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m patchssl.permutations ...``: the same as ``patchssl permutations ...``.
-
-    One command line serves both spellings (``describe [FILE]`` or ``generate FILE --num K
-    --tiles N --method M --seed S``). Maintainers also have ``--write-default-asset``, which
-    regenerates ``patchssl/assets/permutations_1000x9.*``.
-
-    Args:
-        argv: Command-line arguments (default: ``sys.argv[1:]``).
-
-    Returns:
-        The exit status of :func:`patchssl.cli.main`.
-    """
-    args = list(sys.argv[1:] if argv is None else argv)
-    if args == ["--write-default-asset"]:
-        print(_write_default_asset())
-        return 0
-    from patchssl.cli import main as cli_main
-
-    return cli_main(["permutations", *args])
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

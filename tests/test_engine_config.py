@@ -16,13 +16,9 @@ from patchssl.engine.config import (
     merge_dicts,
     save_config,
 )
+from patchssl.engine.device import resolve_amp, resolve_compile, resolve_device
 from patchssl.engine.finetuning import class_weights, random_flips
-from patchssl.engine.loop import (
-    build_scheduler,
-    resolve_amp,
-    resolve_compile,
-    resolve_device,
-)
+from patchssl.engine.loop import build_scheduler
 from patchssl.engine.seeding import capture_rng_state, derive_seed, restore_rng_state
 
 

@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from patchssl import permutations as perm_module
+from patchssl.cli import main as cli_main
 from patchssl.permutations import PermutationSet
 
 # ---------------------------------------------------------------- slow references
@@ -425,10 +426,9 @@ def test_default_set_is_regenerated_exactly():
 
 def test_command_line(tmp_path, capsys):
     out = tmp_path / "s.txt"
-    # python -m patchssl.permutations is the same command line as `patchssl permutations`
     args = ["generate", str(out), "--num", "12", "--tiles", "5", "--method", "max_min"]
-    assert perm_module.main(args) == 0
+    assert cli_main(["permutations", *args]) == 0
     assert "generated 12 permutations of 5 tiles" in capsys.readouterr().out
     assert PermutationSet.load(out).num_permutations == 12
-    assert perm_module.main(["describe", str(out)]) == 0
+    assert cli_main(["permutations", "describe", str(out)]) == 0
     assert "12" in capsys.readouterr().out

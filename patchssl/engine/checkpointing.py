@@ -60,7 +60,7 @@ def checkpoint_payload(kind: str, info: dict[str, Any], **state: Any) -> dict[st
     Returns:
         The payload for :func:`patchssl.checkpoint.save_checkpoint`.
     """
-    from patchssl import __version__
+    from patchssl._version import __version__
 
     return {
         "format": "patchssl",

@@ -15,9 +15,9 @@ from typing import Any
 import torch
 
 from patchssl.engine.config import Config, ConfigError, load_config, save_config
+from patchssl.engine.device import resolve_device
 from patchssl.engine.distributed import get_world_size, is_main_process, process_device
 from patchssl.engine.logging import echo
-from patchssl.engine.loop import resolve_device
 
 __all__ = [
     "as_config",
@@ -114,7 +114,7 @@ def compile_encoder(encoder: torch.nn.Module, mode: str | None) -> None:
 
     Args:
         encoder: The patch encoder of the model being trained.
-        mode: A ``torch.compile`` mode from :func:`patchssl.engine.loop.resolve_compile`
+        mode: A ``torch.compile`` mode from :func:`patchssl.engine.device.resolve_compile`
             (``train.compile``); ``None`` does nothing.
     """
     if mode is None:

@@ -231,8 +231,7 @@ def distributed_session(config: Config) -> Iterator[bool]:
     Yields:
         Whether the run is distributed (more than one process).
     """
-    from patchssl.engine.logging import echo
-    from patchssl.engine.loop import resolve_device
+    from patchssl.engine.device import resolve_device
 
     device = resolve_device(config.train.device)
     if launched_world_size() > 1:
@@ -241,11 +240,13 @@ def distributed_session(config: Config) -> Iterator[bool]:
         backend=config.dist.backend, timeout_s=config.dist.timeout_s, device=device
     )
     try:
-        if created:
-            echo(
+        if created and is_main_process():
+            # printed here, not by engine.logging.echo: logging sits above this module
+            print(
                 f"[patchssl] distributed run: {get_world_size()} processes "
                 f"(backend {dist.get_backend()}, timeout {config.dist.timeout_s:g} s); "
-                "rank 0 writes the outputs"
+                "rank 0 writes the outputs",
+                flush=True,
             )
         yield is_distributed() and get_world_size() > 1
     finally:

@@ -25,8 +25,8 @@ from torch import nn
 
 from patchssl.engine.common import as_config, prepare_run, say, write_json
 from patchssl.engine.config import Config, ConfigError
+from patchssl.engine.device import autocast_context, move_batch, resolve_amp
 from patchssl.engine.logging import SkippedFiles, echo, progress
-from patchssl.engine.loop import autocast_context, move_batch, resolve_amp
 
 __all__ = ["EvaluationResult", "Predictions", "evaluate", "load_classifier", "predict"]
 

@@ -23,6 +23,7 @@ import numpy as np
 
 from patchssl.engine.common import as_config, prepare_run, say, write_json
 from patchssl.engine.config import Config, ConfigError
+from patchssl.engine.device import resolve_amp
 from patchssl.engine.evaluation import (
     _split_for,
     load_classifier,
@@ -30,7 +31,6 @@ from patchssl.engine.evaluation import (
     run_config_for,
 )
 from patchssl.engine.logging import SkippedFiles
-from patchssl.engine.loop import resolve_amp
 
 __all__ = ["ExplainResult", "explain", "format_lesion", "lesion_boxes"]
 

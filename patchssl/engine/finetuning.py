@@ -49,6 +49,7 @@ from patchssl.engine.data import (
     training_loaders,
     write_split,
 )
+from patchssl.engine.device import resolve_amp, resolve_compile
 from patchssl.engine.distributed import (
     broadcast_object,
     distributed_session,
@@ -56,13 +57,7 @@ from patchssl.engine.distributed import (
     is_main_process,
 )
 from patchssl.engine.evaluation import predict
-from patchssl.engine.loop import (
-    StepOutput,
-    Trainer,
-    TrainingResult,
-    resolve_amp,
-    resolve_compile,
-)
+from patchssl.engine.loop import StepOutput, Trainer, TrainingResult
 from patchssl.engine.run_dir import run_folder, start_run
 from patchssl.engine.seeding import derive_seed
 

@@ -37,16 +37,9 @@ from patchssl.engine.common import (
 )
 from patchssl.engine.config import Config, ConfigError
 from patchssl.engine.data import find_eval_overlap, training_loaders, unlabeled_dataset
+from patchssl.engine.device import autocast_context, move_batch, resolve_amp, resolve_compile
 from patchssl.engine.distributed import distributed_session, reduce_sums, shard
-from patchssl.engine.loop import (
-    StepOutput,
-    Trainer,
-    TrainingResult,
-    autocast_context,
-    move_batch,
-    resolve_amp,
-    resolve_compile,
-)
+from patchssl.engine.loop import StepOutput, Trainer, TrainingResult
 from patchssl.engine.run_dir import run_folder, start_run
 from patchssl.engine.seeding import derive_seed, make_generator
 
