@@ -52,7 +52,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
 __all__ = ["METHODS", "PermutationSet", "fingerprint_of"]
@@ -645,6 +644,9 @@ def _k_best_assignments(cost: np.ndarray) -> Iterator[np.ndarray]:
     split into disjoint subproblems: for the i-th row of its free rows, keep the node's
     choice for the earlier free rows (forced) and forbid its choice for row i (excluded).
     """
+    # Deferred, here and in _generate_max_avg: scipy.optimize takes about a second to import.
+    from scipy.optimize import linear_sum_assignment
+
     n = cost.shape[0]
 
     def solve(forced: tuple[tuple[int, int], ...], excluded: tuple[tuple[int, int], ...]):
@@ -694,6 +696,8 @@ def _generate_max_avg(k: int, n: int, rng: np.random.Generator) -> np.ndarray:
     counts[positions, first] += 1
     # Tie-breaking noise: the sum of n entries stays below 0.5, so it orders assignments of
     # equal integer cost without ever overturning a strictly better one.
+    from scipy.optimize import linear_sum_assignment
+
     scale = 0.5 / n
     for i in range(1, k):
         cost = counts + rng.random((n, n)) * scale
