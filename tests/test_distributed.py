@@ -154,7 +154,12 @@ def test_two_processes_match_one_process_with_the_same_total_batch(data, tmp_pat
     gap = max((ddp["model"][k].float() - one["model"][k].float()).abs().max() for k in init)
     print(f"largest weight change {moved:.3g}; largest 2-process vs 1-process gap {gap:.3g}")
     assert moved > 1e-3  # training moved the weights...
-    assert gap < 1e-4 and gap < moved / 1000  # ...and two processes moved them the same way
+    # ...and two processes moved them the same way. Rounding differs between the two (a sum
+    # over 2 x 5 images against one over 10), and a ReLU or attention weight near a boundary
+    # can amplify it: measured gaps over data orders (seeds 0, 1, 2) were 1.35e-5, 4.5e-8 and
+    # 2.5e-6 for weight changes of 8.8e-3, 1.4e-2 and 1.1e-2. A sharding mistake (other images
+    # in a step) moves the weights apart by the order of the change itself.
+    assert gap < 1e-4 and gap < moved / 100
 
     # metrics are reduced over processes (train) or computed on the whole val part (rank 0)
     for row_ddp, row_one in zip(ddp["trainer"]["history"], one["trainer"]["history"]):
