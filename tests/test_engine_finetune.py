@@ -227,3 +227,21 @@ def test_overlap_between_pretraining_and_labeled_images(data, tmp_path, capsys):
     before = len(unlabeled_dataset(config))
     after = len(unlabeled_dataset(config, exclude=[o.pretrain for o in overlaps]))
     assert before - after == 2
+
+
+def test_a_refused_pretraining_writes_no_overlap_list(data, tmp_path):
+    # The overlap check runs before the run's last checks; its list is written only once the
+    # run may write, so a refused run leaves the folder as it was.
+    folder = tmp_path / "unlabeled"
+    shutil.copytree(data.unlabeled_dir, folder)
+    labeled = sorted(data.labeled_dir.glob("*.png"))[0]
+    shutil.copy(labeled, folder / f"copy_{labeled.name}")
+    config = tiny_config(data, tmp_path / "run", epochs=1)
+    config.data.unlabeled = str(folder)
+    config.pretext.name = "jigsw"  # refused when the task is built, after the overlap check
+    with pytest.raises(ConfigError, match="unknown pretext"):
+        pretrain(config)
+    assert not (tmp_path / "run" / "overlap.json").exists()
+    config.pretext.name = "jigsaw"
+    pretrain(config)
+    assert (tmp_path / "run" / "overlap.json").is_file()

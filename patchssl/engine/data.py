@@ -299,6 +299,7 @@ def find_eval_overlap(
     *,
     out_dir: Path | None = None,
     after_pretraining: bool = False,
+    write: bool = True,
 ) -> list[Any]:
     """Check whether labeled evaluation images are also in the unlabeled pretraining folder.
 
@@ -313,6 +314,8 @@ def find_eval_overlap(
         out_dir: Where to write ``overlap.json`` (default ``config.out``).
         after_pretraining: The check runs after pretraining (fine-tuning): the message then
             says how to redo the pretraining without them.
+        write: Write ``overlap.json`` now; a run that has not finished its checks passes
+            ``False`` and calls :func:`write_overlap` once it may write.
 
     Returns:
         The :class:`patchssl.data.Overlap` list (empty when there is none).
@@ -334,16 +337,9 @@ def find_eval_overlap(
     overlaps = find_overlap(pretrain_paths, labeled_paths)
     if not overlaps:
         return []
-    from patchssl.engine.common import write_json
-
     out = Path(out_dir or config.out)
-    write_json(
-        out / "overlap.json",
-        [
-            {"pretrain": str(o.pretrain), "labeled": str(o.labeled), "reason": o.reason}
-            for o in overlaps
-        ],
-    )
+    if write:
+        write_overlap(out, overlaps)
     shown = "; ".join(f"{o.pretrain} = {o.labeled} ({o.reason})" for o in overlaps[:3])
     if after_pretraining:
         action = (
@@ -360,6 +356,26 @@ def find_eval_overlap(
         err=True,
     )
     return overlaps
+
+
+def write_overlap(out: Path, overlaps: list[Any]) -> None:
+    """Write the overlaps found by :func:`find_eval_overlap` to ``<out>/overlap.json``.
+
+    Args:
+        out: The run folder.
+        overlaps: :class:`patchssl.data.Overlap` entries; nothing is written when empty.
+    """
+    if not overlaps:
+        return
+    from patchssl.engine.common import write_json
+
+    write_json(
+        Path(out) / "overlap.json",
+        [
+            {"pretrain": str(o.pretrain), "labeled": str(o.labeled), "reason": o.reason}
+            for o in overlaps
+        ],
+    )
 
 
 def training_loaders(

@@ -36,7 +36,12 @@ from patchssl.engine.common import (
     say,
 )
 from patchssl.engine.config import Config, ConfigError
-from patchssl.engine.data import find_eval_overlap, training_loaders, unlabeled_dataset
+from patchssl.engine.data import (
+    find_eval_overlap,
+    training_loaders,
+    unlabeled_dataset,
+    write_overlap,
+)
 from patchssl.engine.device import autocast_context, move_batch, resolve_amp, resolve_compile
 from patchssl.engine.distributed import distributed_session, reduce_sums, shard
 from patchssl.engine.loop import StepOutput, Trainer, TrainingResult
@@ -268,7 +273,7 @@ def _pretrain(config: Config, callbacks: Iterable[Callable[..., None]]) -> Train
         f"output: {out}"
     )
 
-    overlaps = find_eval_overlap(config)
+    overlaps = find_eval_overlap(config, write=False)  # written once the run may write
     exclude = [o.pretrain for o in overlaps] if config.data.exclude_overlap else None
     dataset = unlabeled_dataset(config, exclude=exclude)
     n = len(dataset)
@@ -303,6 +308,7 @@ def _pretrain(config: Config, callbacks: Iterable[Callable[..., None]]) -> Train
         path = Path(train_cfg.resume) if isinstance(train_cfg.resume, str) else out / "last.pt"
         trainer.resume_from(path)
     start_run(config)
+    write_overlap(out, overlaps)
     result = trainer.fit()
     say(f"pretraining done: checkpoints {result.last_checkpoint} and {result.best_checkpoint}")
     return result
