@@ -10,24 +10,26 @@ with numpy (vectorised, no per-pixel Python loops; about 2 ms per 192 px image):
   shadows cast onto the tissue, and a vignette;
 * an illumination gradient, a colour cast, sensor noise and a slight blur;
 * specular highlights: small (1-3 px), saturated, sharp-edged white spots;
-* on positive images, an acetowhite-like lesion: a larger (about a fifth of the cervix
-  radius), matte, semi-opaque, irregular white patch. Its bounding box is recorded.
-  Highlights and lesions differ by size (a few pixels against tens), by saturation (pure
-  white against a whitened tissue colour) and by edge (sharp against soft and irregular).
+* on positive images, an acetowhite-like lesion: a larger (about an eighth of the cervix
+  radius, tens of pixels at 192 px), matte, semi-opaque, irregular white patch. Its bounding
+  box is recorded. Highlights and lesions differ by size (a few pixels against tens), by
+  saturation (pure white against a whitened tissue colour) and by edge (sharp against soft
+  and irregular).
 
-Where lesions lie: so that attention maps can be scored against every patch position of the
-3x3 grid, a patient's lesion centre (:func:`lesion_center`) is put in a grid cell drawn
-uniformly from the nine (each cell holds 1/9 of the lesions; over 2,000 drawn patients the
-shares ranged from 9.5% to 13.7%, corners included), at a point uniform over the part of that
-cell that lies within 0.72 cervix radii of the cervix centre and between 20% and 80% of the
-image height (clear of the speculum). The outer cells are used only near their inner edge:
-lesion centres lie within ``[0.2, 0.8]`` of the image side on both axes. The cervix is large
-(radius 0.36-0.46 of the image side, centred within 0.45-0.55), as a colposcope frames it,
-and is enlarged when a corner point would otherwise fall off it. Real lesions cluster around
-the transformation zone; this generator spreads them on purpose, and keeps the rest of the
-layout (os near the centre, speculum at top and bottom) as before. The drawn lesion spreads
-around its centre and moves a little from shot to shot (camera position and zoom), so its box
-may straddle neighbouring cells.
+Where lesions lie: so that attention maps can be scored at every patch position of the 3x3
+grid, a patient's lesion centre (:func:`lesion_center`) is put in a grid cell drawn uniformly
+from the nine, at a point uniform over the part of that cell allowed by ``_LESION_SPANS``
+(the middle third whole; the outer thirds within [0.14, 0.29] and [0.71, 0.86] of the image
+side, clear of the image edge and the speculum and a little away from the middle patch) and
+within 0.8 cervix radii of the cervix centre. Over 2,000 drawn patients each cell held 10.0% to
+12.6% of the lesion centres. With 128 px images and 32 px patches the middle patch overlaps 25%
+of the lesion boxes and a patch drawn at random 17% (300 rendered images); every lesion
+overlaps at least one patch. The cervix is large (radius 0.36-0.46 of the image side, centre
+within 0.46-0.54), as a colposcope frames it, and is enlarged when a corner point would
+otherwise fall off it. Real lesions cluster around the transformation zone; this generator
+spreads them on purpose and keeps the rest of the layout (os near the centre, speculum at top
+and bottom). The drawn lesion spreads around its centre and moves a little from shot to shot
+(camera position and zoom).
 
 The label is per patient: a positive patient's images all show its lesion (same place on
 the cervix, slightly moved with the camera); a negative patient's show none. Images of one
@@ -64,9 +66,12 @@ __all__ = [
 
 GENERATOR_VERSION = 2
 #: How far from the cervix centre a lesion centre may lie, in cervix radii.
-_LESION_REACH = 0.72
-#: The band of image rows (fractions) where lesion centres are put: clear of the speculum.
-_LESION_ROWS = (0.2, 0.8)
+_LESION_REACH = 0.8
+#: Where lesion centres go along either axis in the three cells of a 3x3 grid (image
+#: fractions): the whole middle cell; the outer cells without their outer edge (off the
+#: cervix, under the speculum) and without a margin of 0.04 next to the middle cell, so that a
+#: lesion of an outer cell seldom reaches into the middle patch.
+_LESION_SPANS = ((0.14, 0.29), (1.0 / 3.0, 2.0 / 3.0), (0.71, 0.86))
 MANIFEST_COLUMNS = (
     "image",
     "label",
@@ -216,11 +221,9 @@ def _blur3(img: np.ndarray) -> np.ndarray:
 def _cell_span(index: int) -> tuple[float, float]:
     """Where a lesion centre may go along one axis in grid cell ``index`` (0, 1 or 2).
 
-    The outer cells keep their inner part (the outer edge of the image is off the cervix or
-    under the speculum): ``[0.2, 1/3]``, ``[1/3, 2/3]``, ``[2/3, 0.8]``.
+    See :data:`_LESION_SPANS`.
     """
-    lo, hi = index / 3.0, (index + 1) / 3.0
-    return max(lo, _LESION_ROWS[0]), min(hi, _LESION_ROWS[1])
+    return _LESION_SPANS[index]
 
 
 def sample_cervix_params(rng: np.random.Generator) -> CervixParams:
@@ -243,12 +246,12 @@ def sample_cervix_params(rng: np.random.Generator) -> CervixParams:
         (float(rng.normal(0.0, 0.45)), float(rng.normal(0.0, 0.45)), float(u(0.35, 0.65)))
         for _ in range(n_blobs)
     )
-    cx, cy, radius = float(u(0.45, 0.55)), float(u(0.45, 0.55)), float(u(0.36, 0.46))
+    cx, cy, radius = float(u(0.46, 0.54)), float(u(0.46, 0.54)), float(u(0.36, 0.46))
     os_dx, os_dy = float(rng.normal(0.0, 0.07)), float(rng.normal(0.0, 0.07))
     # The lesion: a cell of the 3x3 grid drawn uniformly, then a point of that cell, uniform
-    # over the part of it that lies well inside the cervix (within _LESION_REACH radii of its
-    # centre) and clear of the speculum (rows _LESION_ROWS). When too little of the cell lies
-    # there, the point nearest the centre is taken and the cervix is enlarged to hold it.
+    # over its part in _LESION_SPANS that lies well inside the cervix (within _LESION_REACH
+    # radii of its centre). When that part is too small, the point of the span nearest the
+    # centre is taken and the cervix is enlarged to hold it.
     row, col = divmod(int(rng.integers(9)), 3)
     lo_x, hi_x = _cell_span(col)
     lo_y, hi_y = _cell_span(row)
@@ -278,14 +281,14 @@ def sample_cervix_params(rng: np.random.Generator) -> CervixParams:
         zone_radius=float(u(0.28, 0.5)),
         zone_strength=float(u(0.15, 0.6)),
         zone_phase=(float(u(0, 2 * np.pi)), float(u(0, 2 * np.pi))),
-        blade_top=float(u(0.02, 0.10)),
-        blade_bottom=float(u(0.90, 0.98)),
-        blade_curve=float(u(0.1, 0.35)),
+        blade_top=float(u(0.02, 0.08)),
+        blade_bottom=float(u(0.92, 0.98)),
+        blade_curve=float(u(0.1, 0.25)),
         metal_gray=float(u(140.0, 190.0)),
         lesion_angle=float(np.arctan2(ly, lx)),
         lesion_dist=float(np.hypot(lx, ly) / radius),
-        lesion_radius=float(u(0.15, 0.24)),
-        lesion_opacity=float(u(0.38, 0.6)),
+        lesion_radius=float(u(0.10, 0.16)),
+        lesion_opacity=float(u(0.45, 0.65)),
         lesion_blobs=blobs,
         texture_seed=int(rng.integers(0, 2**31 - 1)),
     )
@@ -294,8 +297,8 @@ def sample_cervix_params(rng: np.random.Generator) -> CervixParams:
 def lesion_center(params: CervixParams) -> tuple[float, float]:
     """Where the lesion of ``params`` is centred, as fractions of the image side.
 
-    The centre of the blobs that make the lesion; the drawn lesion spreads around it (about a
-    fifth of the cervix radius, irregularly) and is clipped to the cervix.
+    The centre of the blobs that make the lesion; the drawn lesion spreads around it (about an
+    eighth of the cervix radius, irregularly) and is clipped to the cervix.
 
     Args:
         params: A patient's cervix (from :func:`sample_cervix_params`).
