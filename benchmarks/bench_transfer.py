@@ -733,7 +733,6 @@ def settings_from(args: argparse.Namespace) -> Settings:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the benchmark; returns the JSON payload also written to ``transfer.json``."""
     import torch
-
     from _common import describe_machine
 
     args = build_parser().parse_args(list(argv) if argv is not None else None)
