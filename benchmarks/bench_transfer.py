@@ -95,6 +95,10 @@ class Settings:
         seeds: Seeds of the budget draw and of fine-tuning.
         rows: Rows of the ablation (keys of :data:`ROWS`).
         attention: Attention of the ``al`` rows.
+        input_norm: How every row (and the probe) normalises patches before the encoder:
+            ``per_patch`` (each patch standardised on its own, as the jigsaw pretraining
+            does), ``encoder`` or ``auto`` (the library's default: the checkpoint's for the SSL
+            rows, ``encoder`` from scratch, so that the rows differ in their input too).
         pretrain_epochs: Jigsaw pretraining epochs.
         num_permutations: Jigsaw permutations (maximal Hamming set).
         finetune_images: Images seen per fine-tuning run (epochs = this / training images,
@@ -117,6 +121,7 @@ class Settings:
     seeds: tuple[int, ...] = (0, 1, 2)
     rows: tuple[str, ...] = ("scratch", "ssl", "al", "ssl_al")
     attention: str = "sigmoid"
+    input_norm: str = "per_patch"
     pretrain_epochs: int = 10
     num_permutations: int = 100
     finetune_images: int = 800
@@ -252,6 +257,7 @@ def base_config(s: Settings, data: Data, threads: int) -> Any:
     c.data.workers = 0
     c.model.backbone = s.backbone
     c.model.patch_size = s.patch_size
+    c.model.input_norm = s.input_norm
     c.pretext.options = {"num_permutations": s.num_permutations}
     c.train.batch_size = s.batch_size
     c.train.patience = 0
@@ -366,6 +372,7 @@ def probe_features(
     import torch
 
     from patchssl.engine.finetuning import build_classifier
+    from patchssl.pretext.base import standardize_patches
 
     c = base_config(s, data, threads)
     c.model.init = str(checkpoint) if checkpoint is not None else None
@@ -380,9 +387,14 @@ def probe_features(
     feats = []
     with torch.inference_mode():
         for lo in range(0, len(data.images), 64):
-            x = torch.from_numpy(data.images[lo : lo + 64])
-            patches = model.tiler(x).patches
-            feats.append(model.encoder(patches).mean(dim=1).float().numpy())
+            patches = model.tiler(torch.from_numpy(data.images[lo : lo + 64])).patches
+            if model.input_norm == "per_patch":  # the encoder's input, as the classifier has it
+                encoded = model.encoder(
+                    standardize_patches(patches.float() / 255.0), normalized=True
+                )
+            else:
+                encoded = model.encoder(patches)
+            feats.append(encoded.mean(dim=1).float().numpy())
     out = np.concatenate(feats)
     np.save(path, out)
     return out
