@@ -66,12 +66,12 @@ __all__ = [
 
 GENERATOR_VERSION = 2
 #: How far from the cervix centre a lesion centre may lie, in cervix radii.
-_LESION_REACH = 0.8
+_LESION_REACH = 0.85
 #: Where lesion centres go along either axis in the three cells of a 3x3 grid (image
 #: fractions): the whole middle cell; the outer cells without their outer edge (off the
 #: cervix, under the speculum) and without a margin of 0.04 next to the middle cell, so that a
 #: lesion of an outer cell seldom reaches into the middle patch.
-_LESION_SPANS = ((0.14, 0.29), (1.0 / 3.0, 2.0 / 3.0), (0.71, 0.86))
+_LESION_SPANS = ((0.12, 0.27), (1.0 / 3.0, 2.0 / 3.0), (0.73, 0.88))
 MANIFEST_COLUMNS = (
     "image",
     "label",
@@ -287,8 +287,8 @@ def sample_cervix_params(rng: np.random.Generator) -> CervixParams:
         metal_gray=float(u(140.0, 190.0)),
         lesion_angle=float(np.arctan2(ly, lx)),
         lesion_dist=float(np.hypot(lx, ly) / radius),
-        lesion_radius=float(u(0.10, 0.16)),
-        lesion_opacity=float(u(0.45, 0.65)),
+        lesion_radius=float(u(0.14, 0.2)),
+        lesion_opacity=float(u(0.5, 0.7)),
         lesion_blobs=blobs,
         texture_seed=int(rng.integers(0, 2**31 - 1)),
     )
