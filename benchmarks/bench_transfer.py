@@ -281,7 +281,7 @@ def pretrain_checkpoint(s: Settings, data: Data, cache: Path, threads: int) -> P
     c.train.epochs = s.pretrain_epochs
     c.train.class_weights = "none"
     c.train.seed = 0
-    key = _key(c.to_dict()["model"], c.to_dict()["pretext"], s.num_unlabeled, s.pretrain_epochs)
+    key = _key(c.to_dict()["model"], c.to_dict()["pretext"], str(data.root), s.pretrain_epochs)
     out = cache / f"pretrain_{key}"
     done = out / "done.json"
     if done.is_file():
