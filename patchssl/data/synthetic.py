@@ -10,7 +10,7 @@ with numpy (vectorised, no per-pixel Python loops; about 2 ms per 192 px image):
   shadows cast onto the tissue, and a vignette;
 * an illumination gradient, a colour cast, sensor noise and a slight blur;
 * specular highlights: small (1-3 px), saturated, sharp-edged white spots;
-* on positive images, an acetowhite-like lesion: a larger (about an eighth of the cervix
+* on positive images, an acetowhite-like lesion: a larger (about a sixth of the cervix
   radius, tens of pixels at 192 px), matte, semi-opaque, irregular white patch. Its bounding
   box is recorded. Highlights and lesions differ by size (a few pixels against tens), by
   saturation (pure white against a whitened tissue colour) and by edge (sharp against soft
@@ -19,11 +19,11 @@ with numpy (vectorised, no per-pixel Python loops; about 2 ms per 192 px image):
 Where lesions lie: so that attention maps can be scored at every patch position of the 3x3
 grid, a patient's lesion centre (:func:`lesion_center`) is put in a grid cell drawn uniformly
 from the nine, at a point uniform over the part of that cell allowed by ``_LESION_SPANS``
-(the middle third whole; the outer thirds within [0.14, 0.29] and [0.71, 0.86] of the image
+(the middle third whole; the outer thirds within [0.12, 0.27] and [0.73, 0.88] of the image
 side, clear of the image edge and the speculum and a little away from the middle patch) and
-within 0.8 cervix radii of the cervix centre. Over 2,000 drawn patients each cell held 10.0% to
-12.6% of the lesion centres. With 128 px images and 32 px patches the middle patch overlaps 25%
-of the lesion boxes and a patch drawn at random 17% (300 rendered images); every lesion
+within 0.85 cervix radii of the cervix centre. Over 2,000 drawn patients each cell held 10.0% to
+12.6% of the lesion centres. With 128 px images and 32 px patches the middle patch overlaps 33%
+of the lesion boxes and a patch drawn at random 21% (300 rendered images); every lesion
 overlaps at least one patch. The cervix is large (radius 0.36-0.46 of the image side, centre
 within 0.46-0.54), as a colposcope frames it, and is enlarged when a corner point would
 otherwise fall off it. Real lesions cluster around the transformation zone; this generator
@@ -297,8 +297,8 @@ def sample_cervix_params(rng: np.random.Generator) -> CervixParams:
 def lesion_center(params: CervixParams) -> tuple[float, float]:
     """Where the lesion of ``params`` is centred, as fractions of the image side.
 
-    The centre of the blobs that make the lesion; the drawn lesion spreads around it (about an
-    eighth of the cervix radius, irregularly) and is clipped to the cervix.
+    The centre of the blobs that make the lesion; the drawn lesion spreads around it (about a
+    sixth of the cervix radius, irregularly) and is clipped to the cervix.
 
     Args:
         params: A patient's cervix (from :func:`sample_cervix_params`).
