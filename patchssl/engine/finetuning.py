@@ -64,10 +64,8 @@ from patchssl.engine.seeding import derive_seed
 __all__ = [
     "FinetuneTask",
     "build_classifier",
-    "check_schedule",
     "class_weights",
     "finetune",
-    "scale_encoder_lr",
 ]
 
 
@@ -326,7 +324,7 @@ class FinetuneTask:
         return model_entries(classifier_model_config(self.model), self.fingerprint)
 
 
-def check_schedule(config: Config) -> None:
+def _check_schedule(config: Config) -> None:
     """Refuse bad ``train.encoder_lr_scale`` / ``train.freeze_encoder_epochs`` before any work.
 
     Raises:
@@ -350,7 +348,7 @@ def check_schedule(config: Config) -> None:
         )
 
 
-def scale_encoder_lr(trainer: Trainer, encoder: nn.Module, scale: float) -> None:
+def _scale_encoder_lr(trainer: Trainer, encoder: nn.Module, scale: float) -> None:
     """Give the encoder's parameters ``scale`` times the learning rate of the other layers.
 
     Rebuilds ``trainer.optimizer`` with each parameter group split in two (encoder and the
@@ -421,7 +419,7 @@ def _finetune(config: Config, callbacks: Iterable[Callable[..., None]]) -> Train
     check_labels(config, records)
     out, device = prepare_run(config, save=False)  # every output: once everything is checked
     compile_mode = resolve_compile(train_cfg.compile)  # refuse a bad value before any work
-    check_schedule(config)
+    _check_schedule(config)
     origin = f"from {config.model.init}" if config.model.init else "from scratch"
     say(
         f"fine-tuning {config.model.backbone} (attention: {config.model.attention}) {origin} "
@@ -465,7 +463,7 @@ def _finetune(config: Config, callbacks: Iterable[Callable[..., None]]) -> Train
         )
     trainer = Trainer(task, config, loader, sampler, device, monitor=monitor, callbacks=callbacks)
     task.skipped = trainer.skipped
-    scale_encoder_lr(trainer, model.encoder, float(train_cfg.encoder_lr_scale))
+    _scale_encoder_lr(trainer, model.encoder, float(train_cfg.encoder_lr_scale))
     task.freeze_encoder_steps = train_cfg.freeze_encoder_epochs * trainer.steps_per_epoch
     if train_cfg.encoder_lr_scale != 1.0 or train_cfg.freeze_encoder_epochs:
         say(
