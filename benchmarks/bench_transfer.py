@@ -27,7 +27,7 @@ resume after an interruption, or with more seeds or budgets to extend a run.
 
 Examples::
 
-    python benchmarks/bench_transfer.py --quick                 # about 15 CPU-minutes
+    python benchmarks/bench_transfer.py --quick                 # 15-30 minutes on one CPU core
     python benchmarks/bench_transfer.py                         # the full benchmark (hours)
     python benchmarks/bench_transfer.py --quick --set train.encoder_lr_scale=0.1
 
@@ -133,8 +133,9 @@ class Settings:
     n_boot: int = 1000
 
 
-#: ``--quick``: one seed, two budgets, a short pretraining; about 15 minutes on one core of a
-#: 2-core x86-64 CPU (each fine-tuning sees 1,024 images: fewer left the models untrained).
+#: ``--quick``: one seed, two budgets, a short pretraining; 8 fine-tunings of 1,024 images each
+#: (fewer left the models untrained). About 15 minutes on an idle core of a 2-core x86-64 CPU;
+#: 31 minutes were measured with the machine shared and heavily loaded (docs/benchmarks.md).
 QUICK = Settings(
     num_unlabeled=400,
     test_patients=100,
@@ -711,7 +712,9 @@ def _json_clean(value: Any) -> Any:
 def build_parser() -> argparse.ArgumentParser:
     """Command-line options (every field of :class:`Settings`, and where to write)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="the small setting (about 15 minutes)")
+    p.add_argument(
+        "--quick", action="store_true", help="the small setting (15-30 minutes on one core)"
+    )
     p.add_argument("--out", default="benchmarks/results/transfer", help="output folder")
     p.add_argument("--cache", default="/tmp/bench", help="cache of data, checkpoints and runs")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0 = GPU if any)")
