@@ -90,3 +90,49 @@ def test_dataloading_quick(tmp_path: Path) -> None:
     assert {"pil_resize_original", "load_image_original", "load_image_cache_png"} <= names
     assert all(r["images_per_s"] > 0 for r in rows)
     assert json.loads(out.read_text())["results"][-1]["table"] == "run"
+
+
+_MICRO = [
+    "--backbone", "test_resnet", "--image-size", "96", "--patch-size", "32",
+    "--num-unlabeled", "8", "--test-patients", "6", "--budgets", "2", "--seeds", "0",
+    "--pretrain-epochs", "1", "--num-permutations", "4", "--finetune-images", "4",
+    "--min-epochs", "1", "--max-epochs", "1", "--batch-size", "4", "--n-boot", "20",
+]  # fmt: skip
+
+
+def test_transfer_micro_run_and_resume(tmp_path: Path) -> None:
+    import bench_transfer
+
+    args = [*_MICRO, "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "out")]
+    payload = bench_transfer.main(args)
+    assert {r["row"] for r in payload["auc"]} == {"scratch", "ssl", "al", "ssl_al"}
+    assert len(payload["diffs"]) == len(bench_transfer.PAIRS)
+    assert {r["row"] for r in payload["probe_auc"]} == {"jigsaw", "random"}
+    assert {r["row"] for r in payload["localisation"]} == {"al", "ssl_al"}
+    assert payload["test_images"] == 12
+    for name in ("transfer.md", "transfer.csv", "transfer.json", "transfer.png"):
+        assert (tmp_path / "out" / name).stat().st_size > 0
+    assert "| 2 | ssl_al - al |" in (tmp_path / "out" / "transfer.md").read_text()
+    # A second run finds every fine-tuning cached and gives the same numbers.
+    again = bench_transfer.main(args)
+    assert set(again["run_seconds"].values()) == {0.0}
+    assert again["auc"] == payload["auc"]
+
+
+def test_transfer_paired_table_and_budgets() -> None:
+    import bench_transfer
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    groups = np.repeat(np.arange(40), 2)  # 2 images per patient, one label each
+    labels = np.repeat(rng.permutation([0, 1] * 20), 2)
+    good = labels + rng.normal(0, 0.5, 80)
+    noise = rng.normal(0, 1, 80)
+    scores = {("a", 8, 0): good, ("b", 8, 0): noise, ("c", 8, 0): good.copy()}
+    aucs, diffs = bench_transfer.paired_table(
+        scores, labels, groups, ["a", "b", "c"], [("a", "b"), ("a", "c")], [8], [0], 200
+    )
+    by = {r["pair"]: r for r in diffs}
+    assert by["a - b"]["ci_low"] > 0 and by["a - b"]["ci_above_0"]
+    assert by["a - c"]["diff"] == 0 and by["a - c"]["ci_low"] == by["a - c"]["ci_high"] == 0
+    assert {r["row"] for r in aucs} == {"a", "b", "c"}

@@ -245,3 +245,40 @@ def test_a_refused_pretraining_writes_no_overlap_list(data, tmp_path):
     config.pretext.name = "jigsaw"
     pretrain(config)
     assert (tmp_path / "run" / "overlap.json").is_file()
+
+
+def test_frozen_encoder_warmup_and_slower_encoder(data, pretrained, tmp_path):
+    import torch
+
+    from patchssl.checkpoint import load_checkpoint as load
+
+    init = load(pretrained.best_checkpoint)["model"]
+    enc_init = {k[len("encoder.") :]: v for k, v in init.items() if k.startswith("encoder.")}
+    config = tiny_config(data, tmp_path, epochs=1)
+    config.model.init = str(pretrained.best_checkpoint)
+    config.train.freeze_encoder_epochs = 1
+    config.train.encoder_lr_scale = 0.1
+    result = finetune(config)
+    state = load(result.last_checkpoint)["model"]
+    moved = [k for k, v in enc_init.items() if v.is_floating_point() and "running" not in k]
+    assert moved
+    for key in moved:  # one frozen epoch: no encoder weight moved
+        assert torch.equal(state[f"encoder.{key}"], enc_init[key]), key
+    groups = load(result.last_checkpoint)["optimizer"]["param_groups"]
+    lrs = {g["initial_lr"] for g in groups}  # the peak rates (the cosine ends at 0)
+    assert len(lrs) == 2 and min(lrs) == pytest.approx(0.1 * max(lrs))
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("encoder_lr_scale", 0.0, "encoder_lr_scale must be in"),
+        ("encoder_lr_scale", 2.0, "encoder_lr_scale must be in"),
+        ("freeze_encoder_epochs", -1, "freeze_encoder_epochs must be an integer"),
+    ],
+)
+def test_bad_schedule_options(data, tmp_path, key, value, message):
+    config = tiny_config(data, tmp_path, epochs=1)
+    setattr(config.train, key, value)
+    with pytest.raises(ConfigError, match=message):
+        finetune(config)

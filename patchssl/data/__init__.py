@@ -47,6 +47,7 @@ from patchssl.data.splits import (
 from patchssl.data.synthetic import (
     CervixParams,
     SyntheticDataset,
+    lesion_center,
     make_synthetic_cervix,
     render_cervix,
     sample_cervix_params,
@@ -74,6 +75,7 @@ __all__ = [
     "find_overlap",
     "grouped_kfold",
     "grouped_stratified_split",
+    "lesion_center",
     "load_image",
     "load_pil_image",
     "load_split",

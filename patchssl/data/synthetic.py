@@ -10,11 +10,26 @@ with numpy (vectorised, no per-pixel Python loops; about 2 ms per 192 px image):
   shadows cast onto the tissue, and a vignette;
 * an illumination gradient, a colour cast, sensor noise and a slight blur;
 * specular highlights: small (1-3 px), saturated, sharp-edged white spots;
-* on positive images, an acetowhite-like lesion: a larger (about a quarter of the cervix
-  radius), matte, semi-opaque, irregular white patch, usually next to the os and sometimes
-  off-centre. Its bounding box is recorded. Highlights and lesions differ by size (a few
-  pixels against tens), by saturation (pure white against a whitened tissue colour) and by
-  edge (sharp against soft and irregular).
+* on positive images, an acetowhite-like lesion: a larger (about a sixth of the cervix
+  radius, tens of pixels at 192 px), matte, semi-opaque, irregular white patch. Its bounding
+  box is recorded. Highlights and lesions differ by size (a few pixels against tens), by
+  saturation (pure white against a whitened tissue colour) and by edge (sharp against soft
+  and irregular).
+
+Where lesions lie: so that attention maps can be scored at every patch position of the 3x3
+grid, a patient's lesion centre (:func:`lesion_center`) is put in a grid cell drawn uniformly
+from the nine, at a point uniform over the part of that cell allowed by ``_LESION_SPANS``
+(the middle third whole; the outer thirds within [0.12, 0.27] and [0.73, 0.88] of the image
+side, clear of the image edge and the speculum and a little away from the middle patch) and
+within 0.85 cervix radii of the cervix centre. Over 2,000 drawn patients each cell held 10.0% to
+12.6% of the lesion centres. With 128 px images and 32 px patches the middle patch overlaps 33%
+of the lesion boxes and a patch drawn at random 21% (300 rendered images); every lesion
+overlaps at least one patch. The cervix is large (radius 0.36-0.46 of the image side, centre
+within 0.46-0.54), as a colposcope frames it, and is enlarged when a corner point would
+otherwise fall off it. Real lesions cluster around the transformation zone; this generator
+spreads them on purpose and keeps the rest of the layout (os near the centre, speculum at top
+and bottom). The drawn lesion spreads around its centre and moves a little from shot to shot
+(camera position and zoom).
 
 The label is per patient: a positive patient's images all show its lesion (same place on
 the cervix, slightly moved with the camera); a negative patient's show none. Images of one
@@ -32,7 +47,7 @@ import csv
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -43,12 +58,20 @@ __all__ = [
     "CervixImage",
     "CervixParams",
     "SyntheticDataset",
+    "lesion_center",
     "make_synthetic_cervix",
     "render_cervix",
     "sample_cervix_params",
 ]
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
+#: How far from the cervix centre a lesion centre may lie, in cervix radii.
+_LESION_REACH = 0.85
+#: Where lesion centres go along either axis in the three cells of a 3x3 grid (image
+#: fractions): the whole middle cell; the outer cells without their outer edge (off the
+#: cervix, under the speculum) and without a margin of 0.04 next to the middle cell, so that a
+#: lesion of an outer cell seldom reaches into the middle patch.
+_LESION_SPANS = ((0.12, 0.27), (1.0 / 3.0, 2.0 / 3.0), (0.73, 0.88))
 MANIFEST_COLUMNS = (
     "image",
     "label",
@@ -195,6 +218,14 @@ def _blur3(img: np.ndarray) -> np.ndarray:
 # -- parameters ----------------------------------------------------------------------------------
 
 
+def _cell_span(index: int) -> tuple[float, float]:
+    """Where a lesion centre may go along one axis in grid cell ``index`` (0, 1 or 2).
+
+    See :data:`_LESION_SPANS`.
+    """
+    return _LESION_SPANS[index]
+
+
 def sample_cervix_params(rng: np.random.Generator) -> CervixParams:
     """Draw one synthetic patient's cervix: geometry, colours, speculum and (possible) lesion.
 
@@ -210,41 +241,76 @@ def sample_cervix_params(rng: np.random.Generator) -> CervixParams:
     u = rng.uniform
     base = np.array([208.0, 118.0, 126.0]) + rng.normal(0.0, [10.0, 10.0, 9.0])
     wall = np.array([110.0, 38.0, 44.0]) + rng.normal(0.0, [12.0, 6.0, 6.0])
-    near = u() < 0.75  # usually near the os, sometimes off-centre
     n_blobs = int(rng.integers(3, 7))
     blobs = tuple(
         (float(rng.normal(0.0, 0.45)), float(rng.normal(0.0, 0.45)), float(u(0.35, 0.65)))
         for _ in range(n_blobs)
     )
+    cx, cy, radius = float(u(0.46, 0.54)), float(u(0.46, 0.54)), float(u(0.36, 0.46))
+    os_dx, os_dy = float(rng.normal(0.0, 0.07)), float(rng.normal(0.0, 0.07))
+    # The lesion: a cell of the 3x3 grid drawn uniformly, then a point of that cell, uniform
+    # over its part in _LESION_SPANS that lies well inside the cervix (within _LESION_REACH
+    # radii of its centre). When that part is too small, the point of the span nearest the
+    # centre is taken and the cervix is enlarged to hold it.
+    row, col = divmod(int(rng.integers(9)), 3)
+    lo_x, hi_x = _cell_span(col)
+    lo_y, hi_y = _cell_span(row)
+    for _ in range(64):
+        tx, ty = float(u(lo_x, hi_x)), float(u(lo_y, hi_y))
+        if np.hypot(tx - cx, ty - cy) <= _LESION_REACH * radius:
+            break
+    else:
+        tx, ty = float(np.clip(cx, lo_x, hi_x)), float(np.clip(cy, lo_y, hi_y))
+        radius = max(radius, float(np.hypot(tx - cx, ty - cy)) / _LESION_REACH)
+    lx, ly = tx - (cx + os_dx * radius), ty - (cy + os_dy * radius)  # from the os
     return CervixParams(
-        cx=float(u(0.40, 0.60)),
-        cy=float(u(0.42, 0.58)),
-        radius=float(u(0.27, 0.38)),
+        cx=cx,
+        cy=cy,
+        radius=radius,
         aspect=float(u(0.85, 1.12)),
         angle=float(u(-0.5, 0.5)),
         rim_phase=(float(u(0, 2 * np.pi)), float(u(0, 2 * np.pi))),
         rim_amp=(float(u(0.0, 0.05)), float(u(0.0, 0.03))),
         tissue_rgb=tuple(float(v) for v in np.clip(base, 0, 255)),
         wall_rgb=tuple(float(v) for v in np.clip(wall, 0, 255)),
-        os_dx=float(rng.normal(0.0, 0.07)),
-        os_dy=float(rng.normal(0.0, 0.07)),
+        os_dx=os_dx,
+        os_dy=os_dy,
         os_width=float(u(0.10, 0.20)),
         os_ratio=float(u(0.25, 0.6)),
         os_angle=float(u(-0.4, 0.4)),
         zone_radius=float(u(0.28, 0.5)),
         zone_strength=float(u(0.15, 0.6)),
         zone_phase=(float(u(0, 2 * np.pi)), float(u(0, 2 * np.pi))),
-        blade_top=float(u(0.04, 0.2)),
-        blade_bottom=float(u(0.80, 0.96)),
-        blade_curve=float(u(0.1, 0.5)),
+        blade_top=float(u(0.02, 0.08)),
+        blade_bottom=float(u(0.92, 0.98)),
+        blade_curve=float(u(0.1, 0.25)),
         metal_gray=float(u(140.0, 190.0)),
-        lesion_angle=float(u(0, 2 * np.pi)),
-        lesion_dist=float(u(0.12, 0.42) if near else u(0.42, 0.68)),
-        lesion_radius=float(u(0.17, 0.28)),
-        lesion_opacity=float(u(0.38, 0.6)),
+        lesion_angle=float(np.arctan2(ly, lx)),
+        lesion_dist=float(np.hypot(lx, ly) / radius),
+        lesion_radius=float(u(0.14, 0.2)),
+        lesion_opacity=float(u(0.5, 0.7)),
         lesion_blobs=blobs,
         texture_seed=int(rng.integers(0, 2**31 - 1)),
     )
+
+
+def lesion_center(params: CervixParams) -> tuple[float, float]:
+    """Where the lesion of ``params`` is centred, as fractions of the image side.
+
+    The centre of the blobs that make the lesion; the drawn lesion spreads around it (about a
+    sixth of the cervix radius, irregularly) and is clipped to the cervix.
+
+    Args:
+        params: A patient's cervix (from :func:`sample_cervix_params`).
+
+    Returns:
+        ``(x, y)`` in [0, 1] image fractions (``x`` to the right, ``y`` down); the 3x3 grid
+        cell that holds it is ``(int(3 * y), int(3 * x))`` (row, column).
+    """
+    r = params.radius
+    x = params.cx + r * (params.os_dx + params.lesion_dist * float(np.cos(params.lesion_angle)))
+    y = params.cy + r * (params.os_dy + params.lesion_dist * float(np.sin(params.lesion_angle)))
+    return x, y
 
 
 def _shot(params: CervixParams, rng: np.random.Generator) -> CervixParams:
@@ -612,8 +678,3 @@ def make_synthetic_cervix(
         num_positive=num_positive_images,
         num_patients=num_patients,
     )
-
-
-def params_dict(params: CervixParams) -> dict[str, Any]:
-    """JSON-able form of :class:`CervixParams`."""
-    return asdict(params)

@@ -225,6 +225,12 @@ class TrainConfig:
         resume: Continue the run in ``out`` from its ``last.pt`` (or from the given file).
         overwrite: Start afresh in an ``out`` that already holds a run, removing its
             checkpoints and metrics (without it such a folder is refused).
+        encoder_lr_scale: Fine-tuning only: the patch encoder learns at ``lr *
+            encoder_lr_scale`` (the new layers at ``lr``), e.g. ``0.1`` to move transferred
+            weights less than the new head; in (0, 1] (1 = one rate for all).
+        freeze_encoder_epochs: Fine-tuning only: the patch encoder is frozen (no gradient)
+            for this many first epochs while the new layers warm up, then trained (0 = off;
+            single-process runs only).
     """
 
     epochs: int = 30
@@ -252,6 +258,8 @@ class TrainConfig:
     num_threads: int | None = None
     resume: bool | str = False
     overwrite: bool = False
+    encoder_lr_scale: float = 1.0
+    freeze_encoder_epochs: int = 0
 
 
 @dataclass

@@ -57,11 +57,16 @@ from patchssl.engine.distributed import (
     is_main_process,
 )
 from patchssl.engine.evaluation import predict
-from patchssl.engine.loop import StepOutput, Trainer, TrainingResult
+from patchssl.engine.loop import StepOutput, Trainer, TrainingResult, build_scheduler
 from patchssl.engine.run_dir import run_folder, start_run
 from patchssl.engine.seeding import derive_seed
 
-__all__ = ["FinetuneTask", "build_classifier", "class_weights", "finetune"]
+__all__ = [
+    "FinetuneTask",
+    "build_classifier",
+    "class_weights",
+    "finetune",
+]
 
 
 def _attention(config: Config) -> str | None:
@@ -227,6 +232,8 @@ class FinetuneTask:
         augment: ``"flip"`` or ``"none"``.
         amp_dtype: Autocast dtype (``None`` = float32).
         fingerprint: Permutation fingerprint of the pretraining (recorded in checkpoints).
+        freeze_encoder_steps: Optimisation steps at the start during which the patch encoder
+            gets no gradient (its parameters skip the update); 0 = never frozen.
     """
 
     kind = "finetune"
@@ -242,6 +249,7 @@ class FinetuneTask:
         amp_dtype: torch.dtype | None = None,
         fingerprint: str | None = None,
         skipped: Any = None,
+        freeze_encoder_steps: int = 0,
     ) -> None:
         if augment not in ("flip", "none"):
             raise ConfigError(f"train.augment must be 'flip' or 'none'; got '{augment}'")
@@ -254,6 +262,8 @@ class FinetuneTask:
         self.amp_dtype = amp_dtype
         self.fingerprint = fingerprint
         self.skipped = skipped
+        self.freeze_encoder_steps = int(freeze_encoder_steps)
+        self.steps_done = 0
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Cross-entropy with the class weights, computed in float32."""
@@ -264,6 +274,10 @@ class FinetuneTask:
         images = batch["image"]
         if self.augment == "flip":
             images = random_flips(images, generator)
+        frozen = self.steps_done < self.freeze_encoder_steps
+        for param in self.model.encoder.parameters():
+            param.requires_grad_(not frozen)  # a frozen parameter gets no grad: no update
+        self.steps_done += 1
         logits = self.train_model(images, generator=generator)
         labels = batch["label"]
         loss = self.loss(logits, labels)
@@ -310,6 +324,60 @@ class FinetuneTask:
         return model_entries(classifier_model_config(self.model), self.fingerprint)
 
 
+def _check_schedule(config: Config) -> None:
+    """Refuse bad ``train.encoder_lr_scale`` / ``train.freeze_encoder_epochs`` before any work.
+
+    Raises:
+        ConfigError: A scale outside (0, 1], a negative or non-integer number of epochs, or a
+            frozen warm-up in a multi-process run.
+    """
+    t = config.train
+    scale = t.encoder_lr_scale
+    if isinstance(scale, bool) or not isinstance(scale, int | float) or not 0.0 < scale <= 1.0:
+        raise ConfigError(
+            f"train.encoder_lr_scale must be in (0, 1] (e.g. 0.1: the encoder learns 10x "
+            f"slower than the new layers); got {scale!r}"
+        )
+    epochs = t.freeze_encoder_epochs
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
+        raise ConfigError(f"train.freeze_encoder_epochs must be an integer >= 0; got {epochs!r}")
+    if epochs and get_world_size() > 1:
+        raise ConfigError(
+            "train.freeze_encoder_epochs needs a single-process run (a frozen encoder leaves "
+            "DistributedDataParallel without its gradients); set it to 0 under torchrun"
+        )
+
+
+def _scale_encoder_lr(trainer: Trainer, encoder: nn.Module, scale: float) -> None:
+    """Give the encoder's parameters ``scale`` times the learning rate of the other layers.
+
+    Rebuilds ``trainer.optimizer`` with each parameter group split in two (encoder and the
+    rest, same weight decay) and ``trainer.scheduler`` on it, so that the warm-up and cosine
+    schedule scale both rates alike. Call it before training starts (or before resuming: the
+    saved optimizer state then matches the new groups).
+
+    Args:
+        trainer: A :class:`~patchssl.engine.loop.Trainer` that has not stepped yet.
+        encoder: The module whose parameters learn slower (the patch encoder).
+        scale: Factor in (0, 1].
+    """
+    if scale == 1.0:
+        return
+    inside = {id(p) for p in encoder.parameters()}
+    groups = []
+    for group in trainer.optimizer.param_groups:
+        base = group.get("initial_lr", group["lr"])
+        options = {k: v for k, v in group.items() if k not in ("params", "lr", "initial_lr")}
+        rest = [p for p in group["params"] if id(p) not in inside]
+        own = [p for p in group["params"] if id(p) in inside]
+        for params, lr in ((rest, base), (own, base * scale)):
+            if params:
+                groups.append({**options, "params": params, "lr": lr})
+    # Every group carries all its options, so the constructor's defaults matter only for lr.
+    trainer.optimizer = type(trainer.optimizer)(groups, lr=trainer.train.lr)
+    trainer.scheduler = build_scheduler(trainer.optimizer, trainer.train, trainer.steps_per_epoch)
+
+
 def finetune(
     config: Config | dict[str, Any] | str | Path | None,
     *,
@@ -351,6 +419,7 @@ def _finetune(config: Config, callbacks: Iterable[Callable[..., None]]) -> Train
     check_labels(config, records)
     out, device = prepare_run(config, save=False)  # every output: once everything is checked
     compile_mode = resolve_compile(train_cfg.compile)  # refuse a bad value before any work
+    _check_schedule(config)
     origin = f"from {config.model.init}" if config.model.init else "from scratch"
     say(
         f"fine-tuning {config.model.backbone} (attention: {config.model.attention}) {origin} "
@@ -394,9 +463,17 @@ def _finetune(config: Config, callbacks: Iterable[Callable[..., None]]) -> Train
         )
     trainer = Trainer(task, config, loader, sampler, device, monitor=monitor, callbacks=callbacks)
     task.skipped = trainer.skipped
+    _scale_encoder_lr(trainer, model.encoder, float(train_cfg.encoder_lr_scale))
+    task.freeze_encoder_steps = train_cfg.freeze_encoder_epochs * trainer.steps_per_epoch
+    if train_cfg.encoder_lr_scale != 1.0 or train_cfg.freeze_encoder_epochs:
+        say(
+            f"encoder: learning rate x{train_cfg.encoder_lr_scale}, frozen for the first "
+            f"{train_cfg.freeze_encoder_epochs} epoch(s)"
+        )
     if train_cfg.resume:
         path = Path(train_cfg.resume) if isinstance(train_cfg.resume, str) else out / "last.pt"
         trainer.resume_from(path)
+        task.steps_done = trainer.global_step
     start_run(config)
     write_split(config, parts, out)
     if transfer:

@@ -1,0 +1,871 @@
+"""Does pretraining help? Transfer against label budget, on the synthetic cervix benchmark.
+
+The paper's ablation (Chae et al., JIPS 2021, Table 2) on data that is free: synthetic
+cervix-like images (:func:`patchssl.data.make_synthetic_cervix`, lesions spread over all nine
+patch positions). One jigsaw pretraining on unlabeled images, then for every label budget
+(labeled training patients) and seed the four rows
+
+* ``scratch``: from scratch, no attention;
+* ``ssl``: from the jigsaw-pretrained encoder, no attention;
+* ``al``: from scratch, patch attention (``--attention``, the paper's sigmoid gate by default);
+* ``ssl_al``: from the pretrained encoder, patch attention (the paper's method);
+
+each fine-tuned with :func:`patchssl.engine.finetune` (so ``--set train.encoder_lr_scale=0.1``
+and the like measure the library's options) and scored on one held-out test set of patients
+never seen in training. Beside them, a linear probe: logistic regression on the mean-pooled
+frozen patch features of the jigsaw encoder against those of a randomly initialised one.
+
+Every comparison is a paired difference on the same test images with a 95% interval from a
+bootstrap that resamples test patients (:func:`patchssl.metrics.bootstrap_samples` with the
+same resamples for both rows); over several seeds the difference is averaged per resample. For
+the attention rows, how often the top-weighted patch overlaps the lesion
+(:func:`patchssl.explain.lesion_hit_rate`) is compared with "always the middle patch".
+
+Everything expensive is cached under ``--cache`` (default ``/tmp/bench``): the dataset, the
+pretraining checkpoint, each fine-tuning run's test scores. Run the same command again to
+resume after an interruption, or with more seeds or budgets to extend a run.
+
+Examples::
+
+    python benchmarks/bench_transfer.py --quick                 # 15-30 minutes on one CPU core
+    python benchmarks/bench_transfer.py                         # the full benchmark (hours)
+    python benchmarks/bench_transfer.py --quick --set train.encoder_lr_scale=0.1
+
+Writes ``transfer.md``, ``transfer.csv``, ``transfer.json`` and ``transfer.png`` into ``--out``.
+
+References:
+    Chae, Zimmermann, Kim, Kim. "Attentive Transfer Learning via Self-supervised Learning for
+    Cervical Dysplasia Diagnosis." JIPS 17(3), 2021.
+    Noroozi, Favaro. "Unsupervised Learning of Visual Representations by Solving Jigsaw
+    Puzzles." ECCV 2016, arXiv:1603.09246.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+if __package__ in (None, ""):  # run as a script: make benchmarks/_common importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+#: The rows of the ablation: name -> (start from the jigsaw encoder, use attention).
+ROWS: dict[str, tuple[bool, bool]] = {
+    "scratch": (False, False),
+    "ssl": (True, False),
+    "al": (False, True),
+    "ssl_al": (True, True),
+}
+#: The pairs compared (first minus second).
+PAIRS: tuple[tuple[str, str], ...] = (
+    ("ssl_al", "al"),
+    ("ssl", "scratch"),
+    ("al", "scratch"),
+    ("ssl_al", "scratch"),
+    ("ssl_al", "ssl"),
+    ("al", "ssl"),
+)
+#: Seed of the dataset (fixed: every run of the benchmark sees the same images).
+DATA_SEED = 2026
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What one benchmark run trains and tests.
+
+    Attributes:
+        image_size: Image side in pixels.
+        patch_size: Patch side in pixels (3x3 grid).
+        backbone: timm name of the patch encoder.
+        num_unlabeled: Unlabeled images for pretraining.
+        test_patients: Held-out test patients (2 images each).
+        images_per_patient: Images per labeled patient.
+        budgets: Label budgets (labeled training patients).
+        seeds: Seeds of the budget draw and of fine-tuning.
+        rows: Rows of the ablation (keys of :data:`ROWS`).
+        attention: Attention of the ``al`` rows.
+        input_norm: How every row (and the probe) normalises patches before the encoder:
+            ``per_patch`` (each patch standardised on its own, as the jigsaw pretraining
+            does), ``encoder`` or ``auto`` (the library's default: the checkpoint's for the SSL
+            rows, ``encoder`` from scratch, so that the rows differ in their input too).
+        pretrain_epochs: Jigsaw pretraining epochs.
+        num_permutations: Jigsaw permutations (maximal Hamming set).
+        finetune_images: Images seen per fine-tuning run (epochs = this / training images,
+            clipped to ``[min_epochs, max_epochs]``).
+        min_epochs: Fewest fine-tuning epochs.
+        max_epochs: Most fine-tuning epochs.
+        batch_size: Batch size of pretraining and fine-tuning.
+        lr: Peak learning rate of fine-tuning.
+        overrides: Extra config overrides for fine-tuning (``section.key=value``).
+        n_boot: Bootstrap resamples.
+    """
+
+    image_size: int = 128
+    patch_size: int = 32
+    backbone: str = "resnet10t"
+    num_unlabeled: int = 2000
+    test_patients: int = 500
+    images_per_patient: int = 2
+    budgets: tuple[int, ...] = (8, 16, 32, 64, 128)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    rows: tuple[str, ...] = ("scratch", "ssl", "al", "ssl_al")
+    attention: str = "sigmoid"
+    input_norm: str = "per_patch"
+    pretrain_epochs: int = 10
+    num_permutations: int = 100
+    finetune_images: int = 2000
+    min_epochs: int = 10
+    max_epochs: int = 100
+    batch_size: int = 16
+    lr: float = 1e-3
+    overrides: tuple[str, ...] = field(default_factory=tuple)
+    n_boot: int = 1000
+
+
+#: ``--quick``: one seed, two budgets, a short pretraining; 8 fine-tunings of 1,024 images each
+#: (fewer left the models untrained). About 15 minutes on an idle core of a 2-core x86-64 CPU;
+#: 31 minutes were measured with the machine shared and heavily loaded (docs/benchmarks.md).
+QUICK = Settings(
+    num_unlabeled=400,
+    test_patients=100,
+    budgets=(8, 32),
+    seeds=(0,),
+    pretrain_epochs=2,
+    finetune_images=1024,
+    min_epochs=8,
+    max_epochs=64,
+)
+
+
+def _say(message: str) -> None:
+    print(f"[bench_transfer] {message}", flush=True)
+
+
+def _key(*parts: Any) -> str:
+    return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+# ------------------------------------------------------------------------------------ data
+@dataclass
+class Data:
+    """The benchmark's images: where they are, and the labeled ones in memory."""
+
+    root: Path
+    unlabeled_dir: Path
+    manifest: Path
+    records: list[Any]
+    pool: dict[str, list[int]]  # training patient -> indices into records
+    pool_labels: dict[str, int]
+    test_index: np.ndarray  # indices into records
+    images: np.ndarray  # uint8 (n, 3, H, W), every labeled image (records order)
+
+
+def make_data(s: Settings, cache: Path) -> Data:
+    """Write (or reuse) the synthetic dataset and split its patients into pool and test."""
+    from PIL import Image
+
+    from patchssl.data import make_synthetic_cervix, read_manifest
+
+    pool_size = math.ceil(1.25 * max(s.budgets)) + 4  # room for 40% +- chance per class
+    n_patients = s.test_patients + pool_size
+    import patchssl.data.synthetic as generator
+
+    source = Path(generator.__file__).read_bytes()  # a changed generator draws new data
+    key = _key(s.image_size, s.num_unlabeled, n_patients, s.images_per_patient, DATA_SEED, source)
+    root = cache / f"data_{key}"
+    done = root / "done.json"
+    if not done.is_file():
+        _say(f"drawing {s.num_unlabeled} unlabeled and {n_patients} x {s.images_per_patient} ")
+        make_synthetic_cervix(
+            root,
+            num_unlabeled=s.num_unlabeled,
+            num_patients=n_patients,
+            images_per_patient=s.images_per_patient,
+            image_size=s.image_size,
+            positive_fraction=0.4,
+            seed=DATA_SEED,
+            progress=False,
+        )
+        done.write_text("{}\n")
+    manifest = root / "labeled.csv"
+    records = read_manifest(manifest, label_map="cervix")
+    arrays = root / "labeled_uint8.npy"
+    if not arrays.is_file():
+        stack = np.stack(
+            [np.asarray(Image.open(r.path).convert("RGB")).transpose(2, 0, 1) for r in records]
+        )
+        np.save(arrays.with_suffix(".tmp.npy"), stack)
+        os.replace(arrays.with_suffix(".tmp.npy"), arrays)
+    images = np.load(arrays)
+    # Patients P000.. in manifest order: the first test_patients are the test set.
+    patients = sorted({r.patient for r in records})
+    test = set(patients[: s.test_patients])
+    pool: dict[str, list[int]] = {}
+    labels: dict[str, int] = {}
+    test_index = []
+    for i, r in enumerate(records):
+        if r.patient in test:
+            test_index.append(i)
+        else:
+            pool.setdefault(r.patient, []).append(i)
+            labels[r.patient] = int(r.label)
+    return Data(
+        root,
+        root / "unlabeled",
+        manifest,
+        records,
+        pool,
+        labels,
+        np.array(test_index),
+        images,
+    )
+
+
+def budget_patients(data: Data, budget: int, seed: int) -> list[str]:
+    """``budget`` training patients, 40% positive (at least one of each), nested in budget.
+
+    The first ``k`` positives and negatives of one seeded order, so a larger budget of the same
+    seed holds every patient of a smaller one.
+    """
+    rng = np.random.default_rng([DATA_SEED, 7, seed])
+    pos = sorted(p for p, y in data.pool_labels.items() if y == 1)
+    neg = sorted(p for p, y in data.pool_labels.items() if y == 0)
+    pos = [pos[i] for i in rng.permutation(len(pos))]
+    neg = [neg[i] for i in rng.permutation(len(neg))]
+    n_pos = min(max(1, round(0.4 * budget)), budget - 1, len(pos))
+    if budget - n_pos > len(neg):
+        raise ValueError(f"budget {budget} needs more negative patients than the pool holds")
+    return pos[:n_pos] + neg[: budget - n_pos]
+
+
+# ---------------------------------------------------------------------------------- config
+def base_config(s: Settings, data: Data, threads: int) -> Any:
+    """The engine configuration shared by pretraining and fine-tuning."""
+    from patchssl.engine.config import Config
+
+    c = Config()
+    c.data.unlabeled = str(data.unlabeled_dir)
+    c.data.manifest = str(data.manifest)
+    c.data.label_map = "cervix"
+    c.data.image_size = s.image_size
+    c.data.workers = 0
+    c.model.backbone = s.backbone
+    c.model.patch_size = s.patch_size
+    c.model.input_norm = s.input_norm
+    c.pretext.options = {"num_permutations": s.num_permutations}
+    c.train.batch_size = s.batch_size
+    c.train.patience = 0
+    c.train.progress = False
+    c.train.tensorboard = "false"
+    c.train.num_threads = threads
+    c.train.device = "cpu" if threads else "auto"
+    c.eval.n_boot = s.n_boot
+    return c
+
+
+def pretrain_checkpoint(s: Settings, data: Data, cache: Path, threads: int) -> Path:
+    """Pretrain the jigsaw task once per setting (cached; an interrupted run resumes)."""
+    from patchssl.engine import pretrain
+
+    c = base_config(s, data, threads)
+    c.train.epochs = s.pretrain_epochs
+    c.train.class_weights = "none"
+    c.train.seed = 0
+    key = _key(c.to_dict()["model"], c.to_dict()["pretext"], str(data.root), s.pretrain_epochs)
+    out = cache / f"pretrain_{key}"
+    done = out / "done.json"
+    if done.is_file():
+        return Path(json.loads(done.read_text())["checkpoint"])
+    c.out = str(out)
+    c.train.resume = (out / "last.pt").is_file()
+    _say(f"pretraining jigsaw ({s.pretrain_epochs} epochs on {s.num_unlabeled} images): {out}")
+    t = time.perf_counter()
+    result = pretrain(c)
+    info = {"checkpoint": str(result.best_checkpoint), "seconds": time.perf_counter() - t}
+    done.write_text(json.dumps(info) + "\n")
+    return Path(result.best_checkpoint)
+
+
+# ------------------------------------------------------------------------------- the runs
+def _epochs(s: Settings, n_images: int) -> int:
+    return int(min(s.max_epochs, max(s.min_epochs, math.ceil(s.finetune_images / n_images))))
+
+
+def _scores(model: Any, images: np.ndarray, batch: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Positive-class probabilities (n,) and attention weights (n, N) of a classifier."""
+    import torch
+
+    forward = getattr(model, "forward_with_attention", model)
+    probs, weights = [], []
+    with torch.inference_mode():
+        for lo in range(0, len(images), batch):
+            out = forward(torch.from_numpy(images[lo : lo + batch]))
+            probs.append(torch.softmax(out.logits.float(), -1)[:, 1].numpy())
+            weights.append(out.weights.float().numpy())
+    return np.concatenate(probs), np.concatenate(weights)
+
+
+def run_row(
+    s: Settings,
+    data: Data,
+    row: str,
+    budget: int,
+    seed: int,
+    checkpoint: Path,
+    cache: Path,
+    threads: int,
+) -> dict[str, Any]:
+    """Fine-tune one row on one budget and seed, score the test set (cached)."""
+    from patchssl.data import save_split
+    from patchssl.engine import finetune
+    from patchssl.engine.config import apply_overrides
+    from patchssl.engine.evaluation import load_classifier
+
+    ssl, attention = ROWS[row]
+    c = base_config(s, data, threads)
+    c.model.attention = s.attention if attention else "none"
+    c.model.init = str(checkpoint) if ssl else None
+    c.train.seed = seed
+    c.train.lr = s.lr
+    c = apply_overrides(c, list(s.overrides))
+    patients = budget_patients(data, budget, seed)
+    train = [data.records[i].path for p in patients for i in data.pool[p]]
+    c.train.epochs = _epochs(s, len(train))
+    key = _key(c.to_dict(), budget, sorted(patients))
+    out = cache / "runs" / f"{row}_b{budget}_s{seed}_{key}"
+    result_file = out / "test_scores.npz"
+    if result_file.is_file():
+        saved = np.load(result_file)
+        return {"probs": saved["probs"], "weights": saved["weights"], "seconds": 0.0}
+    out.mkdir(parents=True, exist_ok=True)
+    test = [data.records[i].path for i in data.test_index]
+    c.data.split = str(save_split(out / "split_in.json", {"train": train, "val": [], "test": test}))
+    c.out = str(out)
+    t = time.perf_counter()
+    trained = finetune(c)
+    model, _ = load_classifier(trained.last_checkpoint, device=_device(c))
+    probs, weights = _scores(model.cpu(), data.images[data.test_index])
+    seconds = time.perf_counter() - t
+    np.savez(out / ".test_scores.tmp.npz", probs=probs, weights=weights)
+    os.replace(out / ".test_scores.tmp.npz", result_file)
+    for name in ("last.pt", "best.pt"):  # the scores are what the benchmark keeps
+        (out / name).unlink(missing_ok=True)
+    return {"probs": probs, "weights": weights, "seconds": seconds}
+
+
+def _device(config: Any) -> Any:
+    from patchssl.engine.loop import resolve_device
+
+    return resolve_device(config.train.device)
+
+
+def probe_features(
+    s: Settings, data: Data, checkpoint: Path | None, cache: Path, threads: int
+) -> np.ndarray:
+    """Mean-pooled frozen patch features (n, D) of every labeled image (cached)."""
+    import torch
+
+    from patchssl.engine.finetuning import build_classifier
+    from patchssl.pretext.base import standardize_patches
+
+    c = base_config(s, data, threads)
+    c.model.init = str(checkpoint) if checkpoint is not None else None
+    c.model.attention = "none"
+    c.train.seed = 0
+    key = _key(c.to_dict()["model"], str(checkpoint), data.images.shape)
+    path = cache / f"features_{'jigsaw' if checkpoint else 'random'}_{key}.npy"
+    if path.is_file():
+        return np.load(path)
+    model, _, _ = build_classifier(c, torch.device("cpu"))
+    model.eval()
+    feats = []
+    with torch.inference_mode():
+        for lo in range(0, len(data.images), 64):
+            patches = model.tiler(torch.from_numpy(data.images[lo : lo + 64])).patches
+            if model.input_norm == "per_patch":  # the encoder's input, as the classifier has it
+                encoded = model.encoder(
+                    standardize_patches(patches.float() / 255.0), normalized=True
+                )
+            else:
+                encoded = model.encoder(patches)
+            feats.append(encoded.mean(dim=1).float().numpy())
+    out = np.concatenate(feats)
+    np.save(path, out)
+    return out
+
+
+def linear_probe(feats: np.ndarray, data: Data, budget: int, seed: int) -> np.ndarray:
+    """Test-set scores (n_test,) of a logistic regression on the budget's frozen features."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    idx = [i for p in budget_patients(data, budget, seed) for i in data.pool[p]]
+    y = np.array([data.records[i].label for i in idx])
+    clf = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=5000))
+    clf.fit(feats[idx], y)
+    return clf.predict_proba(feats[data.test_index])[:, 1]
+
+
+# -------------------------------------------------------------------------------- analysis
+def paired_table(
+    scores: dict[tuple[str, int, int], np.ndarray],
+    labels: np.ndarray,
+    groups: np.ndarray,
+    names: Sequence[str],
+    pairs: Sequence[tuple[str, str]],
+    budgets: Sequence[int],
+    seeds: Sequence[int],
+    n_boot: int,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """AUC per row and paired AUC differences per pair, per budget, averaged over seeds.
+
+    Every score vector is bootstrapped with the same patient resamples (one seed for all), so
+    a difference of two rows on a resample is paired; over seeds the AUCs and differences are
+    averaged per resample. The interval is the 2.5-97.5 percentile of that average: it covers
+    the test set's sampling for these trained models, not the seed-to-seed spread (given
+    separately as the range of the per-seed values).
+
+    Args:
+        scores: ``(row, budget, seed) -> (n_test,)`` positive-class scores.
+        labels: Test labels (n_test,).
+        groups: Test patient ids (n_test,).
+        names: Rows.
+        pairs: ``(a, b)`` pairs, difference ``a - b``.
+        budgets: Label budgets.
+        seeds: Seeds.
+        n_boot: Bootstrap resamples.
+
+    Returns:
+        ``(auc_rows, diff_rows)``: lists of dicts for the tables.
+    """
+    from patchssl.metrics import binary_metrics, bootstrap_samples
+
+    def boot(v: np.ndarray) -> np.ndarray:
+        kw = dict(threshold=0.5, groups=groups, n_boot=n_boot, seed=12345, metrics=("auc",))
+        return bootstrap_samples(labels, v, **kw)["auc"]
+
+    aucs, diffs = [], []
+    for b in budgets:
+        cache: dict[str, tuple[np.ndarray, list[float]]] = {}
+        for name in names:
+            have = [k for k in seeds if (name, b, k) in scores]
+            if not have:
+                continue
+            samples = np.mean([boot(scores[(name, b, k)]) for k in have], axis=0)
+            point = [float(binary_metrics(labels, scores[(name, b, k)])["auc"]) for k in have]
+            cache[name] = (samples, point)
+            lo, hi = np.nanpercentile(samples, [2.5, 97.5])
+            aucs.append(
+                {
+                    "budget": b,
+                    "row": name,
+                    "seeds": len(have),
+                    "auc": float(np.mean(point)),
+                    "ci_low": float(lo),
+                    "ci_high": float(hi),
+                    "seed_min": min(point),
+                    "seed_max": max(point),
+                }
+            )
+        for a, c in pairs:
+            if a not in cache or c not in cache:
+                continue
+            d = cache[a][0] - cache[c][0]
+            per_seed = [x - y for x, y in zip(cache[a][1], cache[c][1], strict=True)]
+            lo, hi = np.nanpercentile(d, [2.5, 97.5])
+            diffs.append(
+                {
+                    "budget": b,
+                    "pair": f"{a} - {c}",
+                    "diff": float(np.mean(per_seed)),
+                    "ci_low": float(lo),
+                    "ci_high": float(hi),
+                    "seed_min": min(per_seed),
+                    "seed_max": max(per_seed),
+                    "ci_above_0": bool(lo > 0),
+                }
+            )
+    return aucs, diffs
+
+
+def localisation(
+    weights: dict[tuple[str, int, int], np.ndarray],
+    data: Data,
+    boxes: np.ndarray,
+    n_boot: int,
+) -> list[dict[str, Any]]:
+    """Top-patch lesion hits of the attention rows against the middle patch, with a CI.
+
+    Args:
+        weights: ``(row, budget, seed) -> (n_test, N)`` attention weights.
+        data: The benchmark data (lesion boxes and labels of the test images).
+        boxes: Patch boxes (N, 4).
+        n_boot: Patient resamples of the paired difference (top minus middle).
+
+    Returns:
+        One dict per (row, budget): hit rates averaged over seeds and the interval of the
+        difference to the middle-patch prior.
+    """
+    from patchssl.explain import lesion_hit_rate
+
+    recs = [data.records[i] for i in data.test_index]
+    labels = np.array([r.label for r in recs])
+    lesions = np.array(
+        [
+            [float(r.extra.get(f"lesion_{k}") or "nan") for k in ("x0", "y0", "x1", "y1")]
+            for r in recs
+        ]
+    )
+    counted = (labels == 1) & np.isfinite(lesions).all(axis=1)
+    n = boxes.shape[0]
+    middle = np.zeros((len(recs), n))
+    middle[:, n // 2] = 1.0
+    ix = np.minimum(boxes[None, :, 2], lesions[:, None, 2]) - np.maximum(
+        boxes[None, :, 0], lesions[:, None, 0]
+    )
+    iy = np.minimum(boxes[None, :, 3], lesions[:, None, 3]) - np.maximum(
+        boxes[None, :, 1], lesions[:, None, 1]
+    )
+    overlap = np.nan_to_num(ix) > 0
+    overlap &= np.nan_to_num(iy) > 0
+    mid_hit = overlap[:, n // 2]
+    patients = np.array([r.patient for r in recs])[counted]
+    uniq, inv = np.unique(patients, return_inverse=True)
+    rng = np.random.default_rng(54321)
+    draws = rng.integers(0, len(uniq), size=(n_boot, len(uniq)))
+    mult = np.stack([np.bincount(d, minlength=len(uniq)) for d in draws])[:, inv]  # (n_boot, m)
+    out = []
+    keys = sorted({(r, b) for r, b, _ in weights})
+    for row, b in keys:
+        per_seed, diffs = [], []
+        for (r2, b2, _k), w in sorted(weights.items()):
+            if (r2, b2) != (row, b):
+                continue
+            res = lesion_hit_rate(boxes, w, np.where(counted[:, None], lesions, np.nan), labels)
+            top = np.argmax(w, axis=1)
+            hit = overlap[np.arange(len(recs)), top][counted].astype(float)
+            d = hit - mid_hit[counted]
+            diffs.append((mult @ d) / mult.sum(axis=1))
+            spread = float(np.mean(w.max(axis=1) - w.min(axis=1)))
+            per_seed.append((res["hit_rate"], res["chance"], spread))
+        boot = np.mean(diffs, axis=0)
+        lo, hi = np.percentile(boot, [2.5, 97.5])
+        out.append(
+            {
+                "row": row,
+                "budget": b,
+                "seeds": len(per_seed),
+                "top_patch_hit": float(np.mean([p[0] for p in per_seed])),
+                "middle_patch_hit": float(mid_hit[counted].mean()),
+                "chance": float(np.mean([p[1] for p in per_seed])),
+                "diff_vs_middle": float(
+                    np.mean([p[0] for p in per_seed]) - mid_hit[counted].mean()
+                ),
+                "ci_low": float(lo),
+                "ci_high": float(hi),
+                "weight_spread": float(np.mean([p[2] for p in per_seed])),
+                "positives": int(counted.sum()),
+            }
+        )
+    return out
+
+
+# --------------------------------------------------------------------------------- outputs
+def _f(x: float, d: int = 3) -> str:
+    return "n/a" if x is None or not math.isfinite(x) else f"{x:.{d}f}"
+
+
+def markdown(payload: dict[str, Any]) -> str:
+    """The Markdown report: settings, AUC table, paired differences, probe, localisation."""
+    s = payload["settings"]
+    lines = [
+        "# Transfer against label budget (synthetic cervix benchmark)",
+        "",
+        f"Command: `{payload['command']}`",
+        "",
+        f"{s['image_size']} px images, 3x3 patches of {s['patch_size']} px, {s['backbone']}; "
+        f"jigsaw pretraining {s['pretrain_epochs']} epochs on {s['num_unlabeled']} unlabeled "
+        f"images ({s['num_permutations']} permutations); test set "
+        f"{payload['test_images']} images of {s['test_patients']} patients never seen in "
+        f"training ({payload['test_positives']} positive); seeds {list(s['seeds'])}; overrides "
+        f"{list(s['overrides']) or 'none'}. {payload['machine']}; "
+        f"{payload['seconds'] / 60:.1f} min of wall time (cached parts not counted again).",
+        "",
+        "AUC (mean over seeds; 95% CI: patient bootstrap of the seed-averaged AUC; "
+        "min-max over seeds):",
+        "",
+        "| budget (patients) | row | AUC | 95% CI | seeds min-max |",
+        "|---:|---|---:|---|---|",
+    ]
+    for r in payload["auc"]:
+        lines.append(
+            f"| {r['budget']} | {r['row']} | {_f(r['auc'])} | [{_f(r['ci_low'])}, "
+            f"{_f(r['ci_high'])}] | {_f(r['seed_min'])}-{_f(r['seed_max'])} |"
+        )
+    lines += [
+        "",
+        "Paired AUC differences on the same test images (first row minus second):",
+        "",
+        "| budget | pair | diff | 95% CI | seeds min-max | CI above 0 |",
+        "|---:|---|---:|---|---|---|",
+    ]
+    for r in payload["diffs"]:
+        lines.append(
+            f"| {r['budget']} | {r['pair']} | {_f(r['diff'])} | [{_f(r['ci_low'])}, "
+            f"{_f(r['ci_high'])}] | {_f(r['seed_min'])} to {_f(r['seed_max'])} | "
+            f"{'yes' if r['ci_above_0'] else 'no'} |"
+        )
+    if payload.get("probe_auc"):
+        lines += [
+            "",
+            "Linear probe (logistic regression on mean-pooled frozen patch features; AUC):",
+            "",
+            "| budget | features | AUC | 95% CI | seeds min-max |",
+            "|---:|---|---:|---|---|",
+        ]
+        for r in payload["probe_auc"]:
+            lines.append(
+                f"| {r['budget']} | {r['row']} | {_f(r['auc'])} | [{_f(r['ci_low'])}, "
+                f"{_f(r['ci_high'])}] | {_f(r['seed_min'])}-{_f(r['seed_max'])} |"
+            )
+        for r in payload["probe_diffs"]:
+            lines.append(
+                f"\nProbe, budget {r['budget']}: jigsaw - random = {_f(r['diff'])} "
+                f"[{_f(r['ci_low'])}, {_f(r['ci_high'])}]"
+            )
+    if payload.get("localisation"):
+        lines += [
+            "",
+            "Localisation on positive test images: the top-weighted patch overlaps the lesion "
+            "box (`lesion_hit_rate`), against always the middle patch (paired patient "
+            "bootstrap of the difference) and a uniformly random patch (chance); weight "
+            "spread = mean of max - min weight per image:",
+            "",
+            "| budget | row | top patch | middle patch | chance | top - middle | 95% CI | "
+            "weight spread |",
+            "|---:|---|---:|---:|---:|---:|---|---:|",
+        ]
+        for r in payload["localisation"]:
+            lines.append(
+                f"| {r['budget']} | {r['row']} | {_f(r['top_patch_hit'])} | "
+                f"{_f(r['middle_patch_hit'])} | {_f(r['chance'])} | {_f(r['diff_vs_middle'])} | "
+                f"[{_f(r['ci_low'])}, {_f(r['ci_high'])}] | {_f(r['weight_spread'])} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def plot(payload: dict[str, Any], path: Path) -> None:
+    """AUC against label budget with the CIs: fine-tuned rows, then the linear probe."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("fine-tuned", payload["auc"])]
+    if payload.get("probe_auc"):
+        panels.append(("linear probe", payload["probe_auc"]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.8), squeeze=False)
+    for ax, (title, rows) in zip(axes[0], panels, strict=True):
+        for k, name in enumerate(dict.fromkeys(r["row"] for r in rows)):
+            pts = sorted((r["budget"], r) for r in rows if r["row"] == name)
+            x = np.array([b for b, _ in pts], dtype=float) * (1.0 + 0.03 * (k - 1.5))
+            y = np.array([r["auc"] for _, r in pts])
+            lo = y - np.array([r["ci_low"] for _, r in pts])
+            hi = np.array([r["ci_high"] for _, r in pts]) - y
+            ax.errorbar(x, y, yerr=[lo, hi], marker="o", capsize=3, label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("labeled training patients")
+        ax.set_ylabel("test AUC")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _json_clean(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _json_clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_clean(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, np.generic):
+        return _json_clean(value.item())
+    return value
+
+
+# ------------------------------------------------------------------------------------ main
+def build_parser() -> argparse.ArgumentParser:
+    """Command-line options (every field of :class:`Settings`, and where to write)."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--quick", action="store_true", help="the small setting (15-30 minutes on one core)"
+    )
+    p.add_argument("--out", default="benchmarks/results/transfer", help="output folder")
+    p.add_argument("--cache", default="/tmp/bench", help="cache of data, checkpoints and runs")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0 = GPU if any)")
+    p.add_argument("--no-probe", action="store_true", help="skip the linear probe")
+    p.add_argument("--tag", default="", help="suffix of the output files, e.g. _gated")
+    for f in Settings.__dataclass_fields__.values():
+        name = "--" + f.name.replace("_", "-")
+        if f.name == "overrides":
+            continue  # --set
+        if f.name in ("budgets", "seeds", "rows"):
+            kind = str if f.name == "rows" else int
+            p.add_argument(name, nargs="+", type=kind, default=None)
+        else:
+            kind = {"int": int, "float": float, "str": str}[str(f.type)]
+            p.add_argument(name, type=kind, default=None)
+    p.add_argument("--set", dest="overrides", nargs="+", default=None, help="config overrides")
+    return p
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    """:class:`Settings` from the parsed arguments (``--quick`` first, then each flag)."""
+    s = QUICK if args.quick else Settings()
+    changes = {}
+    for name in Settings.__dataclass_fields__:
+        value = getattr(args, name, None)
+        if value is not None:
+            changes[name] = tuple(value) if isinstance(value, list) else value
+    s = replace(s, **changes)
+    unknown = [r for r in s.rows if r not in ROWS]
+    if unknown:
+        raise SystemExit(f"unknown rows {unknown}; choose from {list(ROWS)}")
+    return s
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark; returns the JSON payload also written to ``transfer.json``."""
+    import torch
+    from _common import describe_machine
+
+    args = build_parser().parse_args(list(argv) if argv is not None else None)
+    s = settings_from(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cache = Path(args.cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    data = make_data(s, cache)
+    checkpoint = pretrain_checkpoint(s, data, cache, args.threads)
+
+    scores: dict[tuple[str, int, int], np.ndarray] = {}
+    weights: dict[tuple[str, int, int], np.ndarray] = {}
+    seconds: dict[str, float] = {}
+    for seed in s.seeds:
+        for budget in s.budgets:
+            for row in s.rows:
+                _say(f"row {row}, budget {budget} patients, seed {seed}")
+                res = run_row(s, data, row, budget, seed, checkpoint, cache, args.threads)
+                scores[(row, budget, seed)] = res["probs"]
+                if ROWS[row][1]:
+                    weights[(row, budget, seed)] = res["weights"]
+                seconds[f"{row}_b{budget}_s{seed}"] = round(res["seconds"], 1)
+
+    recs = [data.records[i] for i in data.test_index]
+    labels = np.array([r.label for r in recs])
+    groups = np.array([r.patient for r in recs])
+    aucs, diffs = paired_table(scores, labels, groups, s.rows, PAIRS, s.budgets, s.seeds, s.n_boot)
+    payload: dict[str, Any] = {
+        "command": "python benchmarks/bench_transfer.py "
+        + " ".join(sys.argv[1:] if argv is None else list(argv)),
+        "settings": asdict(s),
+        "machine": describe_machine(),
+        "test_images": len(recs),
+        "test_positives": int(labels.sum()),
+        "pretrain_checkpoint": str(checkpoint),
+        "auc": aucs,
+        "diffs": diffs,
+    }
+    if not args.no_probe:
+        feats = {
+            "jigsaw": probe_features(s, data, checkpoint, cache, args.threads),
+            "random": probe_features(s, data, None, cache, args.threads),
+        }
+        probe = {
+            (name, b, k): linear_probe(f, data, b, k)
+            for name, f in feats.items()
+            for b in s.budgets
+            for k in s.seeds
+        }
+        payload["probe_auc"], payload["probe_diffs"] = paired_table(
+            probe,
+            labels,
+            groups,
+            ["jigsaw", "random"],
+            [("jigsaw", "random")],
+            s.budgets,
+            s.seeds,
+            s.n_boot,
+        )
+    if weights:
+        from patchssl.engine.common import build_tiler
+
+        boxes = build_tiler(base_config(s, data, args.threads)).centre_boxes().numpy()
+        payload["localisation"] = localisation(weights, data, boxes.reshape(-1, 4), s.n_boot)
+    payload["seconds"] = time.perf_counter() - start
+    payload["run_seconds"] = seconds
+    tag = args.tag
+    (out / f"transfer{tag}.md").write_text(markdown(payload), encoding="utf-8")
+    with open(out / f"transfer{tag}.csv", "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(
+            fh,
+            fieldnames=[
+                "kind",
+                "budget",
+                "name",
+                "value",
+                "ci_low",
+                "ci_high",
+                "seed_min",
+                "seed_max",
+            ],
+        )
+        writer.writeheader()
+        for kind, rows, name_key, value_key in (
+            ("auc", payload["auc"], "row", "auc"),
+            ("diff", payload["diffs"], "pair", "diff"),
+            ("probe_auc", payload.get("probe_auc", []), "row", "auc"),
+            ("probe_diff", payload.get("probe_diffs", []), "pair", "diff"),
+        ):
+            for r in rows:
+                writer.writerow(
+                    {
+                        "kind": kind,
+                        "budget": r["budget"],
+                        "name": r[name_key],
+                        "value": round(r[value_key], 4),
+                        "ci_low": round(r["ci_low"], 4),
+                        "ci_high": round(r["ci_high"], 4),
+                        "seed_min": round(r["seed_min"], 4),
+                        "seed_max": round(r["seed_max"], 4),
+                    }
+                )
+    (out / f"transfer{tag}.json").write_text(
+        json.dumps(_json_clean(payload), indent=1) + "\n", encoding="utf-8"
+    )
+    plot(payload, out / f"transfer{tag}.png")
+    print(markdown(payload), flush=True)
+    _say(f"done in {payload['seconds'] / 60:.1f} min; results in {out}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()
