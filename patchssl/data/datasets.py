@@ -8,10 +8,6 @@ device, on whole batches (see :class:`patchssl.tiling.PatchTiler`). An item is a
 
 and :func:`collate_skip_failed` stacks the good items and lists the failed ones, so that a
 corrupt or truncated file is skipped, counted and reported instead of stopping training.
-
-References:
-    Chae et al., "Attentive Transfer Learning via Self-supervised Learning for Cervical
-    Dysplasia Diagnosis", JIPS 2021.
 """
 
 from __future__ import annotations

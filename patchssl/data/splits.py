@@ -4,10 +4,6 @@ Images of one patient look alike (same cervix, same day, same camera), so a spli
 one patient's images on both sides measures memory, not diagnosis. Every split here is
 *grouped* (no group, i.e. patient, on both sides) and *stratified* (each side keeps about the
 class proportions of the whole).
-
-References:
-    Chae et al., "Attentive Transfer Learning via Self-supervised Learning for Cervical
-    Dysplasia Diagnosis", JIPS 2021 (80/20 split of 978 labeled images).
 """
 
 from __future__ import annotations

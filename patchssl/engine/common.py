@@ -1,9 +1,4 @@
-"""Pieces shared by the engine's runs: setup, model building from a config, output folders.
-
-References:
-    Chae et al., "Attentive Transfer Learning via Self-supervised Learning for Cervical
-    Dysplasia Diagnosis", JIPS 2021.
-"""
+"""Pieces shared by the engine's runs: setup, model building from a config, output folders."""
 
 from __future__ import annotations
 
