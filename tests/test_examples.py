@@ -48,19 +48,27 @@ def test_configs_load_and_build_a_tiler(name: str) -> None:
     assert config.data.label_map == "cervix"
 
 
-def test_paper_config_is_the_papers_setup() -> None:
+def test_paper_config_builds_the_papers_pipeline() -> None:
+    # What the config builds, not what it says: the paper's geometry (3x3 patches of 153 px in
+    # 512 px images, the library's paper-proportion default), a 1,000-permutation jigsaw
+    # task with the shipped set, a ResNet50 encoder and an 80/20 split.
+    import torch
+
+    from patchssl.engine.common import build_tiler
     from patchssl.engine.config import load_config
+    from patchssl.engine.pretraining import build_pretext
     from patchssl.permutations import PermutationSet
+    from patchssl.tiling import default_tiler
 
     c = load_config(CONFIGS / "paper.yaml")
-    assert (c.data.image_size, c.model.grid, c.model.patch_size) == (512, 3, 153)
-    assert c.model.backbone == "resnet50"
-    assert c.model.attention == "sigmoid"
+    assert build_tiler(c).config == default_tiler(153).config
+    assert default_tiler(153).image_size == (512, 512)
+    c.model.backbone = "resnet18"  # the same task, lighter to build in a test
+    task = build_pretext(c, torch.device("cpu"))
+    assert task.permutation_fingerprint == PermutationSet.default().fingerprint
+    assert task.num_classes == 1000
+    assert load_config(CONFIGS / "paper.yaml").model.backbone == "resnet50"
     assert c.data.test_size == pytest.approx(0.2)
-    # No permutation option: the jigsaw task uses the shipped 1000-permutation set.
-    assert "permutations" not in c.pretext.options
-    assert "num_permutations" not in c.pretext.options
-    assert PermutationSet.default().num_permutations == 1000
 
 
 def test_quick_config_is_small() -> None:
