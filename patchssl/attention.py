@@ -10,10 +10,10 @@ References:
 
 from __future__ import annotations
 
-import difflib
-
 import torch
 from torch import Tensor, nn
+
+from patchssl._validation import check_int, look_up
 
 __all__ = ["ATTENTION_MODES", "PatchAttention"]
 
@@ -84,14 +84,8 @@ class PatchAttention(nn.Module):
     ) -> None:
         super().__init__()
         for what, value in (("dim", dim), ("num_patches", num_patches), ("hidden_dim", hidden_dim)):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{what} must be a positive int; got {value!r}")
-        if mode not in ATTENTION_MODES:
-            hint = difflib.get_close_matches(str(mode), ATTENTION_MODES, n=1)
-            extra = f" Did you mean {hint[0]!r}?" if hint else ""
-            raise ValueError(
-                f"unknown attention mode {mode!r}; choose one of {list(ATTENTION_MODES)}.{extra}"
-            )
+            check_int(value, what)
+        look_up(mode, ATTENTION_MODES, "attention mode")
         self.dim = dim
         self.num_patches = num_patches
         self.mode = mode

@@ -30,13 +30,14 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
-import tempfile
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from patchssl._validation import atomic_write, default_file_mode, plain
 
 __all__ = [
     "FORMAT_VERSION",
@@ -76,36 +77,13 @@ def save_checkpoint(path: str | os.PathLike[str], payload: Mapping[str, Any]) ->
     from patchssl._version import __version__
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     data = dict(payload)
     data.setdefault("format", "patchssl")
     data.setdefault("format_version", FORMAT_VERSION)
     data.setdefault("library_version", __version__)
     data.pop(_CHECKSUM_KEY, None)
     data[_CHECKSUM_KEY] = {"algorithm": "sha256", "value": payload_checksum(data)}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, default_file_mode())
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(data, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    try:  # make the rename itself durable where the platform allows it
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return path
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
-    return path
+    return atomic_write(path, lambda handle: torch.save(data, handle))
 
 
 def load_checkpoint(
@@ -170,17 +148,6 @@ def load_checkpoint(
             "ones from `patchssl finetune`)."
         )
     return data
-
-
-def default_file_mode() -> int:
-    """The permissions of a new file: ``0o666`` less the process's umask (usually ``0o644``).
-
-    Temporary files from :func:`tempfile.mkstemp` are ``0o600``; a file renamed into place
-    from one gets this mode instead, like any file the user creates.
-    """
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
 
 
 def payload_checksum(payload: Mapping[str, Any]) -> str:
@@ -275,15 +242,9 @@ def check_compatible(
             continue
         stored = config.get(section) or {}
         for key in keys:
-            if key in stored and key in ours and _norm(stored[key]) != _norm(ours[key]):
+            if key in stored and key in ours and plain(stored[key]) != plain(ours[key]):
                 raise CheckpointError(
                     f"{source} was trained with {section} {key}={stored[key]!r}, but "
                     f"{key}={ours[key]!r} is in use. Use the same {key} as the checkpoint, or "
                     "start from scratch."
                 )
-
-
-def _norm(value: Any) -> Any:
-    if isinstance(value, (list, tuple)):
-        return tuple(_norm(v) for v in value)
-    return value

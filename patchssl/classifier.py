@@ -17,7 +17,6 @@ References:
 
 from __future__ import annotations
 
-import difflib
 import logging
 import os
 from collections.abc import Mapping
@@ -28,6 +27,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from patchssl._validation import as_pair, check_int, look_up
 from patchssl.attention import ATTENTION_MODES, PatchAttention
 from patchssl.checkpoint import CheckpointError, load_checkpoint
 from patchssl.encoder import SharedPatchEncoder
@@ -107,12 +107,6 @@ class TransferReport:
             f"transfer from {where} (pretext {self.pretext!r}{perms}): loaded {self.loaded} "
             f"encoder tensors, {len(self.new_keys)} new, {len(self.ignored_keys)} ignored"
         )
-
-
-def _pair(value: Any) -> tuple[int, int]:
-    if isinstance(value, int):
-        return (value, value)
-    return (int(value[0]), int(value[1]))
 
 
 class PatchClassifier(nn.Module):
@@ -202,25 +196,18 @@ class PatchClassifier(nn.Module):
                 "encoder must be a SharedPatchEncoder (wrap your backbone with "
                 f"SharedPatchEncoder(backbone)); got {type(encoder).__name__}"
             )
-        for what, value in (("num_classes", num_classes), ("hidden_dim", hidden_dim)):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{what} must be a positive int; got {value!r}")
-        if attention is not None and attention not in ATTENTION_MODES:
-            hint = difflib.get_close_matches(str(attention), ATTENTION_MODES, n=1)
-            extra = f" Did you mean {hint[0]!r}?" if hint else ""
-            raise ValueError(
-                f"unknown attention {attention!r}; choose one of {list(ATTENTION_MODES)} or "
-                f"None.{extra}"
-            )
-        if head not in HEADS:
-            raise ValueError(f"unknown head {head!r}; choose one of {list(HEADS)}")
+        check_int(num_classes, "num_classes")
+        check_int(hidden_dim, "hidden_dim")
+        look_up(attention, (*ATTENTION_MODES, None), "attention")
+        look_up(head, HEADS, "head")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1); got {dropout}")
-        if input_norm not in INPUT_NORMS:
-            raise ValueError(
-                f"unknown input_norm {input_norm!r}; choose one of {list(INPUT_NORMS)} "
-                "('per_patch' for an encoder pretrained with per-patch normalisation)"
-            )
+        look_up(
+            input_norm,
+            INPUT_NORMS,
+            "input_norm",
+            note="('per_patch' for an encoder pretrained with per-patch normalisation)",
+        )
         if tiler is None:
             tiler = default_tiler(encoder.patch_size)
         elif not isinstance(tiler, PatchTiler):
@@ -373,8 +360,7 @@ class PatchClassifier(nn.Module):
             num_classes: Number of outputs of the new layer; ``0`` makes the last layer an
                 identity, so that ``model(x)`` returns the pooled features ``(B, F)``.
         """
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
-            raise ValueError(f"num_classes must be an int >= 0; got {num_classes!r}")
+        check_int(num_classes, "num_classes", minimum=0)
         ref = next(self.patch_fc.parameters())
         self.fc = (
             nn.Linear(self.feature_dim, num_classes, device=ref.device, dtype=ref.dtype)
@@ -497,13 +483,13 @@ class PatchClassifier(nn.Module):
         if enc_config is not None:
             _expect(where, "backbone", enc_config.get("backbone"), backbone)
             _expect(where, "in_chans", enc_config.get("in_chans"), in_chans)
-            ckpt_patch = _pair(enc_config["patch_size"])
+            ckpt_patch = as_pair(enc_config["patch_size"], "patch_size")
         elif tiler_config is not None:
-            ckpt_patch = _pair(tiler_config["patch_size"])
+            ckpt_patch = as_pair(tiler_config["patch_size"], "patch_size")
         else:
             ckpt_patch = None
         if patch_size is not None and ckpt_patch is not None:
-            _expect(where, "patch_size", ckpt_patch, _pair(patch_size))
+            _expect(where, "patch_size", ckpt_patch, as_pair(patch_size, "patch_size"))
         if tiler is not None and ckpt_patch is not None and tuple(tiler.patch_size) != ckpt_patch:
             raise CheckpointError(
                 f"{where} was pretrained with {ckpt_patch[0]}x{ckpt_patch[1]} px patches but "

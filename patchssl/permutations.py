@@ -35,7 +35,6 @@ References:
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import heapq
 import importlib.resources
@@ -44,7 +43,6 @@ import json
 import math
 import os
 import re
-import tempfile
 from collections.abc import Iterator, Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -53,6 +51,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
+
+from patchssl._validation import atomic_write, check_int, look_up
 
 __all__ = ["METHODS", "PermutationSet", "fingerprint_of"]
 
@@ -287,27 +287,15 @@ class PermutationSet:
         truncated or edited file.
 
         Args:
-            path: Destination file; its folder must exist.
+            path: Destination file (its folder is created if needed).
         """
         path = Path(path)
         suffix = path.suffix.lower()
-        from patchssl.checkpoint import default_file_mode
-
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            os.fchmod(fd, default_file_mode())
-            with os.fdopen(fd, "wb") as fh:
-                if suffix == ".npy":
-                    np.save(fh, self._array.astype("<i8"), allow_pickle=False)
-                else:
-                    fh.write(self._to_text(sep="," if suffix == ".csv" else " ").encode())
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        if suffix == ".npy":
+            array = self._array.astype("<i8")
+            atomic_write(path, lambda fh: np.save(fh, array, allow_pickle=False))
+        else:
+            atomic_write(path, self._to_text(sep="," if suffix == ".csv" else " "))
 
     def _to_text(self, sep: str = " ") -> str:
         header = {
@@ -451,18 +439,12 @@ class PermutationSet:
             and its better transfer). P. J. Cameron, "Permutation codes", 2010 (projective).
             K. G. Murty, Operations Research 16(3), 1968 (k-best assignments).
         """
-        k = _check_int("num_permutations", num_permutations, minimum=1)
-        n = _check_int("num_tiles", num_tiles, minimum=2)
-        seed = _check_int("seed", seed, minimum=0)
+        k = check_int(num_permutations, "num_permutations")
+        n = check_int(num_tiles, "num_tiles", minimum=2)
+        seed = check_int(seed, "seed", minimum=0)
         if num_candidates is not None:
-            num_candidates = _check_int("num_candidates", num_candidates, minimum=1)
-        if not isinstance(method, str) or method not in METHODS:
-            hint = difflib.get_close_matches(str(method), METHODS, n=1)
-            did_you_mean = f" Did you mean {hint[0]!r}?" if hint else ""
-            raise ValueError(
-                f"unknown permutation method {method!r}; choose one of {list(METHODS)}."
-                + did_you_mean
-            )
+            num_candidates = check_int(num_candidates, "num_candidates")
+        look_up(method, METHODS, "permutation method")
         if k > math.factorial(n):
             raise ValueError(
                 f"cannot choose {k} distinct permutations of {n} tiles: there are only "
@@ -505,15 +487,6 @@ def fingerprint_of(permutations: Tensor | np.ndarray | Sequence[Sequence[int]]) 
     digest.update(np.asarray(array.shape, dtype="<i8").tobytes())
     digest.update(np.ascontiguousarray(array, dtype="<i8").tobytes())
     return digest.hexdigest()[:16]
-
-
-def _check_int(name: str, value: object, *, minimum: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer):
-        raise TypeError(f"{name} must be an int; got {type(value).__name__} {value!r}")
-    value = int(value)
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}; got {value}")
-    return value
 
 
 def _to_int64_array(permutations: object) -> np.ndarray:

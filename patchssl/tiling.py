@@ -21,6 +21,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from patchssl._validation import as_pair
+
 __all__ = ["PatchTiler", "TiledPatches", "default_tiler", "paper_image_size"]
 
 # The paper's geometry (Chae et al., JIPS 2021): a 3x3 grid of 153 px patches in 512 px images.
@@ -39,22 +41,6 @@ class TiledPatches(NamedTuple):
 
     patches: Tensor
     boxes: Tensor
-
-
-def _pair(value: int | tuple[int, int] | list[int], name: str) -> tuple[int, int]:
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an int or a pair of ints; got {value!r}")
-    if isinstance(value, int):
-        pair = (value, value)
-    elif isinstance(value, (tuple, list)) and len(value) == 2:
-        pair = (value[0], value[1])
-    else:
-        raise TypeError(f"{name} must be an int or a pair of ints (height, width); got {value!r}")
-    if not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
-        raise TypeError(f"{name} must hold ints; got {value!r}")
-    if min(pair) < 1:
-        raise ValueError(f"{name} must be positive; got {value!r}")
-    return pair
 
 
 class PatchTiler(nn.Module):
@@ -104,9 +90,9 @@ class PatchTiler(nn.Module):
         jitter: int | None = None,
     ) -> None:
         super().__init__()
-        self.grid = _pair(grid, "grid")
-        self.patch_size = _pair(patch_size, "patch_size")
-        self.image_size = _pair(image_size, "image_size")
+        self.grid = as_pair(grid, "grid")
+        self.patch_size = as_pair(patch_size, "patch_size")
+        self.image_size = as_pair(image_size, "image_size")
         if isinstance(gap, bool) or not isinstance(gap, int) or gap < 0:
             raise ValueError(f"gap must be a non-negative int (pixels); got {gap!r}")
         self.gap = gap
@@ -327,8 +313,8 @@ def paper_image_size(
         Chae et al., "Attentive Transfer Learning via Self-supervised Learning for Cervical
         Dysplasia Diagnosis", JIPS 17(3), 2021.
     """
-    ph, pw = _pair(patch_size, "patch_size")
-    rows, cols = _pair(grid, "grid")
+    ph, pw = as_pair(patch_size, "patch_size")
+    rows, cols = as_pair(grid, "grid")
     return (
         -(-rows * ph * _PAPER_IMAGE // _PAPER_PATCHES),
         -(-cols * pw * _PAPER_IMAGE // _PAPER_PATCHES),

@@ -96,8 +96,8 @@ def test_permutations_generate_a_single_permutation(tmp_path, capsys):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--num", "0"], "num_permutations must be >= 1"),
-        (["--tiles", "1"], "num_tiles must be >= 2"),
+        (["--num", "0"], "num_permutations must be a positive int; got 0"),
+        (["--tiles", "1"], "num_tiles must be an int >= 2; got 1"),
         (["--method", "best"], "unknown permutation method 'best'"),
     ],
 )

@@ -21,6 +21,7 @@ LAYERS: dict[str, int] = {
         [
             "_version",
             "_optional",
+            "_validation",
             "tiling",
             "permutations",
             "encoder",

@@ -35,6 +35,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from patchssl._validation import as_pair
+
 __all__ = [
     "IMAGE_EXTENSIONS",
     "RESIZE_MODES",
@@ -109,21 +111,7 @@ def normalize_size(image_size: SizeLike, name: str = "image_size") -> tuple[int,
         ValueError: If a side is not a positive integer or the pair has the wrong length.
         TypeError: If ``image_size`` is neither an int nor a sequence of two ints.
     """
-    if isinstance(image_size, bool):
-        raise TypeError(f"{name} must be an int or an (H, W) pair, got {image_size!r}")
-    if isinstance(image_size, int | np.integer):
-        size = (int(image_size), int(image_size))
-    elif isinstance(image_size, Sequence) and not isinstance(image_size, str):
-        if len(image_size) != 2:
-            raise ValueError(f"{name} must be an int or an (H, W) pair, got {image_size!r}")
-        if not all(isinstance(s, int | np.integer) and not isinstance(s, bool) for s in image_size):
-            raise TypeError(f"{name} must contain integers, got {image_size!r}")
-        size = (int(image_size[0]), int(image_size[1]))
-    else:
-        raise TypeError(f"{name} must be an int or an (H, W) pair, got {image_size!r}")
-    if size[0] < 1 or size[1] < 1:
-        raise ValueError(f"{name} must be positive, got {image_size!r}")
-    return size
+    return as_pair(image_size, name)
 
 
 def _check_channels(channels: int) -> None:

@@ -28,6 +28,7 @@ from typing import Any, Literal
 
 from PIL import Image
 
+from patchssl._validation import atomic_write
 from patchssl.data.io import (
     IMAGE_EXTENSIONS,
     ImageReadError,
@@ -195,25 +196,28 @@ def _prepare_one(
     except ImageReadError as err:
         return "failed", err.reason
     out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}{_TMP_SUFFIX}")
+    if fmt == "png":
+        # Level 1: several times faster than the default 6, files a little larger.
+        options: dict[str, Any] = {"format": "PNG", "compress_level": 1}
+    else:
+        options = {"format": "JPEG", "quality": quality, "subsampling": 0}
     try:
-        if fmt == "png":
-            # Level 1: several times faster than the default 6, files a little larger.
-            image.save(tmp, format="PNG", compress_level=1)
-        else:
-            image.save(tmp, format="JPEG", quality=quality, subsampling=0)
-        os.replace(tmp, out)
+        # A fixed temporary name, so that a killed run's leftover is overwritten; no fsync:
+        # the cache can be rebuilt, and a sync per image adds about 10-15% to the write of a
+        # 512 px PNG (2-core x86-64 CPU).
+        atomic_write(
+            out,
+            lambda fh: image.save(fh, **options),
+            fsync=False,
+            temp_name=f".{out.name}{_TMP_SUFFIX}",
+        )
     except OSError as err:
-        tmp.unlink(missing_ok=True)
         return "failed", f"cannot write {out}: {err}"
     return "written", None
 
 
 def _write_index(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}{_TMP_SUFFIX}")
-    tmp.write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(payload, indent=1) + "\n")
 
 
 def prepare_images(

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from patchssl._validation import plain
 from patchssl.checkpoint import FORMAT_VERSION, CheckpointError
 from patchssl.checkpoint import check_compatible as check_transfer
 from patchssl.engine.config import ConfigError
@@ -95,7 +96,7 @@ def config_differences(saved: Any, current: Any, prefix: str = "") -> list[str]:
                 continue
             lines.extend(config_differences(saved[key], current[key], f"{prefix}{key}."))
         return lines
-    saved, current = _plain(saved), _plain(current)
+    saved, current = plain(saved), plain(current)
     if saved == current:
         return []
     key = prefix.rstrip(".")
@@ -112,15 +113,6 @@ def config_differences(saved: Any, current: Any, prefix: str = "") -> list[str]:
             f"difference at row {first}: checkpoint has {theirs!r}, this run has {ours!r}"
         ]
     return [f"{key}: checkpoint has {saved!r}, this run has {current!r}"]
-
-
-def _plain(value: Any) -> Any:
-    """``value`` with every tuple turned into a list, at any depth."""
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    return value
 
 
 def check_compatible(

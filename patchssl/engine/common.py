@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from patchssl._validation import atomic_write
 from patchssl.engine.config import Config, ConfigError, load_config, save_config
 from patchssl.engine.device import resolve_device
 from patchssl.engine.distributed import get_world_size, is_main_process, process_device
@@ -180,11 +181,7 @@ def write_json(path: str | Path, data: Any) -> Path:
             return clean(value.item())
         return value
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(clean(data), indent=2) + "\n", encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return atomic_write(path, json.dumps(clean(data), indent=2) + "\n")
 
 
 def say(message: str) -> None:

@@ -23,7 +23,6 @@ References:
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import math
 import types
@@ -33,6 +32,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from patchssl._validation import atomic_write, did_you_mean
 
 __all__ = [
     "Config",
@@ -487,11 +488,6 @@ def check_ranges(config: Config) -> None:
             )
 
 
-def _did_you_mean(name: str, options: typing.Iterable[str]) -> str:
-    close = difflib.get_close_matches(name, list(options), n=1)
-    return f" Did you mean '{close[0]}'?" if close else ""
-
-
 def _check_value(value: Any, hint: Any, where: str) -> Any:
     """Check (and gently coerce) ``value`` against a resolved type hint."""
     origin = typing.get_origin(hint)
@@ -552,7 +548,7 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     if unknown:
         key = unknown[0]
         raise ConfigError(
-            f"unknown option '{prefix}{key}'.{_did_you_mean(str(key), fields)} "
+            f"unknown option '{prefix}{key}'.{did_you_mean(str(key), fields)} "
             f"Options of '{prefix.rstrip('.') or 'the top level'}': {', '.join(fields)}"
         )
     kwargs: dict[str, Any] = {}
@@ -680,7 +676,7 @@ def set_dotted(data: dict[str, Any], keys: list[str], value: Any, text: str = ""
         if key not in node:
             path = ".".join(keys[: depth + 1])
             raise ConfigError(
-                f"unknown option '{path}' in '{text}'.{_did_you_mean(key, node)} "
+                f"unknown option '{path}' in '{text}'.{did_you_mean(key, node)} "
                 f"Options: {', '.join(node)}"
             )
         if not isinstance(node[key], dict):
@@ -706,7 +702,4 @@ def save_config(config: Config, path: str | Path) -> Path:
         text = json.dumps(data, indent=2, sort_keys=False) + "\n"
     else:
         text = yaml.safe_dump(data, sort_keys=False)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return atomic_write(path, text)

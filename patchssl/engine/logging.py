@@ -6,6 +6,7 @@ Everything here writes only on the main process (see :mod:`patchssl.engine.distr
 from __future__ import annotations
 
 import csv
+import io
 import json
 import sys
 from collections.abc import Iterable, Iterator
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from patchssl import _optional
+from patchssl._validation import atomic_write
 from patchssl.engine.distributed import is_main_process
 
 __all__ = ["MetricsLogger", "SkippedFiles", "echo", "progress"]
@@ -107,12 +109,11 @@ class MetricsLogger:
             self.writer = SummaryWriter(log_dir=str(Path(out_dir) / "tensorboard"))
 
     def _rewrite(self) -> None:
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with tmp.open("w", newline="", encoding="utf-8") as handle:
-            writer = csv.DictWriter(handle, fieldnames=self.columns, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(self.rows)
-        tmp.replace(self.path)
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=self.columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(self.rows)
+        atomic_write(self.path, text.getvalue())
 
     def log(self, row: dict[str, Any], *, step: int | None = None) -> None:
         """Append a row (numbers are rounded to 6 significant digits in the CSV).
