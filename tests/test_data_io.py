@@ -8,7 +8,14 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
-from patchssl.data.io import ImageReadError, load_image, load_pil_image, resize_image, to_8bit
+from patchssl.data.io import (
+    ImageReadError,
+    load_image,
+    load_pil_image,
+    pil_to_tensor,
+    resize_image,
+    to_8bit,
+)
 
 
 def _rgb(h: int = 40, w: int = 60, seed: int = 0) -> np.ndarray:
@@ -244,3 +251,12 @@ def test_real_photograph_smoke(tmp_path: Path, ext: str) -> None:
     small = np.array(Image.fromarray(retina).resize((128, 128), Image.Resampling.BILINEAR))
     diff = (out.float() - torch.from_numpy(small).permute(2, 0, 1).float()).abs().mean()
     assert diff < 4.0  # same picture: only JPEG/draft rounding differs
+
+
+def test_pil_to_tensor_matches_the_array_channels_first() -> None:
+    rgb = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    out = pil_to_tensor(Image.fromarray(rgb))
+    assert out.dtype == torch.uint8 and out.is_contiguous() and out.shape == (3, 5, 7)
+    assert torch.equal(out, torch.from_numpy(rgb.transpose(2, 0, 1).copy()))
+    gray = pil_to_tensor(Image.fromarray(rgb[..., 0]))
+    assert gray.shape == (1, 5, 7) and torch.equal(gray[0], torch.from_numpy(rgb[..., 0].copy()))

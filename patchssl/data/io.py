@@ -361,10 +361,9 @@ def pil_to_tensor(image: Image.Image) -> torch.Tensor:
     Returns:
         Tensor of shape ``(C, H, W)``, dtype uint8, ``C`` = 3 or 1.
     """
-    array = np.array(image, dtype=np.uint8, copy=True)
-    if array.ndim == 2:
-        return torch.from_numpy(array).unsqueeze(0)
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+    from torchvision.transforms.functional import pil_to_tensor as _pil_to_tensor
+
+    return _pil_to_tensor(image).contiguous()
 
 
 def load_image(
