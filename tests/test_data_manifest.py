@@ -88,6 +88,25 @@ def test_root_semicolons_bom_and_case_insensitive_columns(tmp_path: Path) -> Non
     assert recs[0].path == data / "a.png" and recs[0].patient == "a"
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        "image,label,patient\na.png,CIN0,p1\nb.png,CIN3,p2\n",
+        "image\tlabel\tpatient\na.png\tCIN0\tp1\nb.png\tCIN3\tp2\n",
+        "image|label|patient\na.png|CIN0|p1\nb.png|CIN3|p2\n",
+        '"image";"label";"patient"\na.png;CIN0;p1\nb.png;CIN3;p2\n',
+    ],
+    ids=["comma", "tab", "pipe", "quoted-semicolon"],
+)
+def test_delimiter_is_detected_from_the_header(tmp_path: Path, text: str) -> None:
+    csv = _csv(tmp_path, text, ["a.png", "b.png"])
+    recs = read_manifest(csv, label_map="cervix")
+    assert [(r.path.name, r.label, r.patient) for r in recs] == [
+        ("a.png", 0, "p1"),
+        ("b.png", 1, "p2"),
+    ]
+
+
 def test_missing_column_names_it_and_lists_columns(tmp_path: Path) -> None:
     csv = _csv(tmp_path, "file,label\na.png,CIN0\n")
     with pytest.raises(ManifestError) as info:

@@ -340,9 +340,11 @@ def _find_column(fieldnames: Sequence[str], wanted: str) -> str | None:
 
 
 def _sniff_delimiter(header: str) -> str:
-    counts = {d: header.count(d) for d in (",", ";", "\t")}
-    best = max(counts, key=lambda d: counts[d])
-    return best if counts[best] > 0 else ","
+    """The header row's delimiter among ``, ; tab |`` (comma when there is only one column)."""
+    try:
+        return csv.Sniffer().sniff(header, delimiters=",;\t|").delimiter
+    except csv.Error:
+        return ","
 
 
 def _list_some(items: Sequence[str], limit: int = 5) -> str:
@@ -365,7 +367,7 @@ def read_manifest(
 ) -> list[Record]:
     """Read a CSV manifest of labeled images.
 
-    The delimiter (comma, semicolon or tab) is detected from the header; a UTF-8 byte-order
+    The delimiter (comma, semicolon, tab or ``|``) is detected from the header; a UTF-8 byte-order
     mark (Excel) is ignored; column names match case-insensitively when there is no exact
     match.
 
