@@ -12,8 +12,8 @@ from torch import nn
 from torch.utils.data import DistributedSampler
 
 from patchssl.checkpoint import load_checkpoint
-from patchssl.engine.config import Config
-from patchssl.engine.loop import NonFiniteLossError, StepOutput, Trainer
+from patchssl.engine.config import Config, ConfigError, TrainConfig
+from patchssl.engine.loop import NonFiniteLossError, StepOutput, Trainer, build_optimizer
 
 
 class ToyTask:
@@ -120,3 +120,70 @@ def test_empty_batches_are_skipped(tmp_path):
     task = ToyTask()
     _trainer(task, tmp_path, epochs=1, loader=loader).fit()
     assert task.steps == 2
+
+
+def _decay_model() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 4 * 4, 2)
+    )
+    model[0].bias.requires_grad_(False)  # frozen: in no group
+    return model
+
+
+@pytest.mark.parametrize("name", ["adamw", "sgd"])
+def test_build_optimizer_no_decay_on_biases_and_norms(name: str) -> None:
+    model = _decay_model()
+    train = TrainConfig(optimizer=name, lr=0.1, weight_decay=0.5, momentum=0.8)
+    opt = build_optimizer(model, train)
+    decayed, rest = opt.param_groups
+    assert [id(p) for p in decayed["params"]] == [id(model[0].weight), id(model[3].weight)]
+    assert [id(p) for p in rest["params"]] == [
+        id(model[1].weight),
+        id(model[1].bias),
+        id(model[3].bias),
+    ]
+    assert (decayed["weight_decay"], rest["weight_decay"]) == (0.5, 0.0)
+    # a step with zero gradients moves only what weight decay acts on
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    after = model.state_dict()
+    for key in ("0.weight", "3.weight"):
+        assert not torch.equal(after[key], before[key]), key
+    for key in ("0.bias", "1.weight", "1.bias", "3.bias"):
+        assert torch.equal(after[key], before[key]), key
+
+
+def test_build_optimizer_sgd_is_nesterov_with_the_configured_momentum() -> None:
+    model = _decay_model()
+    reference = _decay_model()  # the same weights
+    train = TrainConfig(optimizer="SGD", lr=0.05, weight_decay=0.01, momentum=0.7)
+    opt = build_optimizer(model, train)
+    assert isinstance(opt, torch.optim.SGD)
+    ref_opt = torch.optim.SGD(
+        [
+            {"params": [reference[0].weight, reference[3].weight], "weight_decay": 0.01},
+            {
+                "params": [reference[1].weight, reference[1].bias, reference[3].bias],
+                "weight_decay": 0.0,
+            },
+        ],
+        lr=0.05,
+        momentum=0.7,
+        nesterov=True,
+    )
+    x = torch.randn(4, 3, 6, 6, generator=torch.Generator().manual_seed(1))
+    for net, optimizer in ((model, opt), (reference, ref_opt)):
+        for _ in range(3):
+            optimizer.zero_grad()
+            net(x).square().mean().backward()
+            optimizer.step()
+    for (key, ours), theirs in zip(model.state_dict().items(), reference.state_dict().values()):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0, msg=key)
+
+
+def test_build_optimizer_refuses_other_names() -> None:
+    with pytest.raises(ConfigError, match="train.optimizer must be 'adamw' or 'sgd'; got 'lamb'"):
+        build_optimizer(_decay_model(), TrainConfig(optimizer="lamb"))

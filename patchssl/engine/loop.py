@@ -182,30 +182,62 @@ class TrainingResult:
 
 
 def build_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW or SGD, without weight decay on biases and normalisation parameters.
+    """AdamW or SGD (Nesterov), without weight decay on biases and normalisation parameters.
+
+    timm's factories do the work: :func:`timm.optim.param_groups_weight_decay` splits the
+    parameters that require grad (1-D tensors and biases get no weight decay) and
+    :func:`timm.optim.create_optimizer_v2` builds the optimizer.
 
     Args:
         model: Module to optimise (only parameters that require grad).
-        train: Training section of the configuration.
+        train: Training section of the configuration (``optimizer``, ``lr``,
+            ``weight_decay``, ``momentum``).
 
     Returns:
-        The optimizer.
+        The optimizer, with two parameter groups: the decayed weights, then the rest
+        (``weight_decay`` 0).
+
+    Raises:
+        ConfigError: For an optimizer other than ``adamw`` and ``sgd``.
     """
-    decay, no_decay = [], []
-    for _, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        (no_decay if param.ndim <= 1 else decay).append(param)
-    groups = [
-        {"params": decay, "weight_decay": train.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+    from timm.optim import create_optimizer_v2
+
     name = train.optimizer.lower()
-    if name == "adamw":
-        return torch.optim.AdamW(groups, lr=train.lr)
-    if name == "sgd":
-        return torch.optim.SGD(groups, lr=train.lr, momentum=train.momentum, nesterov=True)
-    raise ConfigError(f"train.optimizer must be 'adamw' or 'sgd'; got '{train.optimizer}'")
+    if name not in ("adamw", "sgd"):
+        raise ConfigError(f"train.optimizer must be 'adamw' or 'sgd'; got '{train.optimizer}'")
+    groups = _weight_decay_groups(model, train.weight_decay)
+    return create_optimizer_v2(
+        groups, opt=name, lr=train.lr, weight_decay=train.weight_decay, momentum=train.momentum
+    )
+
+
+def _weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Two parameter groups of ``model``: decayed weights, then biases and 1-D parameters.
+
+    The split is :func:`timm.optim.param_groups_weight_decay`'s. The two groups are always
+    present and in this order, whatever ``weight_decay`` (timm lists the no-decay group first
+    and merges the two when the decay is 0), so that an optimizer state saved by an earlier
+    run loads group by group into the optimizer of its resumed run.
+
+    Args:
+        model: The module (only parameters that require grad are listed).
+        weight_decay: The decay of the first group.
+
+    Returns:
+        ``[{"params": decayed, "weight_decay": weight_decay}, {"params": rest,
+        "weight_decay": 0.0}]``.
+    """
+    from timm.optim import param_groups_weight_decay
+
+    decayed: list[nn.Parameter] = []
+    rest: list[nn.Parameter] = []
+    # a non-zero decay, so that timm splits; the groups' decays are set below
+    for group in param_groups_weight_decay(model, weight_decay=1.0):
+        (decayed if group["weight_decay"] else rest).extend(group["params"])
+    return [
+        {"params": decayed, "weight_decay": weight_decay},
+        {"params": rest, "weight_decay": 0.0},
+    ]
 
 
 def build_scheduler(
