@@ -476,7 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--method",
         default="auto",
-        help="generate: auto, max_avg, max_min or projective",
+        help="generate: auto, max_min or projective",
     )
     _add_option(p, "--seed", default=0, help="generate: seed")
     # for maintainers: regenerate patchssl/assets/permutations_1000x9.* (not in --help)

@@ -12,9 +12,6 @@ source tile placed at position ``k``; tiles are numbered row-major. Applied to p
 
 Methods of :meth:`PermutationSet.generate`:
 
-- ``"max_avg"``: the greedy selection of Noroozi & Favaro (2016), each new permutation
-  maximising the average Hamming distance to those already chosen; solved exactly at every step
-  as a linear assignment problem, so it works for any number of tiles.
 - ``"max_min"``: greedy selection maximising the minimum distance to the chosen set (ties broken
   by the average), over all N! permutations when N <= 9, otherwise over sampled candidates.
 - ``"projective"``: for 9 tiles, a permutation code from the group PΓL(2, 8) acting on the
@@ -22,23 +19,22 @@ Methods of :meth:`PermutationSet.generate`:
   within the 504 elements of PGL(2, 8)).
 - ``"auto"``: ``"projective"`` when it applies (N == 9 and K <= 1512), else ``"max_min"``.
 
+Noroozi & Favaro's own greedy (each new permutation maximising the *average* distance; minimum
+distance 2 for 1000 x 9) is a research generator, kept with the benchmarks that compare the
+methods (``benchmarks/permutation_generators.py`` in the source tree).
+
 References:
     M. Noroozi and P. Favaro, "Unsupervised Learning of Visual Representations by Solving
     Jigsaw Puzzles", ECCV 2016, arXiv:1603.09246.
 
     P. J. Cameron, "Permutation codes", European Journal of Combinatorics 31(2), 2010
     (sharply k-transitive groups as permutation codes; PGL(2, q) and PΓL(2, q)).
-
-    K. G. Murty, "An Algorithm for Ranking all the Assignments in Order of Increasing Cost",
-    Operations Research 16(3), 1968.
 """
 
 from __future__ import annotations
 
 import hashlib
-import heapq
 import importlib.resources
-import itertools
 import json
 import math
 import os
@@ -57,7 +53,16 @@ from patchssl._validation import atomic_write, check_int, look_up
 __all__ = ["METHODS", "PermutationSet", "fingerprint_of"]
 
 #: Names accepted by ``PermutationSet.generate(method=...)``.
-METHODS: tuple[str, ...] = ("auto", "max_avg", "max_min", "projective")
+METHODS: tuple[str, ...] = ("auto", "max_min", "projective")
+
+#: Research generators kept outside the library, and where they are.
+_MOVED = {
+    "max_avg": (
+        "Noroozi & Favaro's max-average greedy is a research generator: it lives in "
+        "benchmarks/permutation_generators.py of the patchssl source tree (generate_max_avg); "
+        "'max_min' and 'projective' reach larger minimum distances."
+    ),
+}
 
 #: ``max_min`` enumerates every permutation when there are at most this many (N <= 9).
 _EXHAUSTIVE_LIMIT = math.factorial(9)
@@ -396,16 +401,11 @@ class PermutationSet:
         permutation is a seeded random one; ties between equally good candidates are broken
         at random with the same seed, so different seeds give different sets.
 
-        Methods (1000 x 9 figures are on the docs page ``permutations.md``):
+        Methods (1000 x 9 figures are on the docs page ``permutations.md``; Noroozi & Favaro's
+        max-average greedy, whose minimum distance is only 2 for 1000 x 9, is a research
+        generator kept with the benchmarks of the source tree,
+        ``benchmarks/permutation_generators.py``):
 
-        - ``"max_avg"``: Noroozi & Favaro's greedy, each step adding the permutation with the
-          largest average Hamming distance to the chosen set. The sum of distances from ``p``
-          to a set ``S`` is ``|S| N - sum_k c[k, p(k)]`` with ``c`` the position-by-tile count
-          matrix of ``S``, so each step is a linear assignment problem on ``c`` (solved with
-          :func:`scipy.optimize.linear_sum_assignment`); when its optimum is already in the
-          set, the next best assignments are enumerated with Murty's ranking algorithm. Exact
-          for any N; 1000 x 9 in well under a second. Its minimum distance is low (2 for
-          1000 x 9).
         - ``"max_min"``: greedy maximisation of the minimum distance to the chosen set (ties
           by the larger average). Scans every permutation when N! <= 362,880 (N <= 9), else
           ``num_candidates`` distinct seeded random permutations (default 100,000).
@@ -420,7 +420,7 @@ class PermutationSet:
         Args:
             num_permutations: K >= 1, at most N!.
             num_tiles: N >= 2 (9 for a 3x3 grid, 16 for 4x4).
-            method: One of ``"auto"``, ``"max_avg"``, ``"max_min"``, ``"projective"``.
+            method: One of ``"auto"``, ``"max_min"``, ``"projective"``.
             seed: Seed (>= 0) of every random choice.
             num_candidates: ``max_min`` only: how many candidate permutations to scan. ``None``
                 scans all N! when N <= 9, else samples 100,000. A value >= N! scans all.
@@ -435,16 +435,16 @@ class PermutationSet:
             TypeError: If a count or the seed is not an int.
 
         References:
-            M. Noroozi and P. Favaro, ECCV 2016, arXiv:1603.09246 (max_avg; max-min selection
-            and its better transfer). P. J. Cameron, "Permutation codes", 2010 (projective).
-            K. G. Murty, Operations Research 16(3), 1968 (k-best assignments).
+            M. Noroozi and P. Favaro, ECCV 2016, arXiv:1603.09246 (maximal-Hamming selection;
+            a larger minimum distance transfers better). P. J. Cameron, "Permutation codes",
+            2010 (projective).
         """
         k = check_int(num_permutations, "num_permutations")
         n = check_int(num_tiles, "num_tiles", minimum=2)
         seed = check_int(seed, "seed", minimum=0)
         if num_candidates is not None:
             num_candidates = check_int(num_candidates, "num_candidates")
-        look_up(method, METHODS, "permutation method")
+        look_up(method, METHODS, "permutation method", note=_MOVED.get(method, ""))
         if k > math.factorial(n):
             raise ValueError(
                 f"cannot choose {k} distinct permutations of {n} tiles: there are only "
@@ -459,9 +459,7 @@ class PermutationSet:
                 f"does not sample candidates (drop the argument)"
             )
         rng = np.random.default_rng(seed)
-        if resolved == "max_avg":
-            rows = _generate_max_avg(k, n, rng)
-        elif resolved == "max_min":
+        if resolved == "max_min":
             rows = _generate_max_min(k, n, rng, num_candidates)
         else:
             rows = _generate_projective(k, n, rng)
@@ -605,87 +603,6 @@ def _max_pairwise_agreement(rows: np.ndarray) -> int:
             agree[idx - start, idx] = -1
             best = max(best, int(agree.max()))
     return best
-
-
-# ---------------------------------------------------------------------- max_avg
-
-
-def _k_best_assignments(cost: np.ndarray) -> Iterator[np.ndarray]:
-    """Assignments of a square cost matrix in order of increasing total cost (Murty 1968).
-
-    Yields ``cols`` with ``cols[r]`` the column assigned to row ``r``. Each solved node is
-    split into disjoint subproblems: for the i-th row of its free rows, keep the node's
-    choice for the earlier free rows (forced) and forbid its choice for row i (excluded).
-    """
-    # Deferred, here and in _generate_max_avg: scipy.optimize takes about a second to import.
-    from scipy.optimize import linear_sum_assignment
-
-    n = cost.shape[0]
-
-    def solve(forced: tuple[tuple[int, int], ...], excluded: tuple[tuple[int, int], ...]):
-        c = cost.copy()
-        for r, col in excluded:
-            c[r, col] = np.inf
-        for r, col in forced:
-            keep = c[r, col]
-            c[r, :] = np.inf
-            c[:, col] = np.inf
-            c[r, col] = keep
-        try:
-            rows, cols = linear_sum_assignment(c)
-        except ValueError:  # infeasible: no assignment avoids the excluded cells
-            return None
-        total = float(c[rows, cols].sum())
-        return None if not np.isfinite(total) else (total, cols)
-
-    counter = itertools.count()
-    root = solve((), ())
-    heap = [(root[0], next(counter), root[1], (), ())] if root else []
-    while heap:
-        _, _, cols, forced, excluded = heapq.heappop(heap)
-        yield cols
-        forced_rows = {r for r, _ in forced}
-        free = [r for r in range(n) if r not in forced_rows]
-        fixed = list(forced)
-        for r in free[:-1]:  # the last free row is determined by the others
-            child_excluded = (*excluded, (r, int(cols[r])))
-            child = solve(tuple(fixed), child_excluded)
-            if child is not None:
-                heapq.heappush(
-                    heap, (child[0], next(counter), child[1], tuple(fixed), child_excluded)
-                )
-            fixed.append((r, int(cols[r])))
-
-
-def _generate_max_avg(k: int, n: int, rng: np.random.Generator) -> np.ndarray:
-    """Greedy max-average-distance selection, one assignment problem per step; (k, n)."""
-    chosen = np.empty((k, n), dtype=np.int64)
-    seen: set[bytes] = set()
-    counts = np.zeros((n, n), dtype=np.float64)
-    positions = np.arange(n)
-    first = rng.permutation(n)
-    chosen[0] = first
-    seen.add(first.tobytes())
-    counts[positions, first] += 1
-    # Tie-breaking noise: the sum of n entries stays below 0.5, so it orders assignments of
-    # equal integer cost without ever overturning a strictly better one.
-    from scipy.optimize import linear_sum_assignment
-
-    scale = 0.5 / n
-    for i in range(1, k):
-        cost = counts + rng.random((n, n)) * scale
-        _, cols = linear_sum_assignment(cost)
-        cols = cols.astype(np.int64)
-        if cols.tobytes() in seen:
-            # The optimum is taken: walk down the ranked assignments to the best unseen one.
-            for cols in _k_best_assignments(cost):
-                cols = cols.astype(np.int64)
-                if cols.tobytes() not in seen:
-                    break
-        chosen[i] = cols
-        seen.add(cols.tobytes())
-        counts[positions, cols] += 1
-    return chosen
 
 
 # ---------------------------------------------------------------------- max_min
@@ -835,7 +752,7 @@ def _generate_projective(k: int, n: int, rng: np.random.Generator) -> np.ndarray
     if n != 9:
         raise ValueError(
             f"method 'projective' builds permutations of 9 tiles (the projective line over "
-            f"GF(8)); got num_tiles={n}. Use method='max_min' (or 'max_avg') for other sizes"
+            f"GF(8)); got num_tiles={n}. Use method='max_min' for other sizes"
         )
     if k > _PGAMMAL_ORDER:
         raise ValueError(
