@@ -49,6 +49,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from patchssl._validation import check_int, look_up
 from patchssl.metrics import PairedDifference, paired_difference
 
 __all__ = [
@@ -231,10 +232,8 @@ def embed_images(
     from patchssl.classifier import INPUT_NORMS
     from patchssl.pretext.base import standardize_patches
 
-    if input_norm not in INPUT_NORMS:
-        raise ValueError(f"input_norm must be one of {INPUT_NORMS}; got {input_norm!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer; got {batch_size!r}")
+    look_up(input_norm, INPUT_NORMS, "input_norm")
+    check_int(batch_size, "batch_size")
     device = torch.device(device) if device is not None else _device_of(encoder)
     batches, _ = _batches(images, labels, groups, batch_size)
     if progress is not None:
@@ -350,8 +349,7 @@ def knn_predict_proba(
         )
     if train.shape[0] == 0 or train.shape[0] != y.shape[0]:
         raise ValueError(f"{train.shape[0]} training vectors but {y.shape[0]} labels")
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be a positive integer; got {k!r}")
+    check_int(k, "k")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0; got {temperature}")
     classes = int(num_classes) if num_classes is not None else int(y.max()) + 1
