@@ -1,10 +1,10 @@
 """The ``patchssl`` command line.
 
 Commands: ``prepare``, ``pretrain``, ``probe``, ``finetune``, ``evaluate``, ``explain``,
-``demo``, ``pretexts`` (list the registered pretext tasks) and ``permutations`` (describe or
-generate a permutation set). Every training command reads a YAML/JSON config (``--config``),
-then the common flags (``--epochs``, ``--lr``...), then ``--set section.key=value`` overrides,
-in that order. Exit status: 0 on success; 1 when training stops on a non-finite loss or
+``predict``, ``demo``, ``pretexts`` (list the registered pretext tasks) and ``permutations``
+(describe or generate a permutation set). Every training command reads a YAML/JSON config
+(``--config``), then the common flags (``--epochs``, ``--lr``...), then ``--set
+section.key=value`` overrides, in that order. Exit status: 0 on success; 1 when training stops on a non-finite loss or
 non-finite weights; 2 on a usage, configuration or data error, a run folder that is taken, or
 an operating-system error such as a folder that cannot be written or a full disk (a one-line
 message, no traceback; ``--debug`` shows it); 130 when interrupted; 141 when the reader of
@@ -324,6 +324,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --probe-data, probe every N epochs and after the last; 0 = off "
         "(probe.every, default 1)",
     )
+    _add_option(p, "--label-map", help=_OPTIONS["--label-map"]["help"] + "; for --manifest")
+    _add_option(
+        p,
+        "--split",
+        help="a saved split.json: its val and test images are the ones checked against the "
+        "unlabeled folder (data.split)",
+    )
     _add_options(p, *_GEOMETRY_OPTIONS, *_TRAINING_OPTIONS, *_DEVICE_OPTIONS)
 
     p = command(
@@ -412,6 +419,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--part", choices=["train", "val", "test", "all"], help="split part to explain")
     p.add_argument("--num-images", type=int, help="attention overlays to draw")
     _add_options(p, *_LABEL_OPTIONS, *_DEVICE_OPTIONS)
+
+    p = command(
+        "predict",
+        "predict the class of new images with a fine-tuned checkpoint",
+        "Predict the class of every image of a folder (or listed in a CSV) with a fine-tuned "
+        "checkpoint, whose geometry and class names it takes. Writes a CSV with one row per "
+        "image: its path, the probability of each class (columns named for the classes), the "
+        "predicted class at the threshold chosen on the validation split and stored in the "
+        "checkpoint (the one `patchssl evaluate` reports), and, for an image that cannot be "
+        "read, the reason (also printed).",
+        "See docs/own_dataset.md for the whole path from a folder of images to predictions.",
+    )
+    p.add_argument(
+        "--checkpoint", required=True, metavar="FILE", help="fine-tuned checkpoint (best.pt)"
+    )
+    p.add_argument(
+        "--data", required=True, metavar="PATH", help="folder of images, or a CSV listing them"
+    )
+    _add_option(
+        p, "--out", default="predictions.csv", metavar="CSV", help="predictions file to write"
+    )
+    p.add_argument(
+        "--threshold",
+        type=float,
+        help="decision threshold on the positive class's probability (default: the one "
+        "stored in the checkpoint)",
+    )
+    p.add_argument(
+        "--explain", metavar="DIR", help="also draw each image's attention overlay into DIR"
+    )
+    p.add_argument(
+        "--image-column",
+        metavar="NAME",
+        help="CSV column of the image paths (default: the fine-tuning manifest's, else 'image')",
+    )
+    _add_option(p, "--device", help="auto, cpu, cuda or cuda:N (default: auto)")
+    _add_option(p, "--batch-size", default=16, help="images per forward pass")
+    _add_option(p, "--workers", default=0, help="image-decoding worker processes")
+    _add_options(p, "--threads", "--no-progress", "--debug")
 
     p = command(
         "demo",
@@ -533,9 +579,11 @@ def _config_from_args(args: argparse.Namespace) -> Any:
             config_file = saved
     config = load_config(config_file)
     data = config.to_dict()
+    given = set(config.given)
 
     def put(key: str, value: Any) -> None:
         set_dotted(data, key.split("."), value, key)
+        given.add(key)
 
     if out:
         put("out", out)
@@ -575,7 +623,7 @@ def _config_from_args(args: argparse.Namespace) -> Any:
     from patchssl.engine.config import Config
 
     try:
-        config = Config.from_dict(data)
+        config = Config.from_dict(data).mark_given(given)
     except ConfigError as err:
         raise ConfigError(f"{err} (from the command-line flags)") from err
     return apply_overrides(config, args.overrides)
@@ -583,6 +631,8 @@ def _config_from_args(args: argparse.Namespace) -> Any:
 
 # ------------------------------------------------------------------------------------ handlers
 def _training_outputs(result: Any) -> str:
+    if not Path(result.best_checkpoint).is_file():
+        return f"{result.out_dir} (no checkpoint: no epoch was run)"
     return f"{result.out_dir} (best: {result.best_checkpoint})"
 
 
@@ -612,6 +662,38 @@ def _cmd_probe(args: argparse.Namespace) -> None:
     expect = {key: getattr(args, key) for key in GEOMETRY_KEYS if getattr(args, key) is not None}
     result = probe(_config_from_args(args), expect=expect)
     _done(f"outputs written to {result.out_dir}")
+
+
+def _cmd_predict(args: argparse.Namespace) -> None:
+    import torch
+
+    from patchssl.engine.prediction import predict_images
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = predict_images(
+        args.checkpoint,
+        args.data,
+        threshold=args.threshold,
+        device=args.device or "auto",
+        batch_size=args.batch_size,
+        workers=args.workers,
+        image_column=args.image_column,
+        explain=args.explain,
+        progress=not args.no_progress,
+    )
+    path = result.write_csv(args.out)
+    for image, reason in result.failed:
+        print(f"patchssl predict: cannot read {image}: {reason}", file=sys.stderr)
+    good = len(result.rows) - len(result.failed)
+    threshold = "" if result.threshold is None else f" at threshold {result.threshold:.4g}"
+    print(f"threshold: {result.threshold_source}")
+    if result.overlays:
+        print(f"{len(result.overlays)} attention overlays written to {args.explain}")
+    if not good:
+        raise UsageError(f"none of the {len(result.rows)} images could be read (reasons in {path})")
+    failed = f", {len(result.failed)} unreadable (listed in it)" if result.failed else ""
+    print(f"{good} images predicted{threshold}{failed}; outputs written to {path}")
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
@@ -710,6 +792,7 @@ def _cmd_permutations(args: argparse.Namespace) -> None:
 _HANDLERS: dict[str, Callable[[argparse.Namespace], None]] = {
     **dict.fromkeys(_ENGINE_OUTPUTS, _cmd_engine),
     "probe": _cmd_probe,
+    "predict": _cmd_predict,
     "demo": _cmd_demo,
     "pretexts": _cmd_pretexts,
     "permutations": _cmd_permutations,

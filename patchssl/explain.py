@@ -405,7 +405,7 @@ def plot_embedding(
     *,
     method: str = "tsne",
     seed: int = 0,
-    class_names: Sequence[str] = ("CIN0/1", "CIN2+"),
+    class_names: Sequence[str] | None = None,
     title: str | None = None,
     perplexity: float | None = None,
 ) -> np.ndarray:
@@ -425,7 +425,8 @@ def plot_embedding(
         method: ``"tsne"`` or ``"pca"``.
         seed: Random state of t-SNE (PCA is deterministic).
         class_names: Legend name of each label value (label k gets ``class_names[k]`` when
-            there is one, else ``"class k"``).
+            there is one, else ``"class k"``), e.g. the label map's
+            (:attr:`patchssl.data.LabelMap.class_names`).
         title: Figure title (default: the method and the number of points).
         perplexity: t-SNE perplexity; must be below M.
 
@@ -481,7 +482,8 @@ def plot_embedding(
     ax = fig.add_subplot(1, 1, 1)
     for k in np.unique(y).tolist():
         sel = y == k
-        name = class_names[k] if 0 <= k < len(class_names) else f"class {k}"
+        names = class_names or ()
+        name = names[k] if 0 <= k < len(names) else f"class {k}"
         ax.scatter(
             coords[sel, 0],
             coords[sel, 1],

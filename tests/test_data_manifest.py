@@ -28,7 +28,7 @@ def test_cervix_label_map() -> None:
     m = CERVIX_LABEL_MAP
     assert [m(x) for x in ["CIN0", "CIN1", "CIN2", "CIN3", "CIN4"]] == [0, 0, 1, 1, 1]
     assert m(" cin 2 ") == 1 and m("Normal") == 0 and m("CIN2+") == 1 and m("cin0/1") == 0
-    assert m.class_names == ("negative", "positive") and m.num_classes == 2
+    assert m.class_names == ("CIN0/1", "CIN2+") and m.num_classes == 2
     assert "1" not in m and "0" not in m  # bare digits are ambiguous: refused
     assert BINARY_LABEL_MAP("1") == 1 and BINARY_LABEL_MAP("Negative") == 0
 

@@ -276,8 +276,8 @@ class LabelMap:
         return f"LabelMap({self.describe()})"
 
 
-#: The flagship mapping (Chae et al. 2021): CIN0 and CIN1 negative (class 0, "negative",
-#: i.e. CIN0/1); CIN2, CIN3 and CIN4 positive (class 1, "positive", i.e. CIN2+). Also
+#: The flagship mapping (Chae et al. 2021): CIN0 and CIN1 negative (class 0, named
+#: "CIN0/1"); CIN2, CIN3 and CIN4 positive (class 1, named "CIN2+"). Also
 #: accepts ``normal`` (0) and the class names ``CIN0/1`` (0) and ``CIN2+`` (1). Bare digits
 #: are deliberately NOT accepted: a CSV of binary 0/1 labels would otherwise be read as grades
 #: (1 = CIN1 = negative); use :data:`BINARY_LABEL_MAP` for such files.
@@ -292,7 +292,7 @@ CERVIX_LABEL_MAP = LabelMap(
         "CIN4": 1,
         "CIN2+": 1,
     },
-    class_names=("negative", "positive"),
+    class_names=("CIN0/1", "CIN2+"),
 )
 
 #: Labels that are already binary: ``0``/``negative`` -> 0, ``1``/``positive`` -> 1.

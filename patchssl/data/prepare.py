@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
@@ -253,7 +254,8 @@ def prepare_images(
         executor: ``"thread"`` (default; measured as fast as processes, since Pillow drops
             the GIL) or ``"process"``.
         overwrite: Rewrite outputs that already exist.
-        progress: Show a tqdm progress bar.
+        progress: Show a tqdm progress bar (on a terminal only; none when stderr is
+            redirected).
 
     Returns:
         A :class:`PrepareReport` (written / skipped / failed counts, failures with reasons).
@@ -340,7 +342,7 @@ def prepare_images(
         initial=report.skipped,
         desc="prepare",
         unit="img",
-        disable=not progress,
+        disable=not progress or not sys.stderr.isatty(),  # no bar in a log file
         dynamic_ncols=True,
     )
     try:

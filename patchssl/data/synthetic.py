@@ -47,6 +47,7 @@ import csv
 import io
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -603,7 +604,9 @@ def make_synthetic_cervix(
     positive[order[:num_pos]] = True
 
     total = num_unlabeled + num_patients * images_per_patient
-    bar = tqdm(total=total, desc="synthetic", unit="img", disable=not progress)
+    bar = tqdm(
+        total=total, desc="synthetic", unit="img", disable=not progress or not sys.stderr.isatty()
+    )
     for i in range(num_unlabeled):
         rng = np.random.default_rng([seed, 3, i])
         has_lesion = bool(rng.uniform() < positive_fraction)

@@ -14,7 +14,9 @@ does what the ``patchssl`` command of the same name does::
 Modules: :mod:`~patchssl.engine.config` (configuration), :mod:`~patchssl.engine.loop` (the
 training loop), :mod:`~patchssl.engine.pretraining`, :mod:`~patchssl.engine.finetuning`,
 :mod:`~patchssl.engine.evaluation`, :mod:`~patchssl.engine.explain_run`,
-:mod:`~patchssl.engine.preparation`, :mod:`~patchssl.engine.probing`,
+:mod:`~patchssl.engine.prediction` (new images), :mod:`~patchssl.engine.preparation`,
+:mod:`~patchssl.engine.probing`, :mod:`~patchssl.engine.settings` (what carries forward from a
+checkpoint or a cache),
 :mod:`~patchssl.engine.demo`.
 """
 
@@ -32,6 +34,7 @@ if TYPE_CHECKING:
     from patchssl.engine.explain_run import ExplainResult, explain
     from patchssl.engine.finetuning import finetune
     from patchssl.engine.loop import NonFiniteLossError, Trainer, TrainingResult
+    from patchssl.engine.prediction import PredictionResult, predict_images
     from patchssl.engine.preparation import PrepareResult, prepare
     from patchssl.engine.pretraining import pretrain
     from patchssl.engine.probing import ProbeRunResult, probe
@@ -43,6 +46,7 @@ _EXPORTS: dict[str, str] = {
     "EvaluationResult": "patchssl.engine.evaluation",
     "ExplainResult": "patchssl.engine.explain_run",
     "NonFiniteLossError": "patchssl.engine.loop",
+    "PredictionResult": "patchssl.engine.prediction",
     "PrepareResult": "patchssl.engine.preparation",
     "ProbeRunResult": "patchssl.engine.probing",
     "Trainer": "patchssl.engine.loop",
@@ -53,6 +57,7 @@ _EXPORTS: dict[str, str] = {
     "finetune": "patchssl.engine.finetuning",
     "load_config": "patchssl.engine.config",
     "predict": "patchssl.engine.evaluation",
+    "predict_images": "patchssl.engine.prediction",
     "prepare": "patchssl.engine.preparation",
     "pretrain": "patchssl.engine.pretraining",
     "probe": "patchssl.engine.probing",
@@ -81,6 +86,7 @@ __all__ = [
     "EvaluationResult",
     "ExplainResult",
     "NonFiniteLossError",
+    "PredictionResult",
     "PrepareResult",
     "ProbeRunResult",
     "Trainer",
@@ -91,6 +97,7 @@ __all__ = [
     "finetune",
     "load_config",
     "predict",
+    "predict_images",
     "prepare",
     "pretrain",
     "probe",

@@ -49,6 +49,8 @@ __all__ = [
     "TrainConfig",
     "apply_overrides",
     "check_ranges",
+    "flatten_keys",
+    "get_dotted",
     "load_config",
     "merge_dicts",
     "read_config_file",
@@ -412,14 +414,53 @@ class Config:
 
     def replace(self, **changes: Any) -> Config:
         """Return a deep copy with top-level fields replaced."""
-        copy = Config.from_dict(self.to_dict())
+        copy = self.copy()
         for key, value in changes.items():
             setattr(copy, key, value)
         return copy
 
     def copy(self) -> Config:
-        """Return a deep copy."""
-        return Config.from_dict(self.to_dict())
+        """Return a deep copy (with the record of the options given, see :meth:`mark_given`)."""
+        return Config.from_dict(self.to_dict()).mark_given(self.given)
+
+    @property
+    def given(self) -> frozenset[str]:
+        """Dotted keys that the user set explicitly (see :meth:`mark_given`)."""
+        return getattr(self, "_given", frozenset())
+
+    def mark_given(self, keys: typing.Iterable[str]) -> Config:
+        """Record ``keys`` (dotted, e.g. ``"data.image_size"``) as set by the user.
+
+        The command line marks every option that a ``--config`` file, a flag or a ``--set``
+        override sets. Settings that a run can take from a checkpoint or a resize cache
+        (backbone, tiling, image size, channels, input normalisation) are taken from there
+        unless given; see :meth:`is_given`.
+
+        Args:
+            keys: Dotted option keys.
+
+        Returns:
+            This configuration (for chaining).
+        """
+        self._given = self.given | frozenset(keys)
+        return self
+
+    def is_given(self, key: str) -> bool:
+        """Whether the user chose the option ``key`` (dotted).
+
+        True when ``key`` (or a section above it) was marked with :meth:`mark_given`, or when
+        its value differs from the default (a configuration built in Python records no marks).
+
+        Args:
+            key: Dotted option key, e.g. ``"model.patch_size"``.
+
+        Returns:
+            Whether the option was given.
+        """
+        parts = key.split(".")
+        if any(".".join(parts[: i + 1]) in self.given for i in range(len(parts))):
+            return True
+        return get_dotted(self, key) != get_dotted(Config(), key)
 
 
 # (section, key) -> (lowest, highest, lowest included, highest included); None: no bound.
@@ -569,13 +610,14 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         overrides: ``"section.key=value"`` strings applied in order (values parsed as YAML).
 
     Returns:
-        The configuration.
+        The configuration; the keys of the file and the overrides are marked as given
+        (:meth:`Config.mark_given`).
 
     Raises:
         ConfigError: When the file is missing, unreadable, or holds unknown keys or bad values.
     """
     data = read_config_file(path) if path is not None else {}
-    config = Config.from_dict(data)
+    config = Config.from_dict(data).mark_given(flatten_keys(data))
     return apply_overrides(config, overrides)
 
 
@@ -650,16 +692,18 @@ def apply_overrides(config: Config, overrides: typing.Sequence[str]) -> Config:
             (keys inside a mapping option may be new).
 
     Returns:
-        A new configuration.
+        A new configuration; the overridden keys are marked as given (:meth:`Config.mark_given`).
 
     Raises:
         ConfigError: On unknown keys or values of the wrong type.
     """
     data = config.to_dict()
+    given = set(config.given)
     for text in overrides:
         keys, value = _parse_override(text)
         set_dotted(data, keys, value, text)
-    return Config.from_dict(data)
+        given.add(".".join(keys))
+    return Config.from_dict(data).mark_given(given)
 
 
 def set_dotted(data: dict[str, Any], keys: list[str], value: Any, text: str = "") -> None:
@@ -683,6 +727,38 @@ def set_dotted(data: dict[str, Any], keys: list[str], value: Any, text: str = ""
             raise ConfigError(f"'{'.'.join(keys[: depth + 1])}' is not a section (in '{text}')")
         node = node[key]
     node[keys[-1]] = value
+
+
+def get_dotted(config: Config, key: str) -> Any:
+    """The value of the dotted option ``key`` (e.g. ``"data.image_size"``) of ``config``.
+
+    Raises:
+        ConfigError: For an unknown key.
+    """
+    node: Any = config
+    for part in key.split("."):
+        if dataclasses.is_dataclass(node) and hasattr(node, part):
+            node = getattr(node, part)
+        elif isinstance(node, dict) and part in node:
+            node = node[part]
+        else:
+            raise ConfigError(f"unknown option '{key}'")
+    return node
+
+
+def flatten_keys(data: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys of the leaves of a nested config dict (``{"data": {"a": 1}}`` -> ``data.a``).
+
+    Mappings inside an option whose value is a mapping (``pretext.options``) count as leaves.
+    """
+    keys: list[str] = []
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and key != "options" and value:
+            keys.extend(flatten_keys(value, f"{dotted}."))
+        else:
+            keys.append(dotted)
+    return keys
 
 
 def save_config(config: Config, path: str | Path) -> Path:

@@ -28,7 +28,15 @@ from patchssl.engine.config import Config, ConfigError
 from patchssl.engine.device import autocast_context, move_batch, resolve_amp
 from patchssl.engine.logging import SkippedFiles, echo, progress
 
-__all__ = ["EvaluationResult", "Predictions", "evaluate", "load_classifier", "predict"]
+__all__ = [
+    "EvaluationResult",
+    "Predictions",
+    "choose_val_threshold",
+    "evaluate",
+    "load_classifier",
+    "predict",
+    "stored_threshold",
+]
 
 
 @dataclass
@@ -140,6 +148,66 @@ def predict(
     )
 
 
+def choose_val_threshold(
+    labels: np.ndarray, scores: np.ndarray, criterion: str | float, target: float = 0.9
+) -> float | None:
+    """The decision threshold that ``criterion`` chooses on validation predictions.
+
+    The one rule that fine-tuning (which stores the threshold in each checkpoint),
+    :func:`evaluate` and :func:`patchssl.engine.predict_images` share.
+
+    Args:
+        labels: Validation labels of shape (M,), 0 or 1.
+        scores: Probabilities of class 1, shape (M,).
+        criterion: A criterion of :func:`patchssl.metrics.choose_threshold` (``youden``,
+            ``f1``, ``specificity``) or a fixed number.
+        target: Specificity to reach for the ``specificity`` criterion.
+
+    Returns:
+        The threshold, or ``None`` when the labels lack a class.
+
+    Raises:
+        ConfigError: For an unknown criterion.
+    """
+    from patchssl.metrics import choose_threshold
+
+    if isinstance(criterion, (int, float)) and not isinstance(criterion, bool):
+        return float(criterion)
+    if len(set(np.asarray(labels).tolist())) < 2:
+        return None
+    try:
+        if criterion == "specificity":
+            return choose_threshold(labels, scores, criterion=criterion, target=target)
+        return choose_threshold(labels, scores, criterion=str(criterion))
+    except ValueError as err:
+        raise ConfigError(f"eval.threshold: {err}") from err
+
+
+def stored_threshold(
+    ckpt: dict[str, Any], criterion: str | float | None = None, target: float | None = None
+) -> float | None:
+    """The threshold a fine-tuning checkpoint stored (chosen on its validation split).
+
+    Args:
+        ckpt: A loaded fine-tuning checkpoint.
+        criterion: Only return it when it was chosen with this criterion (``None``: any).
+        target: With ``criterion="specificity"``, the target it must have been chosen for.
+
+    Returns:
+        The threshold, or ``None`` when the checkpoint stores none (or another criterion's).
+    """
+    value = (ckpt.get("metrics") or {}).get("val_threshold")
+    if value is None or not np.isfinite(value):
+        return None
+    if criterion is not None:
+        saved = (ckpt.get("config") or {}).get("eval") or {}
+        if saved.get("threshold") != criterion:
+            return None
+        if criterion == "specificity" and saved.get("target_specificity") != target:
+            return None
+    return float(value)
+
+
 def load_classifier(path: str | Path, device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
     """Load a fine-tuned classifier checkpoint.
 
@@ -172,12 +240,24 @@ def load_classifier(path: str | Path, device: torch.device) -> tuple[nn.Module, 
     return model.to(device).eval(), ckpt
 
 
-def run_config_for(config: Config, ckpt: dict[str, Any]) -> Config:
+def run_config_for(config: Config, ckpt: dict[str, Any], source: str = "the checkpoint") -> Config:
     """Fill the data settings a checkpoint's run used, where ``config`` leaves them unset.
 
-    ``patchssl evaluate --out RUN`` then needs no other option: the manifest, label map, image
-    size and split of the fine-tuning run are reused.
+    ``patchssl evaluate --out RUN`` then needs no other option: the manifest, label map and
+    split of the fine-tuning run are reused, and the image size, channels and geometry are the
+    checkpoint's (an option given that disagrees is refused, see
+    :func:`patchssl.engine.settings.resolve_settings`).
+
+    Args:
+        config: The run configuration.
+        ckpt: The loaded fine-tuning checkpoint.
+        source: How to name the checkpoint in messages.
+
+    Returns:
+        The completed configuration.
     """
+    from patchssl.engine.settings import resolve_settings
+
     saved = ckpt.get("config") or {}
     if not config.data.manifest and saved:
         data = dict(saved.get("data") or {})
@@ -186,12 +266,8 @@ def run_config_for(config: Config, ckpt: dict[str, Any]) -> Config:
         for key in ("workers", "cache"):
             if getattr(config.data, key) != getattr(Config().data, key):
                 merged["data"][key] = getattr(config.data, key)
-        config = Config.from_dict(merged)
-    tiler = ((ckpt.get("model_config") or {}).get("tiler") or {}).get("image_size")
-    if tiler:
-        size = tiler[0] if isinstance(tiler, (list, tuple)) else tiler
-        config.data.image_size = int(size)
-    return config
+        config = Config.from_dict(merged).mark_given(config.given)
+    return resolve_settings(config, checkpoint=ckpt, source=source, note=False)
 
 
 def _split_for(config: Config, ckpt_path: Path) -> str:
@@ -265,14 +341,15 @@ def evaluate(
     """
     from patchssl.data import load_split, make_loader, records_from_split
     from patchssl.engine.data import labeled_dataset, labeled_records
-    from patchssl.metrics import choose_threshold, evaluate_predictions, format_table
+    from patchssl.engine.settings import checkpoint_class_names
+    from patchssl.metrics import evaluate_predictions, format_table
 
     config = as_config(config)
     ev = config.eval
     ckpt_path = Path(ev.checkpoint) if ev.checkpoint else Path(config.out) / "best.pt"
     out, device = prepare_run(config, save=False)
     model, ckpt = load_classifier(ckpt_path, device)
-    config = run_config_for(config, ckpt)
+    config = run_config_for(config, ckpt, str(ckpt_path))
     say(f"evaluating {ckpt_path} on {device}; output: {out}")
     records = labeled_records(config)
     split_path = _split_for(config, ckpt_path)
@@ -306,25 +383,27 @@ def evaluate(
     val = run("val") if parts.get("val") else None
     test = run("test")
     skipped.report("evaluation")
+    stored = stored_threshold(ckpt, ev.threshold, ev.target_specificity)
     if isinstance(ev.threshold, (int, float)) and not isinstance(ev.threshold, bool):
         threshold, how = float(ev.threshold), "fixed in the configuration"
+    elif stored is not None:
+        threshold = stored
+        how = (
+            f"chosen on the validation split ({ev.threshold}) when the checkpoint was saved, "
+            "and stored in it (patchssl predict uses the same)"
+        )
     else:
         if val is None or len(set(val.labels.tolist())) < 2:
             raise ConfigError(
                 "the threshold is chosen on the validation split, which needs both classes; "
-                "make a split with a larger data.val_size, or fix it with --set eval.threshold=0.5"
+                "make a split with a larger data.val_size, or fix it with --threshold 0.5"
             )
-        criterion = str(ev.threshold)
-        try:
-            if criterion == "specificity":
-                threshold = choose_threshold(
-                    val.labels, val.scores, criterion=criterion, target=ev.target_specificity
-                )
-            else:
-                threshold = choose_threshold(val.labels, val.scores, criterion=criterion)
-        except ValueError as err:
-            raise ConfigError(f"eval.threshold: {err}") from err
-        how = f"chosen on the validation split ({criterion})"
+        threshold = choose_val_threshold(
+            val.labels, val.scores, ev.threshold, ev.target_specificity
+        )
+        how = f"chosen on the validation split ({ev.threshold})"
+        if threshold is None:  # pragma: no cover - both classes were checked above
+            raise ConfigError("no threshold could be chosen on the validation split")
     alpha = 1.0 - ev.ci
     common = {
         "threshold": threshold,
@@ -339,19 +418,22 @@ def evaluate(
         val_report = evaluate_predictions(
             val.labels, val.scores, groups=val.patients, **{**common, "n_boot": 0}
         )
+    names = checkpoint_class_names(ckpt, int(test.probs.shape[1]))
     payload = {
         "checkpoint": str(ckpt_path),
         "split": split_path,
         "threshold": threshold,
         "threshold_choice": how,
+        "class_names": names,
         "test": test_report.to_dict(),
         "val": val_report.to_dict() if val_report is not None else None,
         "skipped_files": [list(f) for f in test.failed + (val.failed if val else [])],
     }
     json_path = write_json(out / "eval.json", payload)
     table = format_table({name: test_report})
+    classes = f"Positive class: {names[-1]} (against {', '.join(names[:-1])}). "
     md = (
-        f"# Evaluation of {ckpt_path}\n\n"
+        f"# Evaluation of {ckpt_path}\n\n{classes}"
         f"Test split: {test_report.counts['n']} images of {test_report.counts['n_groups']} "
         f"patients. Threshold {threshold:.4f}, {how}. Values in percent with "
         f"{round(100 * ev.ci)}% bootstrap intervals resampled by {test_report.resampled_by} "

@@ -31,6 +31,7 @@ from patchssl.engine.evaluation import (
     run_config_for,
 )
 from patchssl.engine.logging import SkippedFiles
+from patchssl.engine.settings import checkpoint_class_names
 
 __all__ = ["ExplainResult", "explain", "format_lesion", "lesion_boxes"]
 
@@ -59,6 +60,17 @@ class ExplainResult:
     embedding: Path | None = None
     lesion: dict[str, Any] | None = None
     json_path: Path | None = None
+
+
+def _title(names: list[str], label: int, probs: np.ndarray) -> str:
+    """``"CIN2+ (p=0.83 CIN2+)"``: the image's class and the probability of the last class.
+
+    For two classes the probability shown is the positive class's (the score that orders the
+    overlays); for more, the most probable class's.
+    """
+    shown = len(names) - 1 if len(names) == 2 else int(np.argmax(probs))
+    truth = names[label] if 0 <= label < len(names) else "unlabeled"
+    return f"{truth} (p {names[shown]}={float(probs[shown]):.2f})"
 
 
 def lesion_boxes(records: list[Any]) -> np.ndarray | None:
@@ -153,7 +165,7 @@ def explain(config: Config | dict[str, Any] | str | Path | None) -> ExplainResul
     ckpt_path = Path(ex.checkpoint) if ex.checkpoint else Path(config.out) / "best.pt"
     out, device = prepare_run(config, save=False)
     model, ckpt = load_classifier(ckpt_path, device)
-    config = run_config_for(config, ckpt)
+    config = run_config_for(config, ckpt, str(ckpt_path))
     target = out / "explain"
     say(f"explaining {ckpt_path} ({ex.split} split); output: {target}")
     records = labeled_records(config)
@@ -177,6 +189,7 @@ def explain(config: Config | dict[str, Any] | str | Path | None) -> ExplainResul
     skipped.report("explanation")
     if pred.scores.size == 0:
         raise ConfigError("no readable image to explain")
+    names = checkpoint_class_names(ckpt, int(pred.probs.shape[1]))
     boxes = model.tiler.centre_boxes().cpu().numpy()
     result = ExplainResult(out_dir=target)
     target.mkdir(parents=True, exist_ok=True)
@@ -187,8 +200,7 @@ def explain(config: Config | dict[str, Any] | str | Path | None) -> ExplainResul
     images, titles, sheet_lesions = [], [], []
     for rank, i in enumerate(order):
         image = dataset[int(pred.indices[i])]["image"]
-        label, score = int(pred.labels[i]), float(pred.scores[i])
-        title = f"y={label} p={score:.2f}"
+        title = _title(names, int(pred.labels[i]), pred.probs[i])
         lesion = lesions[i] if lesions is not None else None
         name = Path(pred.paths[i]).stem
         path = target / f"attention_{rank:02d}_{name}.png"
@@ -217,6 +229,7 @@ def explain(config: Config | dict[str, Any] | str | Path | None) -> ExplainResul
                 pred.labels,
                 result.embedding,
                 seed=config.train.seed,
+                class_names=names,
                 title=f"t-SNE of classifier features ({ex.split}, {pred.features.shape[0]} images)",
             )
     if lesions is not None:

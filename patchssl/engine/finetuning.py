@@ -56,10 +56,17 @@ from patchssl.engine.distributed import (
     get_world_size,
     is_main_process,
 )
-from patchssl.engine.evaluation import predict
+from patchssl.engine.evaluation import choose_val_threshold, predict
+from patchssl.engine.logging import echo
 from patchssl.engine.loop import StepOutput, Trainer, TrainingResult, build_scheduler
 from patchssl.engine.run_dir import run_folder, start_run
 from patchssl.engine.seeding import derive_seed
+from patchssl.engine.settings import (
+    MIN_VALIDATION_IMAGES,
+    check_epochs,
+    label_info,
+    resolve_settings,
+)
 
 __all__ = [
     "FinetuneTask",
@@ -234,6 +241,12 @@ class FinetuneTask:
         fingerprint: Permutation fingerprint of the pretraining (recorded in checkpoints).
         freeze_encoder_steps: Optimisation steps at the start during which the patch encoder
             gets no gradient (its parameters skip the update); 0 = never frozen.
+        skipped: Collects unreadable validation files.
+        labels: What the classes are (``{"class_names": [...], "label_map": {...}}``),
+            recorded in checkpoints as ``model_config["labels"]``.
+        threshold: Criterion (or fixed number) of the decision threshold chosen on the val
+            part at every validation (``val_threshold``, stored with the checkpoint), and the
+            target specificity of the ``specificity`` criterion.
     """
 
     kind = "finetune"
@@ -250,6 +263,8 @@ class FinetuneTask:
         fingerprint: str | None = None,
         skipped: Any = None,
         freeze_encoder_steps: int = 0,
+        labels: dict[str, Any] | None = None,
+        threshold: tuple[str | float, float] = ("youden", 0.9),
     ) -> None:
         if augment not in ("flip", "none"):
             raise ConfigError(f"train.augment must be 'flip' or 'none'; got '{augment}'")
@@ -264,6 +279,8 @@ class FinetuneTask:
         self.skipped = skipped
         self.freeze_encoder_steps = int(freeze_encoder_steps)
         self.steps_done = 0
+        self.labels = labels
+        self.threshold = threshold
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Cross-entropy with the class weights, computed in float32."""
@@ -317,11 +334,17 @@ class FinetuneTask:
         if pred.probs.shape[1] == 2:
             metrics = binary_metrics(pred.labels, pred.scores, 0.5)
             row["val_auc"] = float(metrics["auc"])
+            threshold = choose_val_threshold(pred.labels, pred.scores, *self.threshold)
+            if threshold is not None:
+                row["val_threshold"] = threshold
         return row
 
     def checkpoint_info(self) -> dict[str, Any]:
-        """The classifier's ``model_config`` and the pretraining's permutation fingerprint."""
-        return model_entries(classifier_model_config(self.model), self.fingerprint)
+        """The classifier's ``model_config`` (with ``labels``) and the permutation fingerprint."""
+        model_config = classifier_model_config(self.model)
+        if self.labels is not None:
+            model_config = {**model_config, "labels": self.labels}
+        return model_entries(model_config, self.fingerprint)
 
 
 def _check_schedule(config: Config) -> None:
@@ -405,9 +428,34 @@ def finetune(
             then.
         NonFiniteLossError: When the loss becomes NaN or infinite (``last.pt`` is kept).
     """
-    config = as_config(config)
+    config = finetune_settings(as_config(config))
     with distributed_session(config), run_folder(config):
         return _finetune(config, callbacks)
+
+
+def finetune_settings(config: Config) -> Config:
+    """``config`` with the settings of the pretraining checkpoint ``model.init`` and the cache.
+
+    The backbone, tiling, image size, channels and input normalisation come from
+    ``model.init`` (and the image size from ``data.cache``) unless given; a given option that
+    disagrees is refused (see :func:`patchssl.engine.settings.resolve_settings`).
+
+    Raises:
+        ConfigError: On a negative ``train.epochs``, a missing or non-pretraining
+            ``model.init``, or options that disagree with it.
+    """
+    from patchssl.checkpoint import CheckpointError, load_checkpoint
+
+    check_epochs(config)
+    checkpoint = None
+    if config.model.init:
+        try:
+            checkpoint = load_checkpoint(config.model.init, kind="pretrain")
+        except (FileNotFoundError, CheckpointError) as err:
+            raise ConfigError(f"model.init: {err}") from err
+    return resolve_settings(
+        config, checkpoint=checkpoint, source=str(config.model.init), fit_patches=not checkpoint
+    )
 
 
 def _finetune(config: Config, callbacks: Iterable[Callable[..., None]]) -> TrainingResult:
@@ -426,6 +474,7 @@ def _finetune(config: Config, callbacks: Iterable[Callable[..., None]]) -> Train
         f"on {device}; output: {out}"
     )
     parts = make_split(config, records, out, save=False)
+    warn_small_validation(parts["val"], config.model.num_classes)
     train_records = parts["train"]
     if not train_records:
         raise ConfigError("the training part of the split is empty; use more labeled images")
@@ -454,6 +503,8 @@ def _finetune(config: Config, callbacks: Iterable[Callable[..., None]]) -> Train
         augment=train_cfg.augment,
         amp_dtype=amp_dtype,
         fingerprint=fingerprint,
+        labels=label_info(config),
+        threshold=(config.eval.threshold, config.eval.target_specificity),
     )
     monitor = train_cfg.monitor
     if monitor == "auto":
@@ -481,8 +532,39 @@ def _finetune(config: Config, callbacks: Iterable[Callable[..., None]]) -> Train
     if config.model.init:
         _warn_pretrain_overlap(config, parts, out)
     result = trainer.fit()
-    say(f"fine-tuning done: checkpoints {result.last_checkpoint} and {result.best_checkpoint}")
+    if result.best_checkpoint.is_file():
+        say(f"fine-tuning done: checkpoints {result.last_checkpoint} and {result.best_checkpoint}")
+    else:
+        say(f"fine-tuning done: no epoch was run (train.epochs={train_cfg.epochs}), no checkpoint")
     return result
+
+
+def warn_small_validation(val: list[Any], num_classes: int) -> bool:
+    """Warn when the validation part is too small to choose ``best.pt`` and the threshold.
+
+    With a handful of images the AUC reaches 1.0 by chance and the chosen threshold swings;
+    with one class there is no AUC and no threshold at all.
+
+    Args:
+        val: The validation records.
+        num_classes: Number of classes of the classifier.
+
+    Returns:
+        Whether a warning was printed.
+    """
+    if not val:
+        return False  # the trainer says that best.pt follows the training loss
+    classes = len({r.label for r in val})
+    if len(val) >= MIN_VALIDATION_IMAGES and classes >= min(2, num_classes):
+        return False
+    echo(
+        f"warning: the validation split has {len(val)} image(s) of {classes} class(es): too "
+        f"few to choose best.pt and the decision threshold reliably (under "
+        f"{MIN_VALIDATION_IMAGES} images, or a class missing); use more labeled images or a "
+        "larger --set data.val_size=..., and compare best.pt with last.pt",
+        err=True,
+    )
+    return True
 
 
 def _warn_pretrain_overlap(config: Config, parts: dict[str, list[Any]], out: Path) -> None:

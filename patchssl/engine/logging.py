@@ -17,7 +17,7 @@ from patchssl import _optional
 from patchssl._validation import atomic_write
 from patchssl.engine.distributed import is_main_process
 
-__all__ = ["MetricsLogger", "SkippedFiles", "echo", "progress"]
+__all__ = ["MetricsLogger", "SkippedFiles", "echo", "progress", "stderr_is_terminal"]
 
 T = TypeVar("T")
 
@@ -33,10 +33,22 @@ def echo(message: str, *, err: bool = False) -> None:
         print(message, file=sys.stderr if err else sys.stdout, flush=True)
 
 
+def stderr_is_terminal() -> bool:
+    """Whether stderr is an interactive terminal (where progress bars belong)."""
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):  # replaced or closed stream
+        return False
+
+
 def progress(
     iterable: Iterable[T], *, total: int | None = None, desc: str = "", enabled: bool = True
 ) -> Iterator[T]:
-    """Wrap ``iterable`` in a tqdm progress bar on the main process.
+    """Wrap ``iterable`` in a tqdm progress bar on the main process, on a terminal.
+
+    When stderr is not a terminal (redirected to a file, a pipe, a job log), no bar is drawn:
+    its carriage-return updates would fill the log, and the runs print one line per epoch
+    anyway.
 
     Args:
         iterable: What to iterate over.
@@ -47,7 +59,7 @@ def progress(
     Returns:
         An iterator; the tqdm object (with ``set_postfix``) when a bar is shown.
     """
-    if not enabled or not is_main_process():
+    if not enabled or not is_main_process() or not stderr_is_terminal():
         return iter(iterable)
     from tqdm.auto import tqdm
 

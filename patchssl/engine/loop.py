@@ -305,7 +305,8 @@ class Trainer:
             uint8 and ``"failed"`` (list of ``(path, reason)``).
         sampler: The loader's sampler, told the epoch before each epoch (``set_epoch``).
         device: Training device.
-        monitor: Metric selecting ``best.pt`` (e.g. ``"val_auc"``).
+        monitor: Metric selecting ``best.pt`` (e.g. ``"val_auc"``); an epoch that ties the
+            best value replaces ``best.pt`` when its ``val_loss`` is lower.
         out_dir: Run folder (default: ``config.out``).
         callbacks: Called as ``callback(trainer, epoch, row)`` after each epoch's checkpoint
             is written (a place for custom logging or for stopping the run by raising).
@@ -716,6 +717,18 @@ class Trainer:
             row["train_acc"] = totals["correct"] / totals["scored"]
         return row
 
+    def _breaks_tie(self, value: float, row: dict[str, Any]) -> bool:
+        """Whether an epoch that ties the best monitored value has a lower ``val_loss``.
+
+        A small validation split saturates a metric such as the AUC (1.0 after one epoch);
+        without a tie-break ``best.pt`` would stay the barely trained first epoch.
+        """
+        if self.best_metric is None or value != self.best_metric or "val_loss" not in row:
+            return False
+        best = next((r for r in self.history if r.get("epoch") == (self.best_epoch or 0) + 1), {})
+        loss, best_loss = row["val_loss"], best.get("val_loss")
+        return best_loss is not None and math.isfinite(loss) and float(loss) < float(best_loss)
+
     def fit(self) -> TrainingResult:
         """Train from ``start_epoch`` to ``train.epochs``, with checkpoints and early stopping.
 
@@ -758,6 +771,7 @@ class Trainer:
                 else:
                     mode = self.mode
                 improved = _better(float(monitored), self.best_metric, mode)
+                improved = improved or self._breaks_tie(float(monitored), row)
                 if improved:
                     self.best_metric = float(monitored)
                     self.best_epoch = epoch

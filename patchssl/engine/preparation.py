@@ -9,6 +9,8 @@ labeled evaluation images that also sit in the unlabeled pretraining folder.
 
 from __future__ import annotations
 
+import json
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,7 @@ from patchssl.engine.common import as_config, prepare_run, say, write_json
 from patchssl.engine.config import Config, ConfigError
 from patchssl.engine.run_dir import run_folder, start_run
 
-__all__ = ["PrepareResult", "prepare"]
+__all__ = ["PrepareResult", "next_commands", "prepare"]
 
 
 @dataclass
@@ -30,6 +32,8 @@ class PrepareResult:
         split: ``split.json`` when a manifest was given.
         reports: The :class:`patchssl.data.PrepareReport` of each cached folder.
         overlap: Number of evaluation images also found in the pretraining folder.
+        next_commands: The ``patchssl pretrain`` and ``finetune`` command lines that train
+            on the prepared data (printed at the end).
     """
 
     out_dir: Path
@@ -37,6 +41,7 @@ class PrepareResult:
     split: Path | None = None
     reports: dict[str, Any] = field(default_factory=dict)
     overlap: int = 0
+    next_commands: list[str] = field(default_factory=list)
 
 
 def prepare(config: Config | dict[str, Any] | str | Path | None) -> PrepareResult:
@@ -132,8 +137,50 @@ def _prepare(config: Config) -> PrepareResult:
             },
         },
     )
-    hint = f"--set data.cache={cache}"
-    if result.split:
-        hint += f" --split {result.split}"
-    say(f"prepared data in {out}; train on it with: {hint}")
+    result.next_commands = next_commands(config, result)
+    lines = "\n".join(f"  {c}" for c in result.next_commands)
+    say(
+        f"prepared data in {out}; the commands below read the cache (its image size, "
+        f"{d.image_size} px, is taken from it):\n{lines}"
+    )
     return result
+
+
+def next_commands(config: Config, result: PrepareResult) -> list[str]:
+    """The ``pretrain`` and ``finetune`` command lines that train on a prepared folder.
+
+    They name the cache (``--set data.cache``) and the split (``--split``), the label map and
+    manifest columns when they are not the defaults, and output folders beside ``out``
+    (``pretrain`` and ``finetune``); the image size comes from the cache. Each runs as
+    printed.
+
+    Args:
+        config: The configuration ``prepare`` ran with.
+        result: Its result.
+
+    Returns:
+        One command line per step (``pretrain`` when unlabeled images were prepared,
+        ``finetune`` when a manifest was).
+    """
+    d, defaults = config.data, Config().data
+    common = ["--set", f"data.cache={result.cache}"]
+    if result.split:
+        common += ["--split", str(result.split)]
+    labels: list[str] = []
+    if d.label_map != defaults.label_map:
+        label_map = d.label_map if isinstance(d.label_map, str) else json.dumps(d.label_map)
+        labels += ["--label-map", label_map]
+    for key in ("image_root", "path_column", "label_column", "patient_column", "visit_column"):
+        if getattr(d, key) != getattr(defaults, key):
+            labels += ["--set", f"data.{key}={getattr(d, key)}"]
+    base = result.out_dir.parent
+    commands: list[list[str]] = []
+    pretrained = base / "pretrain" / "best.pt"
+    if d.unlabeled:
+        args = ["pretrain", "--data", d.unlabeled, *common, "--out", str(base / "pretrain")]
+        commands.append(args)
+    if d.manifest:
+        init = ["--init", str(pretrained)] if d.unlabeled else []
+        args = ["finetune", "--data", d.manifest, *init, *common, *labels]
+        commands.append([*args, "--out", str(base / "finetune")])
+    return ["patchssl " + shlex.join(c) for c in commands]

@@ -44,9 +44,11 @@ from patchssl.engine.data import (
 )
 from patchssl.engine.device import autocast_context, move_batch, resolve_amp, resolve_compile
 from patchssl.engine.distributed import distributed_session, reduce_sums, shard
+from patchssl.engine.logging import echo
 from patchssl.engine.loop import StepOutput, Trainer, TrainingResult
 from patchssl.engine.run_dir import run_folder, start_run
 from patchssl.engine.seeding import derive_seed, make_generator
+from patchssl.engine.settings import MIN_VALIDATION_IMAGES, check_epochs, resolve_settings
 
 __all__ = ["PretrainTask", "build_pretext", "pretext_options", "pretrain"]
 
@@ -255,10 +257,12 @@ def pretrain(
         NonFiniteLossError: When the loss becomes NaN or infinite (``last.pt`` is kept).
     """
     config = as_config(config)
+    check_epochs(config)
     if not config.data.unlabeled:
         raise ConfigError(
             "pretraining needs a folder of unlabeled images: --data DIR (data.unlabeled)"
         )
+    config = resolve_settings(config, fit_patches=True)
     with distributed_session(config), run_folder(config):
         return _pretrain(config, callbacks)
 
@@ -281,6 +285,14 @@ def _pretrain(config: Config, callbacks: Iterable[Callable[..., None]]) -> Train
     n_val = min(n - 1, max(1, round(n * share))) if share > 0 and n >= 10 else 0
     order = torch.randperm(n, generator=make_generator(train_cfg.seed, "pretrain-val")).tolist()
     val_idx, train_idx = sorted(order[:n_val]), sorted(order[n_val:])
+    if 0 < n_val < MIN_VALIDATION_IMAGES:
+        echo(
+            f"warning: the pretraining validation split has {n_val} image(s) "
+            f"(data.pretrain_val_size={share} of {n}): too few to choose best.pt reliably "
+            f"(under {MIN_VALIDATION_IMAGES}); use more unlabeled images or a larger --set "
+            "data.pretrain_val_size=..., and compare best.pt with last.pt",
+            err=True,
+        )
     train_set = torch.utils.data.Subset(dataset, train_idx)
     say(
         f"{len(train_idx)} training and {len(val_idx)} validation images from "
@@ -310,5 +322,8 @@ def _pretrain(config: Config, callbacks: Iterable[Callable[..., None]]) -> Train
     start_run(config)
     write_overlap(out, overlaps)
     result = trainer.fit()
-    say(f"pretraining done: checkpoints {result.last_checkpoint} and {result.best_checkpoint}")
+    if result.best_checkpoint.is_file():
+        say(f"pretraining done: checkpoints {result.last_checkpoint} and {result.best_checkpoint}")
+    else:
+        say(f"pretraining done: no epoch was run (train.epochs={train_cfg.epochs}), no checkpoint")
     return result
