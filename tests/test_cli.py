@@ -48,6 +48,7 @@ def test_help_of_every_command_documents_every_option(capsys):
         "finetune",
         "evaluate",
         "explain",
+        "predict",
         "demo",
         "pretexts",
         "permutations",

@@ -112,7 +112,7 @@ def test_missing_column_names_it_and_lists_columns(tmp_path: Path) -> None:
     with pytest.raises(ManifestError) as info:
         read_manifest(csv, label_map="cervix")
     msg = str(info.value)
-    assert "no 'image' column" in msg and "['file', 'label']" in msg and "--image-column" in msg
+    assert "no 'image' column" in msg and "['file', 'label']" in msg and "--set data.path_column=NAME" in msg
     (tmp_path / "a.png").write_bytes(b"x")
     assert read_manifest(csv, label_map="cervix", image_column="file", patient_column=None)
 
@@ -127,7 +127,7 @@ def test_unknown_labels_all_listed_with_counts(tmp_path: Path) -> None:
     msg = str(info.value)
     assert "4 row(s)" in msg
     assert "'HSIL' (2 rows)" in msg and "'CIN5' (1 row)" in msg and "'<empty>' (1 row)" in msg
-    assert "CIN0->0 (negative)" in msg and "CIN3->1 (positive)" in msg
+    assert "CIN0->0 (CIN0/1)" in msg and "CIN3->1 (CIN2+)" in msg
 
 
 def test_empty_csv_and_header_only(tmp_path: Path) -> None:
@@ -146,7 +146,7 @@ def test_missing_image_files_listed_with_count(tmp_path: Path) -> None:
         read_manifest(csv, label_map="cervix")
     msg = str(info.value)
     assert "8 of 9 image files do not exist" in msg and "m0.png" in msg
-    assert "and 3 more" in msg and "--data-root" in msg
+    assert "and 3 more" in msg and "--set data.image_root=DIR" in msg
     assert len(read_manifest(csv, label_map="cervix", check_files=False)) == 9
 
 

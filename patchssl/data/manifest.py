@@ -419,8 +419,8 @@ def read_manifest(
         reader.fieldnames = fieldnames
         rows = list(reader)
     flags = {
-        "image": (image_column, "image_column= / --image-column"),
-        "label": (label_column, "label_column= / --label-column"),
+        "image": (image_column, "image_column= (command line: --set data.path_column=NAME)"),
+        "label": (label_column, "label_column= (command line: --set data.label_column=NAME)"),
     }
     resolved: dict[str, str] = {}
     for role, (name, flag) in flags.items():
@@ -440,7 +440,7 @@ def read_manifest(
             f"manifest {csv_path} has no '{patient_column}' column (columns: {fieldnames}): "
             "each image is treated as its own patient (id = file stem), so splits cannot keep "
             "one patient's images on one side. Add a patient column, or set its name with "
-            "patient_column= / --patient-column.",
+            "patient_column= (command line: --set data.patient_column=NAME).",
             UserWarning,
             stacklevel=2,
         )
@@ -535,7 +535,7 @@ def read_manifest(
             raise FileNotFoundError(
                 f"manifest {csv_path}: {len(missing)} of {len(records)} image files do not "
                 f"exist: {_list_some(missing)}. Relative paths are resolved against {base} "
-                "(set root= / --data-root to change it)."
+                "(set root=, on the command line --set data.image_root=DIR, to change it)."
             )
     return records
 

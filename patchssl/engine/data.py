@@ -107,7 +107,8 @@ def labeled_records(config: Config) -> list[Any]:
             allow_outside_root=d.allow_outside_root,
         )
     except (ManifestError, FileNotFoundError) as err:
-        raise ConfigError(f"manifest {manifest}: {err}") from err
+        message = str(err)  # the reader's messages name the file; name it once
+        raise ConfigError(message if str(manifest) in message else f"{manifest}: {message}") from err
     if d.max_images and len(records) > d.max_images:
         records = records[: d.max_images]
     return records
