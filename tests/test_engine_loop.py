@@ -187,3 +187,17 @@ def test_build_optimizer_sgd_is_nesterov_with_the_configured_momentum() -> None:
 def test_build_optimizer_refuses_other_names() -> None:
     with pytest.raises(ConfigError, match="train.optimizer must be 'adamw' or 'sgd'; got 'lamb'"):
         build_optimizer(_decay_model(), TrainConfig(optimizer="lamb"))
+
+
+class SaturatedTask(ToyTask):
+    """A validation AUC that saturates at once while the validation loss keeps falling."""
+
+    def validate(self, epoch: int) -> dict[str, float]:
+        return {"val_auc": 1.0, "val_loss": [0.9, 0.7, 0.8, 0.75][epoch]}
+
+
+def test_ties_on_the_monitored_metric_go_to_the_lower_validation_loss(tmp_path):
+    result = _trainer(SaturatedTask(), tmp_path, epochs=4).fit()
+    # AUC 1.0 every epoch: epoch 1 (0-based) lowers the loss, the later ones do not
+    assert result.best_epoch == 1 and result.best_metric == 1.0
+    assert load_checkpoint(tmp_path / "best.pt")["epoch"] == 1
