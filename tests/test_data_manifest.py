@@ -112,7 +112,11 @@ def test_missing_column_names_it_and_lists_columns(tmp_path: Path) -> None:
     with pytest.raises(ManifestError) as info:
         read_manifest(csv, label_map="cervix")
     msg = str(info.value)
-    assert "no 'image' column" in msg and "['file', 'label']" in msg and "--set data.path_column=NAME" in msg
+    assert (
+        "no 'image' column" in msg
+        and "['file', 'label']" in msg
+        and "--set data.path_column=NAME" in msg
+    )
     (tmp_path / "a.png").write_bytes(b"x")
     assert read_manifest(csv, label_map="cervix", image_column="file", patient_column=None)
 

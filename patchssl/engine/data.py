@@ -108,7 +108,9 @@ def labeled_records(config: Config) -> list[Any]:
         )
     except (ManifestError, FileNotFoundError) as err:
         message = str(err)  # the reader's messages name the file; name it once
-        raise ConfigError(message if str(manifest) in message else f"{manifest}: {message}") from err
+        if str(manifest) not in message:
+            message = f"{manifest}: {message}"
+        raise ConfigError(message) from err
     if d.max_images and len(records) > d.max_images:
         records = records[: d.max_images]
     return records
