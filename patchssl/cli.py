@@ -4,11 +4,11 @@ Commands: ``prepare``, ``pretrain``, ``probe``, ``finetune``, ``evaluate``, ``ex
 ``predict``, ``demo``, ``pretexts`` (list the registered pretext tasks) and ``permutations``
 (describe or generate a permutation set). Every training command reads a YAML/JSON config
 (``--config``), then the common flags (``--epochs``, ``--lr``...), then ``--set
-section.key=value`` overrides, in that order. Exit status: 0 on success; 1 when training stops on a non-finite loss or
-non-finite weights; 2 on a usage, configuration or data error, a run folder that is taken, or
-an operating-system error such as a folder that cannot be written or a full disk (a one-line
-message, no traceback; ``--debug`` shows it); 130 when interrupted; 141 when the reader of
-the output went away (``| head``).
+section.key=value`` overrides, in that order. Exit status: 0 on success; 1 when training stops
+on a non-finite loss or non-finite weights; 2 on a usage, configuration or data error, a run
+folder that is taken, or an operating-system error such as a folder that cannot be written or
+a full disk (a one-line message, no traceback; ``--debug`` shows it); 130 when interrupted;
+141 when the reader of the output went away (``| head``).
 
 ``pretrain`` and ``finetune`` also run under ``torchrun`` (one process per GPU, e.g.
 ``torchrun --standalone --nproc_per_node 8 -m patchssl pretrain --config run.yaml``; see
@@ -631,8 +631,6 @@ def _config_from_args(args: argparse.Namespace) -> Any:
 
 # ------------------------------------------------------------------------------------ handlers
 def _training_outputs(result: Any) -> str:
-    if not Path(result.best_checkpoint).is_file():
-        return f"{result.out_dir} (no checkpoint: no epoch was run)"
     return f"{result.out_dir} (best: {result.best_checkpoint})"
 
 

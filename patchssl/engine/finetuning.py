@@ -63,7 +63,6 @@ from patchssl.engine.run_dir import run_folder, start_run
 from patchssl.engine.seeding import derive_seed
 from patchssl.engine.settings import (
     MIN_VALIDATION_IMAGES,
-    check_epochs,
     label_info,
     resolve_settings,
 )
@@ -441,12 +440,11 @@ def finetune_settings(config: Config) -> Config:
     disagrees is refused (see :func:`patchssl.engine.settings.resolve_settings`).
 
     Raises:
-        ConfigError: On a negative ``train.epochs``, a missing or non-pretraining
-            ``model.init``, or options that disagree with it.
+        ConfigError: On a missing or non-pretraining ``model.init``, or options that
+            disagree with it.
     """
     from patchssl.checkpoint import CheckpointError, load_checkpoint
 
-    check_epochs(config)
     checkpoint = None
     if config.model.init:
         try:
@@ -532,10 +530,7 @@ def _finetune(config: Config, callbacks: Iterable[Callable[..., None]]) -> Train
     if config.model.init:
         _warn_pretrain_overlap(config, parts, out)
     result = trainer.fit()
-    if result.best_checkpoint.is_file():
-        say(f"fine-tuning done: checkpoints {result.last_checkpoint} and {result.best_checkpoint}")
-    else:
-        say(f"fine-tuning done: no epoch was run (train.epochs={train_cfg.epochs}), no checkpoint")
+    say(f"fine-tuning done: checkpoints {result.last_checkpoint} and {result.best_checkpoint}")
     return result
 
 

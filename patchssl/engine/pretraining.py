@@ -48,7 +48,7 @@ from patchssl.engine.logging import echo
 from patchssl.engine.loop import StepOutput, Trainer, TrainingResult
 from patchssl.engine.run_dir import run_folder, start_run
 from patchssl.engine.seeding import derive_seed, make_generator
-from patchssl.engine.settings import MIN_VALIDATION_IMAGES, check_epochs, resolve_settings
+from patchssl.engine.settings import MIN_VALIDATION_IMAGES, resolve_settings
 
 __all__ = ["PretrainTask", "build_pretext", "pretext_options", "pretrain"]
 
@@ -257,7 +257,6 @@ def pretrain(
         NonFiniteLossError: When the loss becomes NaN or infinite (``last.pt`` is kept).
     """
     config = as_config(config)
-    check_epochs(config)
     if not config.data.unlabeled:
         raise ConfigError(
             "pretraining needs a folder of unlabeled images: --data DIR (data.unlabeled)"
@@ -322,8 +321,5 @@ def _pretrain(config: Config, callbacks: Iterable[Callable[..., None]]) -> Train
     start_run(config)
     write_overlap(out, overlaps)
     result = trainer.fit()
-    if result.best_checkpoint.is_file():
-        say(f"pretraining done: checkpoints {result.last_checkpoint} and {result.best_checkpoint}")
-    else:
-        say(f"pretraining done: no epoch was run (train.epochs={train_cfg.epochs}), no checkpoint")
+    say(f"pretraining done: checkpoints {result.last_checkpoint} and {result.best_checkpoint}")
     return result

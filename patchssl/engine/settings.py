@@ -26,7 +26,6 @@ __all__ = [
     "CARRIED",
     "MIN_VALIDATION_IMAGES",
     "cache_settings",
-    "check_epochs",
     "checkpoint_class_names",
     "checkpoint_settings",
     "fitting_patch_size",
@@ -265,18 +264,6 @@ def _fit_patches(config: Config) -> None:
         f"patch size {patch} px: the default does not fit {size} px images "
         f"({grid}x{grid} grid in the paper's proportions; --patch-size to choose)"
     )
-
-
-def check_epochs(config: Config) -> None:
-    """Refuse a negative ``train.epochs``.
-
-    Raises:
-        ConfigError: Saying what the value must be.
-    """
-    if config.train.epochs < 0:
-        raise ConfigError(
-            f"train.epochs must be 0 or more (0 writes no checkpoint); got {config.train.epochs}"
-        )
 
 
 def label_names(label_map: Any) -> list[str]:
