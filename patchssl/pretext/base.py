@@ -13,8 +13,10 @@ that computes:
   classifier can load) and the ``tiler``;
 * the ``config`` needed to rebuild the task, ``predict`` and ``accuracy`` helpers.
 
-The shared shortcut defences of the jigsaw literature (normalising each patch on its own,
-colour dropping) live here as :class:`PatchDefences`, so that every task can use them.
+The shared shortcut defences (normalising each patch on its own, colour dropping, and the
+image-level crops, flips and turns) live in :mod:`patchssl.pretext.defences` as
+:class:`PatchDefences` and :class:`ImageDefences`, so that every task can use them; both are
+also importable from here.
 
 References:
     Noroozi & Favaro, "Unsupervised Learning of Visual Representations by Solving Jigsaw
@@ -31,6 +33,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from patchssl.pretext._random import random_integers, random_uniform
+
+# The defences live in patchssl.pretext.defences; these names stay importable from here.
+from patchssl.pretext.defences import COLOR_DROP_MODES as COLOR_DROP_MODES
+from patchssl.pretext.defences import ImageDefences as ImageDefences
+from patchssl.pretext.defences import PatchDefences as PatchDefences
+from patchssl.pretext.defences import channel_jitter as channel_jitter
+from patchssl.pretext.defences import random_grayscale as random_grayscale
+from patchssl.pretext.defences import standardize_patches as standardize_patches
 from patchssl.tiling import PatchTiler, default_tiler
 
 __all__ = [
@@ -42,9 +53,6 @@ __all__ = [
     "random_integers",
     "random_uniform",
 ]
-
-#: The colour-dropping modes :class:`PatchDefences` understands.
-COLOR_DROP_MODES = ("grayscale", "channel_jitter", "both")
 
 
 class PretextOutput(NamedTuple):
@@ -63,56 +71,6 @@ class PretextOutput(NamedTuple):
     targets: Tensor
 
 
-# --------------------------------------------------------------------------------------------
-# Randomness helpers: draw on the generator's device (CPU by default), then move.
-# --------------------------------------------------------------------------------------------
-def random_integers(
-    high: int,
-    size: tuple[int, ...],
-    *,
-    generator: torch.Generator | None,
-    device: torch.device | str,
-) -> Tensor:
-    """Uniform integers in ``[0, high)`` drawn from ``generator`` and moved to ``device``.
-
-    The numbers are drawn where the generator lives (the CPU when ``generator`` is None), so
-    that a seeded CPU generator gives the same draws whatever device the batch is on.
-
-    Args:
-        high: Exclusive upper bound (> 0).
-        size: Output shape.
-        generator: Source of randomness; None uses torch's global CPU generator.
-        device: Where the result goes.
-
-    Returns:
-        Long tensor of shape ``size`` on ``device``.
-    """
-    gen_device = generator.device if generator is not None else torch.device("cpu")
-    out = torch.randint(high, size, generator=generator, device=gen_device)
-    return out.to(device, non_blocking=True)
-
-
-def random_uniform(
-    size: tuple[int, ...],
-    *,
-    generator: torch.Generator | None,
-    device: torch.device | str,
-) -> Tensor:
-    """Uniform floats in ``[0, 1)`` drawn from ``generator`` and moved to ``device``.
-
-    Args:
-        size: Output shape.
-        generator: Source of randomness; None uses torch's global CPU generator.
-        device: Where the result goes.
-
-    Returns:
-        Float32 tensor of shape ``size`` on ``device``.
-    """
-    gen_device = generator.device if generator is not None else torch.device("cpu")
-    out = torch.rand(size, generator=generator, device=gen_device)
-    return out.to(device, non_blocking=True)
-
-
 def _pair(value: int | tuple[int, int] | list[int], what: str) -> tuple[int, int]:
     if isinstance(value, int):
         return (value, value)
@@ -120,175 +78,6 @@ def _pair(value: int | tuple[int, int] | list[int], what: str) -> tuple[int, int
     if len(pair) != 2:
         raise ValueError(f"{what} must be an int or a pair of ints; got {value!r}")
     return pair  # type: ignore[return-value]
-
-
-# --------------------------------------------------------------------------------------------
-# Shortcut defences shared by the tasks.
-# --------------------------------------------------------------------------------------------
-class PatchDefences(nn.Module):
-    """Batched defences against low-level shortcuts: colour dropping and per-patch normalisation.
-
-    A network asked where a patch belongs will happily read the answer from low-level cues
-    instead of learning what the patch shows: vignetting and lighting gradients (a patch's
-    mean and contrast), and chromatic aberration (colour fringes that grow towards the lens
-    border). Noroozi & Favaro (2016) normalise the mean and standard deviation of each tile
-    independently and jitter the colour channels of each tile by a few pixels; Doersch et al.
-    (2015) drop colour channels or project colours to gray. This module applies those ideas
-    to a whole batch of patches at once, every random choice drawn from the caller's
-    generator. Nothing here has parameters.
-
-    Order: convert to float in ``[0, 1]``; in training only, colour dropping; then (always,
-    also in eval) per-patch normalisation.
-
-    Args:
-        per_patch_norm: Standardise each channel of each patch by its own mean and standard
-            deviation. The encoder must then skip its own normalisation
-            (``encoder(patches, normalized=True)``), which :attr:`normalizes` tells the task.
-        color_drop: ``None`` (off), ``"grayscale"`` (each patch turned gray with probability
-            ``color_drop_prob``), ``"channel_jitter"`` (each colour channel of each patch
-            shifted by up to ``channel_shift`` px in x and y, edges replicated), or ``"both"``.
-            A no-op on one-channel images.
-        color_drop_prob: Probability that a patch is turned gray (``"grayscale"``/``"both"``).
-        channel_shift: Largest channel shift in px (``"channel_jitter"``/``"both"``).
-        eps: Added to the standard deviation in per-patch normalisation.
-
-    Shape:
-        - Input: ``(B, N, C, h, w)``, uint8 or floating.
-        - Output: ``(B, N, C, h, w)`` float (float32 for uint8 input).
-
-    References:
-        Noroozi & Favaro, ECCV 2016, arXiv:1603.09246 (Sec. 3.2).
-        Doersch, Gupta & Efros, ICCV 2015, arXiv:1505.05192 (Sec. 3.1).
-    """
-
-    def __init__(
-        self,
-        *,
-        per_patch_norm: bool = False,
-        color_drop: str | None = None,
-        color_drop_prob: float = 0.3,
-        channel_shift: int = 2,
-        eps: float = 1e-5,
-    ) -> None:
-        super().__init__()
-        if color_drop is not None and color_drop not in COLOR_DROP_MODES:
-            raise ValueError(
-                f"color_drop must be None or one of {COLOR_DROP_MODES}; got {color_drop!r}"
-            )
-        if not 0.0 <= float(color_drop_prob) <= 1.0:
-            raise ValueError(f"color_drop_prob must be in [0, 1]; got {color_drop_prob}")
-        if int(channel_shift) != channel_shift or channel_shift < 0:
-            raise ValueError(f"channel_shift must be an int >= 0 (px); got {channel_shift!r}")
-        if eps <= 0:
-            raise ValueError(f"eps must be > 0; got {eps}")
-        self.per_patch_norm = bool(per_patch_norm)
-        self.color_drop = color_drop
-        self.color_drop_prob = float(color_drop_prob)
-        self.channel_shift = int(channel_shift)
-        self.eps = float(eps)
-
-    @property
-    def normalizes(self) -> bool:
-        """Whether the output is already standardised (call the encoder with normalized=True)."""
-        return self.per_patch_norm
-
-    @property
-    def config(self) -> dict[str, Any]:
-        """The constructor arguments (JSON-able)."""
-        return {
-            "per_patch_norm": self.per_patch_norm,
-            "color_drop": self.color_drop,
-            "color_drop_prob": self.color_drop_prob,
-            "channel_shift": self.channel_shift,
-        }
-
-    def forward(self, patches: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
-        """Apply the defences to a batch of patches.
-
-        Args:
-            patches: Tensor of shape ``(B, N, C, h, w)``, uint8 (0..255) or float (0..1).
-            generator: Source of randomness for colour dropping.
-
-        Returns:
-            Float tensor of shape ``(B, N, C, h, w)``.
-        """
-        x = patches.float() / 255.0 if patches.dtype == torch.uint8 else patches
-        channels = x.shape[2]
-        if self.training and self.color_drop is not None and channels > 1:
-            if self.color_drop in ("channel_jitter", "both") and self.channel_shift > 0:
-                x = channel_jitter(x, self.channel_shift, generator=generator)
-            if self.color_drop in ("grayscale", "both") and self.color_drop_prob > 0:
-                x = random_grayscale(x, self.color_drop_prob, generator=generator)
-        if self.per_patch_norm:
-            x = standardize_patches(x, eps=self.eps)
-        return x
-
-
-def standardize_patches(patches: Tensor, *, eps: float = 1e-5) -> Tensor:
-    """Standardise each channel of each patch by its own mean and standard deviation.
-
-    Args:
-        patches: Float tensor of shape ``(B, N, C, h, w)``.
-        eps: Added to the standard deviation (flat patches become zeros, not NaN).
-
-    Returns:
-        Tensor of shape ``(B, N, C, h, w)``: zero mean, unit variance per (patch, channel).
-    """
-    mean = patches.mean(dim=(-2, -1), keepdim=True)
-    std = patches.std(dim=(-2, -1), keepdim=True, unbiased=False)
-    return (patches - mean) / (std + eps)
-
-
-def random_grayscale(
-    patches: Tensor, prob: float, *, generator: torch.Generator | None = None
-) -> Tensor:
-    """Turn each patch gray with probability ``prob`` (luma for 3 channels, mean otherwise).
-
-    Args:
-        patches: Float tensor of shape ``(B, N, C, h, w)``.
-        prob: Probability per patch.
-        generator: Source of randomness.
-
-    Returns:
-        Tensor of shape ``(B, N, C, h, w)``; gray patches have all channels equal.
-    """
-    b, n, c = patches.shape[:3]
-    if c == 3:
-        weights = patches.new_tensor([0.299, 0.587, 0.114]).view(1, 1, 3, 1, 1)
-        gray = (patches * weights).sum(dim=2, keepdim=True)
-    else:
-        gray = patches.mean(dim=2, keepdim=True)
-    mask = random_uniform((b, n), generator=generator, device=patches.device) < prob
-    return torch.where(mask.view(b, n, 1, 1, 1), gray.expand_as(patches), patches)
-
-
-def channel_jitter(
-    patches: Tensor, max_shift: int, *, generator: torch.Generator | None = None
-) -> Tensor:
-    """Shift each colour channel of each patch by up to ``max_shift`` px in x and y.
-
-    Chromatic aberration displaces the colour channels against each other by an amount that
-    depends on the position in the frame; random displacements of the same size hide that
-    cue. Borders are replicated. Two gathers, no Python loop over the batch.
-
-    Args:
-        patches: Float tensor of shape ``(B, N, C, h, w)``.
-        max_shift: Largest shift in px; shifts are uniform in ``[-max_shift, max_shift]``.
-        generator: Source of randomness.
-
-    Returns:
-        Tensor of shape ``(B, N, C, h, w)``: ``out[..., c, y, x] = in[..., c, y - dy, x - dx]``
-        with clamped indices.
-    """
-    b, n, c, h, w = patches.shape
-    shifts = random_integers(
-        2 * max_shift + 1, (2, b, n, c, 1), generator=generator, device=patches.device
-    )
-    shifts = shifts - max_shift
-    rows = (torch.arange(h, device=patches.device) - shifts[0]).clamp_(0, h - 1)  # (B,N,C,h)
-    cols = (torch.arange(w, device=patches.device) - shifts[1]).clamp_(0, w - 1)  # (B,N,C,w)
-    out = patches.gather(3, rows.unsqueeze(-1).expand(b, n, c, h, w))
-    return out.gather(4, cols.unsqueeze(-2).expand(b, n, c, h, w))
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Heads that turn per-patch features into pretext predictions.
 
-Two shapes of head cover the built-in tasks:
+Three shapes of head cover the built-in tasks:
 
 * :class:`PatchConcatHead`, the head of the context-free network of Noroozi & Favaro (2016)
   and of the pair network of Doersch et al. (2015): one fully connected layer shared by
@@ -8,6 +8,11 @@ Two shapes of head cover the built-in tasks:
   feature came from which position), then two fully connected layers to the classes.
 * :class:`PooledPatchHead`: the same shared per-patch layer, then an average over the
   patches (so the arrangement of the patches cannot matter), then a classifier.
+* :class:`PermutationAssignmentHead`, the jigsaw's default: the context-free network's
+  per-tile layer and concatenation, then an ``N x N`` table of scores (how well each tile
+  fits each place), and a permutation's logit is the sum of the ``N`` scores it picks. The
+  K-way classification is kept, but every puzzle trains every score, so the head learns from
+  the first steps even at K = 1,000, and its size does not grow with K.
 
 References:
     Noroozi & Favaro, "Unsupervised Learning of Visual Representations by Solving Jigsaw
@@ -20,9 +25,28 @@ References:
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
-__all__ = ["PatchConcatHead", "PooledPatchHead"]
+__all__ = ["PatchConcatHead", "PermutationAssignmentHead", "PooledPatchHead", "sized_from_width"]
+
+
+def sized_from_width(in_dim: int) -> tuple[int, int]:
+    """Default widths of a jigsaw head for an encoder of width ``in_dim``.
+
+    Noroozi & Favaro map each tile's 2,304 pooled AlexNet features to 1,024 (about
+    ``D / 2``); with ResNet widths (512 to 2,048) a quarter keeps the head a small share of the
+    step. The layer after the concatenation is twice the per-tile width.
+
+    Args:
+        in_dim: ``D``, the encoder's feature width.
+
+    Returns:
+        ``(hidden_dim, concat_dim)``: ``max(64, D // 4)`` and twice that (128 and 256 for a
+        ResNet18, 512 and 1,024 for a ResNet50).
+    """
+    hidden = max(64, int(in_dim) // 4)
+    return hidden, 2 * hidden
 
 
 def _check_positive(**values: float) -> None:
@@ -132,3 +156,107 @@ class PooledPatchHead(nn.Module):
                 f"PooledPatchHead expects features of shape (B, N, D); got {tuple(features.shape)}"
             )
         return self.classifier(self.per_patch(features).mean(dim=1))
+
+
+class PermutationAssignmentHead(nn.Module):
+    """Jigsaw head that scores each permutation as a sum of tile-to-place scores.
+
+    ``(B, N, D) -> Linear(D, hidden) + ReLU per tile -> (B, N * hidden)
+    -> Linear(N * hidden, concat) + ReLU + Dropout -> Linear(concat, N * N) -> S (B, N, N)``,
+    where ``S[b, k, j]`` scores "the tile shown at position ``k`` is source tile ``j``", and
+    ``logits[b, t] = sum_k S[b, k, perms[t, k]]`` for each of the K permutations (one matrix
+    product with the permutations' one-hot codes). Subtracting a constant from a row of ``S``
+    shifts every logit alike, so the softmax over the K permutations is a product of ``N``
+    per-position tile classifiers restricted to the permutation set.
+
+    Unlike :class:`PatchConcatHead`, whose last layer has one weight vector per permutation
+    (each trained only by the puzzles that used it, ~1/K of them), every puzzle trains every
+    weight here, and the parameter count does not depend on K.
+
+    Args:
+        num_patches: ``N``, the number of tiles per image.
+        in_dim: ``D``, the encoder's feature width.
+        permutations: Long tensor of shape ``(K, N)``; ``perms[t, k]`` is the source tile at
+            position ``k`` under permutation ``t``.
+        hidden_dim: Width of the shared per-tile layer (default from :func:`sized_from_width`).
+        concat_dim: Width of the layer after the concatenation (default: from
+            :func:`sized_from_width`).
+        dropout: Dropout probability before the last layer.
+
+    Shape:
+        - Input: ``(B, N, D)``, tiles in the (shuffled) order shown.
+        - Output: ``(B, K)``.
+
+    References:
+        Noroozi & Favaro, ECCV 2016, arXiv:1603.09246 (per-tile layer, concatenation, K-way
+        classification over a maximal-Hamming permutation set).
+    """
+
+    def __init__(
+        self,
+        num_patches: int,
+        in_dim: int,
+        permutations: Tensor,
+        *,
+        hidden_dim: int | None = None,
+        concat_dim: int | None = None,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        default_hidden, default_concat = sized_from_width(in_dim)
+        hidden_dim = default_hidden if hidden_dim is None else hidden_dim
+        concat_dim = default_concat if concat_dim is None else concat_dim
+        _check_positive(
+            num_patches=num_patches, in_dim=in_dim, hidden_dim=hidden_dim, concat_dim=concat_dim
+        )
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1); got {dropout}")
+        perms = torch.as_tensor(permutations, dtype=torch.long)
+        if perms.ndim != 2 or perms.shape[1] != num_patches:
+            raise ValueError(
+                f"permutations must have shape (K, {num_patches}); got {tuple(perms.shape)}"
+            )
+        n = int(num_patches)
+        self.num_patches = n
+        self.num_classes = int(perms.shape[0])
+        self.per_patch = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(inplace=True))
+        self.classifier = nn.Sequential(
+            nn.Linear(n * hidden_dim, concat_dim),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+            nn.Linear(concat_dim, n * n),
+        )
+        # codes[t, k * N + j] = 1 where permutation t puts source tile j at position k.
+        codes = torch.zeros(perms.shape[0], n * n)
+        codes.scatter_(1, torch.arange(n) * n + perms, 1.0)
+        self.register_buffer("codes", codes, persistent=False)
+
+    def scores(self, features: Tensor) -> Tensor:
+        """Tile-to-place scores.
+
+        Args:
+            features: Tensor of shape ``(B, N, D)``.
+
+        Returns:
+            Tensor of shape ``(B, N, N)``: ``[b, k, j]`` scores source tile ``j`` at position
+            ``k``.
+        """
+        if features.ndim != 3 or features.shape[1] != self.num_patches:
+            raise ValueError(
+                f"PermutationAssignmentHead expects features of shape (B, {self.num_patches}, "
+                f"D); got {tuple(features.shape)}"
+            )
+        out = self.classifier(self.per_patch(features).flatten(1))
+        return out.view(-1, self.num_patches, self.num_patches)
+
+    def forward(self, features: Tensor) -> Tensor:
+        """Score every permutation of the set.
+
+        Args:
+            features: Tensor of shape ``(B, N, D)``, tiles in the order shown.
+
+        Returns:
+            Logits of shape ``(B, K)``.
+        """
+        flat = self.scores(features).flatten(1)
+        return flat @ self.codes.to(flat.dtype).t()

@@ -24,14 +24,23 @@ import torch
 from torch import Tensor, nn
 
 from patchssl.permutations import PermutationSet
-from patchssl.pretext.base import PatchDefences, PretextTask, random_integers
-from patchssl.pretext.heads import PatchConcatHead
+from patchssl.pretext.base import PretextTask, random_integers
+from patchssl.pretext.defences import ImageDefences, PatchDefences
+from patchssl.pretext.heads import PatchConcatHead, PermutationAssignmentHead, sized_from_width
 from patchssl.pretext.registry import register_pretext
 
 if TYPE_CHECKING:
     from patchssl.tiling import PatchTiler
 
 __all__ = ["JigsawPretext"]
+
+#: The jigsaw heads: ``"assignment"`` (:class:`~patchssl.pretext.PermutationAssignmentHead`,
+#: the default) and ``"concat"`` (:class:`~patchssl.pretext.PatchConcatHead`, one output
+#: per permutation, the original context-free network's).
+HEADS = ("assignment", "concat")
+#: Default curriculum: permutations drawn at the first step, and steps to reach all K.
+CURRICULUM_START = 64
+CURRICULUM_STEPS = 200
 
 
 @lru_cache(maxsize=1)
@@ -122,9 +131,15 @@ class JigsawPretext(PretextTask):
         permutations: PermutationSet | str | Tensor | list[list[int]] | None = None,
         tiler: PatchTiler | None = None,
         *,
-        hidden_dim: int = 512,
-        concat_dim: int = 1024,
+        head: str = "assignment",
+        hidden_dim: int | None = None,
+        concat_dim: int | None = None,
         dropout: float = 0.0,
+        curriculum: int | None = CURRICULUM_START,
+        curriculum_steps: int = CURRICULUM_STEPS,
+        crop_scale: tuple[float, float] | list[float] | None = None,
+        flip: bool = True,
+        rot90: bool = True,
         per_patch_norm: bool = True,
         color_drop: str | None = "grayscale",
         color_drop_prob: float = 0.3,
@@ -142,24 +157,93 @@ class JigsawPretext(PretextTask):
                 f"PermutationSet.generate(K, {num_patches}) or a tiler whose grid has "
                 f"{perm_set.num_tiles} cells"
             )
+        if head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}; got {head!r}")
+        if curriculum is not None and (
+            isinstance(curriculum, bool) or int(curriculum) != curriculum or curriculum < 1
+        ):
+            raise ValueError(
+                f"curriculum must be None (off) or the number of permutations to start "
+                f"with (an int >= 1); got {curriculum!r}"
+            )
+        if isinstance(curriculum_steps, bool) or int(curriculum_steps) != curriculum_steps:
+            raise ValueError(f"curriculum_steps must be an int >= 0; got {curriculum_steps!r}")
+        if curriculum_steps < 0:
+            raise ValueError(f"curriculum_steps must be an int >= 0; got {curriculum_steps!r}")
         self.permutation_set = perm_set
         self.num_classes = perm_set.num_permutations
+        self.curriculum = None if curriculum is None else int(curriculum)
+        self.curriculum_steps = int(curriculum_steps)
         self.register_buffer("permutations", perm_set.permutations.clone(), persistent=False)
+        # Training steps taken, for the curriculum (saved, so that a resumed run goes on).
+        self.register_buffer("steps_taken", torch.zeros((), dtype=torch.long))
+        self.image_defences = ImageDefences(crop_scale=crop_scale, flip=flip, rot90=rot90)
         self.defences = PatchDefences(
             per_patch_norm=per_patch_norm,
             color_drop=color_drop,
             color_drop_prob=color_drop_prob,
             channel_shift=channel_shift,
         )
-        self.head = PatchConcatHead(
-            num_patches,
-            int(encoder.out_dim),
-            self.num_classes,
-            hidden_dim=hidden_dim,
-            concat_dim=concat_dim,
-            dropout=dropout,
+        width = int(encoder.out_dim)
+        default_hidden, default_concat = sized_from_width(width)
+        hidden_dim = default_hidden if hidden_dim is None else hidden_dim
+        concat_dim = default_concat if concat_dim is None else concat_dim
+        self.head: nn.Module
+        if head == "assignment":
+            self.head = PermutationAssignmentHead(
+                num_patches,
+                width,
+                perm_set.permutations,
+                hidden_dim=hidden_dim,
+                concat_dim=concat_dim,
+                dropout=dropout,
+            )
+        else:
+            self.head = PatchConcatHead(
+                num_patches,
+                width,
+                self.num_classes,
+                hidden_dim=hidden_dim,
+                concat_dim=concat_dim,
+                dropout=dropout,
+            )
+        self._head_config = {
+            "head": head,
+            "hidden_dim": hidden_dim,
+            "concat_dim": concat_dim,
+            "dropout": dropout,
+        }
+
+    @staticmethod
+    def curriculum_size(step: int, start: int | None, steps: int, total: int) -> int:
+        """How many permutations (a prefix of the set) training draws from at ``step``.
+
+        The count grows geometrically from ``start`` to ``total`` over ``steps`` training
+        steps: ``round(start * (total / start) ** (step / steps))``, then stays at ``total``.
+        The prefixes of a maximal-Hamming set are themselves well spread, so each stage is a
+        proper (easier) puzzle.
+
+        Args:
+            step: Training steps taken so far (>= 0).
+            start: Permutations at step 0; ``None`` (no curriculum) gives ``total``.
+            steps: Length of the growth in steps (0: no curriculum).
+            total: ``K``, the size of the set.
+
+        Returns:
+            An int in ``[min(start, total), total]``, non-decreasing in ``step``.
+        """
+        if start is None or steps <= 0 or start >= total or step >= steps:
+            return total
+        return max(start, min(total, round(start * (total / start) ** (step / steps))))
+
+    @property
+    def active_permutations(self) -> int:
+        """How many permutations training draws from now (all ``K`` in eval mode)."""
+        if not self.training:
+            return self.num_classes
+        return self.curriculum_size(
+            int(self.steps_taken), self.curriculum, self.curriculum_steps, self.num_classes
         )
-        self._head_config = {"hidden_dim": hidden_dim, "concat_dim": concat_dim, "dropout": dropout}
 
     @property
     def permutation_fingerprint(self) -> str:
@@ -178,6 +262,9 @@ class JigsawPretext(PretextTask):
             "label_smoothing": self.label_smoothing,
             "permutations": perms,
             **self._head_config,
+            "curriculum": self.curriculum,
+            "curriculum_steps": self.curriculum_steps,
+            **{k: v for k, v in self.image_defences.config.items()},
             **self.defences.config,
         }
 
@@ -195,6 +282,9 @@ class JigsawPretext(PretextTask):
     ) -> tuple[Tensor, Tensor]:
         """Shuffle each image's tiles by a randomly drawn permutation of the set.
 
+        In training the permutation is drawn from the first :attr:`active_permutations` of
+        the set (all of them without a curriculum); in eval mode from all ``K``.
+
         Args:
             patches: Tensor of shape ``(B, N, C, h, w)``, tiles in row-major order.
             generator: Source of the permutation draws (drawn on its device, CPU by default).
@@ -206,7 +296,7 @@ class JigsawPretext(PretextTask):
         """
         batch = patches.shape[0]
         index = random_integers(
-            self.num_classes, (batch,), generator=generator, device=patches.device
+            self.active_permutations, (batch,), generator=generator, device=patches.device
         )
         order = self.permutations.to(patches.device)[index]  # (B, N)
         rows = torch.arange(batch, device=patches.device)[:, None]
@@ -215,18 +305,22 @@ class JigsawPretext(PretextTask):
     def make_inputs(
         self, images: Tensor, generator: torch.Generator | None
     ) -> tuple[Tensor, Tensor]:
-        """Tile, shuffle and defend.
+        """Turn and crop the images, tile, shuffle and defend (one training step of the curriculum).
 
         Args:
             images: Tensor of shape ``(B, C, H, W)``.
-            generator: Source of the jitter, the permutation draws and colour dropping.
+            generator: Source of the crops and turns, the jitter, the permutation draws and
+                colour dropping.
 
         Returns:
             ``(tiles, targets)``: float tiles of shape ``(B, N, C, h, w)`` in shuffled order,
             and the permutation indices, shape ``(B,)``.
         """
+        images = self.image_defences(images, generator=generator)
         patches = self.tiler(images, generator=generator).patches
         shuffled, targets = self.shuffle(patches, generator=generator)
+        if self.training:
+            self.steps_taken += 1
         return self.defences(shuffled, generator=generator), targets
 
     def compute_logits(self, inputs: Tensor) -> Tensor:

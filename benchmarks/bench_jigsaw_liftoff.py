@@ -1,0 +1,386 @@
+"""Jigsaw lift-off on real photographs: which lever gets the 1,000-way puzzle off chance.
+
+Trains :class:`patchssl.pretext.JigsawPretext` (resnet10t, 3x3 tiles of 32 px cut from 128 px
+crops, batch 32, the engine's optimizer and warmup-cosine schedule) on random crops of
+scikit-image's bundled photographs, and reports the held-out puzzle accuracy (eval mode: centred
+tiles, every one of the K permutations) on crops of photographs never seen in training. Each
+lever is one variant of the configuration; run them one at a time (one thread, a few minutes
+each)::
+
+    python benchmarks/bench_jigsaw_liftoff.py --variants old_defaults defaults
+    python benchmarks/bench_jigsaw_liftoff.py --list
+    python benchmarks/bench_jigsaw_liftoff.py --synthetic --variants defaults
+    python benchmarks/bench_jigsaw_liftoff.py --position --variants defaults no_image_defences
+    python benchmarks/bench_jigsaw_liftoff.py --timing
+
+``--position`` adds the position diagnostic: a 9-way logistic regression on frozen per-patch
+features (centred tiles of unshuffled images) predicts each tile's place in the grid, fitted on
+the training photographs' crops and scored on the held-out photographs' crops (on synthetic
+data, on held-out images), for a randomly initialised encoder and for the encoder after
+pretraining; with ``--position`` the images are also shown as the image-level defences would
+turn them (``defended``), to measure how much the layout still gives away.
+
+References:
+    Noroozi & Favaro, ECCV 2016, arXiv:1603.09246.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import describe_machine  # noqa: E402
+
+from patchssl.encoder import SharedPatchEncoder  # noqa: E402
+from patchssl.engine.config import TrainConfig  # noqa: E402
+from patchssl.engine.loop import build_optimizer, build_scheduler  # noqa: E402
+from patchssl.permutations import PermutationSet  # noqa: E402
+from patchssl.pretext import JigsawPretext  # noqa: E402
+from patchssl.pretext.defences import ImageDefences, standardize_patches  # noqa: E402
+from patchssl.tiling import PatchTiler  # noqa: E402
+
+PHOTOS = (
+    "astronaut brick camera chelsea coffee grass gravel hubble_deep_field immunohistochemistry "
+    "moon retina rocket cell clock coins stereo_motorcycle"
+).split()
+HELD_OUT = ("chelsea", "coins", "gravel", "retina")  # never seen in training
+IMAGE, PATCH, BATCH = 128, 32, 32
+
+# The levers. Each is (JigsawPretext kwargs, encoder kwargs, TrainConfig overrides) on top of
+# the library's current defaults; "old_defaults" is the recipe before the fix.
+OLD = {
+    "head": "concat",
+    "hidden_dim": 512,
+    "concat_dim": 1024,
+    "curriculum": None,
+    "flip": False,
+    "rot90": False,
+}
+VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any], dict[str, Any]]] = {
+    "old_defaults": (OLD, {}, {}),
+    "old+curriculum": ({**OLD, "curriculum": 64}, {}, {}),
+    "old+sgd": (OLD, {}, {"optimizer": "sgd", "lr": 0.01}),
+    "old+group_norm": (OLD, {"norm": "group"}, {}),
+    "old+no_per_patch_norm": ({**OLD, "per_patch_norm": False}, {}, {}),
+    "concat_sized": ({**OLD, "hidden_dim": None, "concat_dim": None}, {}, {}),
+    "concat_sized+curriculum": (
+        {**OLD, "hidden_dim": None, "concat_dim": None, "curriculum": 64},
+        {},
+        {},
+    ),
+    "assignment": ({"curriculum": None, "flip": False, "rot90": False}, {}, {}),
+    "assignment+curriculum": ({"flip": False, "rot90": False}, {}, {}),
+    "assignment+sgd": (
+        {"curriculum": None, "flip": False, "rot90": False},
+        {},
+        {"optimizer": "sgd", "lr": 0.01},
+    ),
+    "defaults": ({}, {}, {}),
+    "no_curriculum": ({"curriculum": None}, {}, {}),
+    "no_image_defences": ({"flip": False, "rot90": False}, {}, {}),
+    "defaults+crop": ({"crop_scale": (0.5, 1.0)}, {}, {}),
+    "defaults+flip_only": ({"rot90": False}, {}, {}),
+}
+
+
+# ------------------------------------------------------------------------------------- data
+def _load_photos() -> dict[str, torch.Tensor]:
+    """Each photograph as (1, 3, H, W) float 0..255, shorter side resampled to 384 px."""
+    from skimage import data
+
+    out = {}
+    for name in PHOTOS:
+        img = getattr(data, name)()
+        if isinstance(img, tuple):  # stereo_motorcycle: (left, right, disparity)
+            img = img[0]
+        img = np.asarray(img, dtype=np.float32)
+        if img.max() <= 1.0:
+            img = img * 255.0
+        if img.ndim == 2:
+            img = np.repeat(img[..., None], 3, axis=2)
+        x = torch.from_numpy(img[..., :3].copy()).permute(2, 0, 1)[None]
+        scale = 384 / min(x.shape[-2:])
+        size = (round(x.shape[-2] * scale), round(x.shape[-1] * scale))
+        out[name] = F.interpolate(x, size=size, mode="bilinear", antialias=True)
+    return out
+
+
+def _crops(source: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
+    """``n`` random square crops (side 128..256 px of the 384 px photograph) -> uint8 128 px."""
+    _, _, h, w = source.shape
+    r = torch.rand(3, n, generator=generator)
+    side = 128 + r[0] * 128
+    x0, y0 = r[1] * (w - side), r[2] * (h - side)
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0], theta[:, 1, 1] = side / w, side / h
+    theta[:, 0, 2] = (x0 + side / 2) / w * 2 - 1
+    theta[:, 1, 2] = (y0 + side / 2) / h * 2 - 1
+    grid = F.affine_grid(theta, [n, 3, IMAGE, IMAGE], align_corners=False)
+    out = F.grid_sample(source.expand(n, -1, -1, -1), grid, align_corners=False)
+    return out.round().clamp(0, 255).to(torch.uint8)
+
+
+class Photographs:
+    """Random crops of the training photographs; a fixed set of held-out crops."""
+
+    def __init__(self, held_out_per_photo: int = 80) -> None:
+        self.photos = _load_photos()
+        self.train_names = [n for n in PHOTOS if n not in HELD_OUT]
+        g = torch.Generator().manual_seed(1234)
+        self.held_out = torch.cat([_crops(self.photos[n], held_out_per_photo, g) for n in HELD_OUT])
+        self.seen = torch.cat([_crops(self.photos[n], 20, g) for n in self.train_names])
+
+    def batch(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        which = torch.randint(len(self.train_names), (n,), generator=generator)
+        parts = [
+            _crops(self.photos[self.train_names[i]], int((which == i).sum()), generator)
+            for i in range(len(self.train_names))
+            if (which == i).any()
+        ]
+        return torch.cat(parts)
+
+
+class Synthetic:
+    """Synthetic cervix images (patchssl.data.synthetic), 128 px; the last 320 held out."""
+
+    def __init__(self, n_train: int = 1600, n_held: int = 320) -> None:
+        from patchssl.data.synthetic import render_cervix
+
+        rng = np.random.default_rng(0)
+        imgs = [render_cervix(rng, IMAGE).image for _ in range(n_train + n_held)]
+        x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous()
+        self.train, self.held_out = x[:n_train], x[n_train:]
+        self.seen = self.train[:240]
+
+    def batch(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        return self.train[torch.randint(len(self.train), (n,), generator=generator)]
+
+
+# ------------------------------------------------------------------------------------- runs
+def build(variant: str, num_permutations: int, seed: int) -> JigsawPretext:
+    task_kw, enc_kw, _ = VARIANTS[variant]
+    torch.manual_seed(seed)
+    encoder = SharedPatchEncoder("resnet10t", patch_size=PATCH, **enc_kw)
+    perms = (
+        PermutationSet.default()
+        if num_permutations == 1000
+        else PermutationSet.generate(num_permutations, 9, seed=0)
+    )
+    tiler = PatchTiler(grid=3, patch_size=PATCH, image_size=IMAGE)
+    return JigsawPretext(encoder, perms, tiler, **task_kw)
+
+
+@torch.no_grad()
+def puzzle_accuracy(task: JigsawPretext, images: torch.Tensor) -> float:
+    task.eval()
+    g = torch.Generator().manual_seed(7)
+    hits = [
+        task.predict(images[i : i + 64], generator=g)
+        for i in range(0, len(images), 64)  # centred tiles, all K permutations
+    ]
+    task.train()
+    return float(torch.cat([(h.logits.argmax(-1) == h.targets) for h in hits]).float().mean())
+
+
+def train(task: JigsawPretext, data: Any, variant: str, steps: int, seed: int) -> list[dict]:
+    overrides = VARIANTS[variant][2]
+    cfg = TrainConfig(epochs=1, warmup_epochs=20 / steps, **overrides)
+    optimizer = build_optimizer(task, cfg)
+    scheduler = build_scheduler(optimizer, cfg, steps)
+    g = torch.Generator().manual_seed(seed)
+    log, losses, start = [], [], time.perf_counter()
+    task.train()
+    for step in range(1, steps + 1):
+        out = task(data.batch(BATCH, g), generator=g)
+        optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        optimizer.step()
+        scheduler.step()
+        losses.append(float(out.loss.detach()))
+        if step % 100 == 0 or step == steps:
+            row = {
+                "step": step,
+                "loss": float(np.mean(losses[-100:])),
+                "active": task.active_permutations,
+                "held_out_acc": puzzle_accuracy(task, data.held_out),
+                "seconds": round(time.perf_counter() - start, 1),
+            }
+            log.append(row)
+            print(json.dumps(row), flush=True)
+    return log
+
+
+# ------------------------------------------------------------------------- position diagnostic
+@torch.no_grad()
+def patch_features(encoder: SharedPatchEncoder, images: torch.Tensor) -> np.ndarray:
+    """Frozen per-patch features of centred tiles: (B, 9, D), as the jigsaw feeds them."""
+    encoder.eval()
+    tiler = PatchTiler(grid=3, patch_size=PATCH, image_size=IMAGE).eval()
+    feats = []
+    for i in range(0, len(images), 64):
+        x = images[i : i + 64]
+        x = x.float() / 255.0 if x.dtype == torch.uint8 else x
+        patches = standardize_patches(tiler(x).patches)
+        feats.append(encoder(patches, normalized=True))
+    return torch.cat(feats).numpy()
+
+
+def position_accuracy(
+    encoder: SharedPatchEncoder, fit: torch.Tensor, test: torch.Tensor
+) -> float:
+    """9-way logistic regression of a tile's place from its features; held-out accuracy."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    def xy(images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        f = patch_features(encoder, images)
+        return f.reshape(-1, f.shape[-1]), np.tile(np.arange(9), len(f))
+
+    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=300, C=0.1))
+    clf.fit(*xy(fit))
+    x, y = xy(test)
+    return float((clf.predict(x) == y).mean())
+
+
+def defended(images: torch.Tensor, seed: int) -> torch.Tensor:
+    """The images as the default image-level defences turn them in training."""
+    d = ImageDefences(flip=True, rot90=True).train()
+    return d(images, generator=torch.Generator().manual_seed(seed))
+
+
+def position_report(encoder: SharedPatchEncoder, data: Any, label: str) -> dict:
+    fit, test = data.seen, data.held_out
+    row = {
+        "encoder": label,
+        "plain": position_accuracy(encoder, fit, test),
+        "defended": position_accuracy(encoder, defended(fit, 1), defended(test, 2)),
+    }
+    print(json.dumps(row), flush=True)
+    return row
+
+
+# ----------------------------------------------------------------------------------- timing
+def timing(repeats: int = 7, inner: int = 5) -> dict:
+    """Median step time: the jigsaw task against a bare backbone with a linear head."""
+    import statistics
+
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (BATCH, 3, IMAGE, IMAGE), dtype=torch.uint8)
+    tiler = PatchTiler(grid=3, patch_size=PATCH, image_size=IMAGE)
+
+    def bare_step_fn(flat: bool):
+        enc = SharedPatchEncoder("resnet10t", patch_size=PATCH)
+        width = enc.out_dim * (9 if flat else 1)
+        head = torch.nn.Linear(width, 1000)
+        opt = torch.optim.AdamW([*enc.parameters(), *head.parameters()], lr=1e-3)
+        target = torch.randint(1000, (BATCH,))
+
+        def step() -> None:
+            x = standardize_patches(tiler(images).patches.float() / 255.0)
+            f = enc(x, normalized=True)
+            f = f.flatten(1) if flat else f.mean(1)
+            loss = F.cross_entropy(head(f), target)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+        return step, sum(p.numel() for p in head.parameters())
+
+    def task_step_fn(kw: dict):
+        task = JigsawPretext(
+            SharedPatchEncoder("resnet10t", patch_size=PATCH),
+            tiler=PatchTiler(grid=3, patch_size=PATCH, image_size=IMAGE),
+            **kw,
+        )
+        opt = torch.optim.AdamW(task.parameters(), lr=1e-3)
+        g = torch.Generator().manual_seed(0)
+
+        def step() -> None:
+            loss = task(images, generator=g).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+        return step, sum(p.numel() for p in task.head.parameters())
+
+    cases = {
+        "bare_mean_linear": bare_step_fn(False),
+        "bare_concat_linear": bare_step_fn(True),
+        "jigsaw_defaults": task_step_fn({}),
+        "jigsaw_old_head": task_step_fn({"head": "concat", "hidden_dim": 512, "concat_dim": 1024}),
+    }
+    times: dict[str, list[float]] = {k: [] for k in cases}
+    for fn, _ in cases.values():
+        fn()  # warm-up
+    for _ in range(repeats):  # interleaved, so that load changes hit every case alike
+        for name, (fn, _) in cases.items():
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            times[name].append((time.perf_counter() - t0) / inner)
+    base = times["bare_mean_linear"]
+    out = {}
+    for name, (_, params) in cases.items():
+        ratios = [a / b for a, b in zip(times[name], base, strict=True)]
+        out[name] = {
+            "median_s": round(statistics.median(times[name]), 4),
+            "ratio_to_bare_mean_linear": round(statistics.median(ratios), 3),
+            "ratio_min_max": [round(min(ratios), 3), round(max(ratios), 3)],
+            "head_params": params,
+        }
+        print(json.dumps({name: out[name]}), flush=True)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--variants", nargs="+", default=["defaults"], choices=sorted(VARIANTS))
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num-permutations", type=int, default=1000)
+    parser.add_argument("--synthetic", action="store_true", help="synthetic cervix images")
+    parser.add_argument("--position", action="store_true", help="add the position diagnostic")
+    parser.add_argument("--timing", action="store_true", help="step time against a bare model")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--list", action="store_true", help="list the variants and exit")
+    parser.add_argument("--out", default="/tmp/jigsaw-liftoff.json")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.list:
+        for name, spec in VARIANTS.items():
+            print(name, spec)
+        return
+    print(describe_machine(), flush=True)
+    results: dict[str, Any] = {"args": vars(args), "machine": describe_machine()}
+    if args.timing:
+        results["timing"] = timing()
+    else:
+        data = Synthetic() if args.synthetic else Photographs()
+        if args.position:
+            random_enc = build("defaults", args.num_permutations, args.seed).encoder
+            results["position_random"] = position_report(random_enc, data, "random")
+        for variant in args.variants:
+            print(f"== {variant}", flush=True)
+            task = build(variant, args.num_permutations, args.seed)
+            log = train(task, data, variant, args.steps, args.seed)
+            entry: dict[str, Any] = {"log": log, "seen_acc": puzzle_accuracy(task, data.seen)}
+            print(json.dumps({"variant": variant, "seen_acc": entry["seen_acc"]}), flush=True)
+            if args.position:
+                entry["position"] = position_report(task.encoder, data, variant)
+            results[variant] = entry
+    Path(args.out).write_text(json.dumps(results, indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
