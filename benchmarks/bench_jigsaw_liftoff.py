@@ -38,20 +38,34 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import describe_machine  # noqa: E402
+from _common import describe_machine
 
-from patchssl.encoder import SharedPatchEncoder  # noqa: E402
-from patchssl.engine.config import TrainConfig  # noqa: E402
-from patchssl.engine.loop import build_optimizer, build_scheduler  # noqa: E402
-from patchssl.permutations import PermutationSet  # noqa: E402
-from patchssl.pretext import JigsawPretext  # noqa: E402
-from patchssl.pretext.defences import ImageDefences, standardize_patches  # noqa: E402
-from patchssl.tiling import PatchTiler  # noqa: E402
+from patchssl.encoder import SharedPatchEncoder
+from patchssl.engine.config import TrainConfig
+from patchssl.engine.loop import build_optimizer, build_scheduler
+from patchssl.permutations import PermutationSet
+from patchssl.pretext import JigsawPretext
+from patchssl.pretext.defences import ImageDefences, standardize_patches
+from patchssl.tiling import PatchTiler
 
-PHOTOS = (
-    "astronaut brick camera chelsea coffee grass gravel hubble_deep_field immunohistochemistry "
-    "moon retina rocket cell clock coins stereo_motorcycle"
-).split()
+PHOTOS = [
+    "astronaut",
+    "brick",
+    "camera",
+    "chelsea",
+    "coffee",
+    "grass",
+    "gravel",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "moon",
+    "retina",
+    "rocket",
+    "cell",
+    "clock",
+    "coins",
+    "stereo_motorcycle",
+]
 HELD_OUT = ("chelsea", "coins", "gravel", "retina")  # never seen in training
 IMAGE, PATCH, BATCH = 128, 32, 32
 
@@ -234,9 +248,7 @@ def patch_features(encoder: SharedPatchEncoder, images: torch.Tensor) -> np.ndar
     return torch.cat(feats).numpy()
 
 
-def position_accuracy(
-    encoder: SharedPatchEncoder, fit: torch.Tensor, test: torch.Tensor
-) -> float:
+def position_accuracy(encoder: SharedPatchEncoder, fit: torch.Tensor, test: torch.Tensor) -> float:
     """9-way logistic regression of a tile's place from its features; held-out accuracy."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline

@@ -18,6 +18,7 @@ from patchssl.pretext import (
     pretext_from_config,
 )
 from patchssl.pretext.base import channel_jitter, random_grayscale, standardize_patches
+from patchssl.pretext.heads import PermutationAssignmentHead, sized_from_width
 from patchssl.pretext.rotation import rotate_quarter_turns
 from patchssl.pretext.testing import tiny_encoder
 from patchssl.tiling import PatchTiler
@@ -55,8 +56,16 @@ def test_jigsaw_target_is_the_permutation_applied(device: torch.device) -> None:
     tiler = PatchTiler(grid=3, patch_size=4, image_size=15)
     perms = PermutationSet.generate(24, 9, seed=3)
     encoder = Recorder()
-    task = JigsawPretext(
-        encoder, perms, tiler, hidden_dim=4, concat_dim=4, per_patch_norm=False, color_drop=None
+    task = JigsawPretext(  # image-level turns off: this checks the shuffle alone
+        encoder,
+        perms,
+        tiler,
+        hidden_dim=4,
+        concat_dim=4,
+        per_patch_norm=False,
+        color_drop=None,
+        flip=False,
+        rot90=False,
     ).to(device)
     images = tile_index_images(tiler, batch=64).to(device)
     out = task(images, generator=g(0))
@@ -103,6 +112,13 @@ def test_jigsaw_defaults_and_validation() -> None:
     assert task.tiler.image_size == (54, 54)  # ceil(3 * 16 * 512 / 459)
     assert default_tiler(153).image_size == (512, 512)  # the paper's geometry
     assert task.defences.per_patch_norm and task.defences.color_drop == "grayscale"
+    assert task.image_defences.flip and task.image_defences.rot90
+    assert task.image_defences.crop_scale is None
+    assert isinstance(task.head, PermutationAssignmentHead) and task.config["head"] == "assignment"
+    assert task.curriculum == 64 and task.curriculum_steps == 200
+    assert (task.config["hidden_dim"], task.config["concat_dim"]) == sized_from_width(
+        encoder.out_dim
+    )
     with pytest.raises(ValueError, match="shuffles 9 tiles but the tiler cuts 4 patches"):
         JigsawPretext(encoder, tiler=PatchTiler(grid=2, patch_size=16, image_size=40))
     with pytest.raises(ValueError, match="tiler cuts 20x20 patches but the encoder.*16x16"):

@@ -22,8 +22,9 @@ Write your own by subclassing :class:`PretextTask`; see ``docs/pretext_tasks.md`
 
 from __future__ import annotations
 
-from patchssl.pretext.base import PatchDefences, PretextOutput, PretextTask, default_tiler
-from patchssl.pretext.heads import PatchConcatHead, PooledPatchHead
+from patchssl.pretext.base import PretextOutput, PretextTask, default_tiler
+from patchssl.pretext.defences import ImageDefences, PatchDefences
+from patchssl.pretext.heads import PatchConcatHead, PermutationAssignmentHead, PooledPatchHead
 from patchssl.pretext.jigsaw import JigsawPretext
 from patchssl.pretext.registry import (
     ENTRY_POINT_GROUP,
@@ -41,9 +42,11 @@ from patchssl.pretext.rotation import RotationPretext
 __all__ = [
     "DIRECTIONS",
     "ENTRY_POINT_GROUP",
+    "ImageDefences",
     "JigsawPretext",
     "PatchConcatHead",
     "PatchDefences",
+    "PermutationAssignmentHead",
     "PooledPatchHead",
     "PretextOutput",
     "PretextPluginError",

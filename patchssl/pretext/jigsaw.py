@@ -138,6 +138,7 @@ class JigsawPretext(PretextTask):
         curriculum: int | None = CURRICULUM_START,
         curriculum_steps: int = CURRICULUM_STEPS,
         crop_scale: tuple[float, float] | list[float] | None = None,
+        crop_ratio: tuple[float, float] | list[float] = (3 / 4, 4 / 3),
         flip: bool = True,
         rot90: bool = True,
         per_patch_norm: bool = True,
@@ -177,7 +178,9 @@ class JigsawPretext(PretextTask):
         self.register_buffer("permutations", perm_set.permutations.clone(), persistent=False)
         # Training steps taken, for the curriculum (saved, so that a resumed run goes on).
         self.register_buffer("steps_taken", torch.zeros((), dtype=torch.long))
-        self.image_defences = ImageDefences(crop_scale=crop_scale, flip=flip, rot90=rot90)
+        self.image_defences = ImageDefences(
+            crop_scale=crop_scale, crop_ratio=crop_ratio, flip=flip, rot90=rot90
+        )
         self.defences = PatchDefences(
             per_patch_norm=per_patch_norm,
             color_drop=color_drop,
@@ -264,7 +267,7 @@ class JigsawPretext(PretextTask):
             **self._head_config,
             "curriculum": self.curriculum,
             "curriculum_steps": self.curriculum_steps,
-            **{k: v for k, v in self.image_defences.config.items()},
+            **self.image_defences.config,
             **self.defences.config,
         }
 
@@ -305,7 +308,7 @@ class JigsawPretext(PretextTask):
     def make_inputs(
         self, images: Tensor, generator: torch.Generator | None
     ) -> tuple[Tensor, Tensor]:
-        """Turn and crop the images, tile, shuffle and defend (one training step of the curriculum).
+        """Turn and crop the images, tile, shuffle and defend.
 
         Args:
             images: Tensor of shape ``(B, C, H, W)``.
@@ -319,8 +322,6 @@ class JigsawPretext(PretextTask):
         images = self.image_defences(images, generator=generator)
         patches = self.tiler(images, generator=generator).patches
         shuffled, targets = self.shuffle(patches, generator=generator)
-        if self.training:
-            self.steps_taken += 1
         return self.defences(shuffled, generator=generator), targets
 
     def compute_logits(self, inputs: Tensor) -> Tensor:
@@ -330,6 +331,15 @@ class JigsawPretext(PretextTask):
             inputs: Float tiles of shape ``(B, N, C, h, w)``.
 
         Returns:
-            Logits of shape ``(B, K)``.
+            Logits of shape ``(B, K)``; in training under the curriculum, the permutations
+            not yet drawn get ``-inf`` (the loss is a softmax over the active prefix).
         """
-        return self.head(self._encode(inputs))
+        logits = self.head(self._encode(inputs))
+        active = self.active_permutations
+        if active < self.num_classes:  # the curriculum's puzzle: a softmax over the prefix
+            logits = logits.masked_fill(
+                torch.arange(self.num_classes, device=logits.device) >= active, float("-inf")
+            )
+        if self.training:
+            self.steps_taken += 1  # one puzzle batch drawn, masked and scored
+        return logits
