@@ -13,12 +13,13 @@ each)::
     python benchmarks/bench_jigsaw_liftoff.py --position --variants defaults no_image_defences
     python benchmarks/bench_jigsaw_liftoff.py --timing
 
-``--position`` adds the position diagnostic: a 9-way logistic regression on frozen per-patch
-features (centred tiles of unshuffled images) predicts each tile's place in the grid, fitted on
-the training photographs' crops and scored on the held-out photographs' crops (on synthetic
-data, on held-out images), for a randomly initialised encoder and for the encoder after
-pretraining; with ``--position`` the images are also shown as the image-level defences would
-turn them (``defended``), to measure how much the layout still gives away.
+``--position`` adds the position diagnostic (``--position-only``: for a random encoder
+alone): a 9-way logistic regression on frozen per-patch features (centred tiles of unshuffled
+images) predicts each tile's place in the grid, fitted on crops of the training photographs and
+scored on crops of the held-out ones (on synthetic data, on held-out images), for a randomly
+initialised encoder and for the encoder after pretraining. The images are shown plain and as
+the image-level defences turn them (flips and quarter turns, random resized crops), to measure
+how much the layout still gives away.
 
 References:
     Noroozi & Favaro, ECCV 2016, arXiv:1603.09246.
@@ -103,6 +104,7 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any], dict[str, Any]]] = {
     "no_image_defences": ({"flip": False, "rot90": False}, {}, {}),
     "defaults+crop": ({"crop_scale": (0.5, 1.0)}, {}, {}),
     "defaults+flip_only": ({"rot90": False}, {}, {}),
+    "defaults+crop25": ({"crop_scale": (0.25, 1.0)}, {}, {}),
 }
 
 
@@ -264,19 +266,29 @@ def position_accuracy(encoder: SharedPatchEncoder, fit: torch.Tensor, test: torc
     return float((clf.predict(x) == y).mean())
 
 
-def defended(images: torch.Tensor, seed: int) -> torch.Tensor:
-    """The images as the default image-level defences turn them in training."""
-    d = ImageDefences(flip=True, rot90=True).train()
+#: Image-level defence settings the position diagnostic shows the images under.
+DEFENCE_SETTINGS: dict[str, dict[str, Any]] = {
+    "plain": {},
+    "flip+rot90": {"flip": True, "rot90": True},
+    "crop(0.25-1)": {"crop_scale": (0.25, 1.0)},
+    "crop(0.25-1)+flip+rot90": {"crop_scale": (0.25, 1.0), "flip": True, "rot90": True},
+}
+
+
+def defended(images: torch.Tensor, setting: dict[str, Any], seed: int) -> torch.Tensor:
+    """The images as the image-level defences ``setting`` turn them in training."""
+    d = ImageDefences(**setting).train()
     return d(images, generator=torch.Generator().manual_seed(seed))
 
 
 def position_report(encoder: SharedPatchEncoder, data: Any, label: str) -> dict:
+    """Position accuracy of ``encoder``'s features under each defence setting."""
     fit, test = data.seen, data.held_out
-    row = {
-        "encoder": label,
-        "plain": position_accuracy(encoder, fit, test),
-        "defended": position_accuracy(encoder, defended(fit, 1), defended(test, 2)),
-    }
+    row: dict[str, Any] = {"encoder": label}
+    for name, setting in DEFENCE_SETTINGS.items():
+        row[name] = position_accuracy(
+            encoder, defended(fit, setting, 1), defended(test, setting, 2)
+        )
     print(json.dumps(row), flush=True)
     return row
 
@@ -365,6 +377,9 @@ def main() -> None:
     parser.add_argument("--timing", action="store_true", help="step time against a bare model")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--list", action="store_true", help="list the variants and exit")
+    parser.add_argument(
+        "--position-only", action="store_true", help="position diagnostic of a random encoder"
+    )
     parser.add_argument("--out", default="/tmp/jigsaw-liftoff.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -378,10 +393,10 @@ def main() -> None:
         results["timing"] = timing()
     else:
         data = Synthetic() if args.synthetic else Photographs()
-        if args.position:
+        if args.position or args.position_only:
             random_enc = build("defaults", args.num_permutations, args.seed).encoder
             results["position_random"] = position_report(random_enc, data, "random")
-        for variant in args.variants:
+        for variant in [] if args.position_only else args.variants:
             print(f"== {variant}", flush=True)
             task = build(variant, args.num_permutations, args.seed)
             log = train(task, data, variant, args.steps, args.seed)

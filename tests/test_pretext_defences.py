@@ -61,14 +61,16 @@ def test_each_symmetry_moves_content_as_stated(flip: bool, rot90: bool) -> None:
 
 
 def test_crop_takes_the_stated_box() -> None:
-    x = torch.arange(16.0).view(1, 1, 4, 4).repeat(2, 1, 1, 1) / 255
+    # Ramps are resampled exactly by bilinear interpolation: output pixel j of a crop spanning
+    # [a, b] (fractions of W = 8 px) reads the input at a * 8 + (j + 0.5) * (b - a) - 0.5 px.
+    coords = torch.arange(8.0) / 10
+    x = torch.stack([coords.expand(8, 8), coords[:, None].expand(8, 8)])[:, None]  # x-, y-ramp
     defences = ImageDefences(crop_scale=(0.25, 0.25), crop_ratio=(1.0, 1.0)).train()
-    boxes = torch.tensor([[0.0, 0.0, 0.5, 0.5], [0.5, 0.5, 1.0, 1.0]])
+    boxes = torch.tensor([[0.25, 0.0, 0.75, 0.5], [0.0, 0.4, 0.5, 0.9]])  # (x0, y0, x1, y1)
     out = defences.apply(x, ImageTransform(torch.zeros(2, dtype=torch.long), boxes))
-    # A quarter of the image, resized 2x: every output pixel lies within the crop's values.
-    assert out.shape == (2, 1, 4, 4)
-    assert float(out[0].max()) <= float(x[0, 0, 1, 1]) + 1e-6  # top-left 2x2: values 0,1,4,5
-    assert float(out[1].min()) >= float(x[1, 0, 2, 2]) - 1e-6  # bottom-right: 10,11,14,15
+    j = torch.arange(8.0)
+    torch.testing.assert_close(out[0, 0], ((1.75 + 0.5 * j) / 10).expand(8, 8))  # along x
+    torch.testing.assert_close(out[1, 0], ((2.95 + 0.5 * j) / 10)[:, None].expand(8, 8))
     drawn = defences.sample(500, generator=g(0)).boxes
     area = (drawn[:, 2] - drawn[:, 0]) * (drawn[:, 3] - drawn[:, 1])
     torch.testing.assert_close(area, torch.full((500,), 0.25))

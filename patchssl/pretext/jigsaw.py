@@ -217,6 +217,11 @@ class JigsawPretext(PretextTask):
             "dropout": dropout,
         }
 
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        # Checkpoints from before the curriculum have no step count: start it at 0.
+        state_dict.setdefault(prefix + "steps_taken", torch.zeros((), dtype=torch.long))
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
     @staticmethod
     def curriculum_size(step: int, start: int | None, steps: int, total: int) -> int:
         """How many permutations (a prefix of the set) training draws from at ``step``.
