@@ -7,6 +7,7 @@ so that the network cannot pass by remembering where content sits in the two ima
 crop is also turned or mirrored at random (one of the 8 symmetries of the square) for the same
 reason. Measured while writing this test (K = 10, chance 10%): about 42-44% held-out accuracy
 after 400 steps (retina crops about 65-69%, immunohistochemistry about 20%).
+With the assignment head and image-level flips and turns as defaults: 0.080 -> 0.405.
 """
 
 from __future__ import annotations
