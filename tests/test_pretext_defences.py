@@ -94,8 +94,17 @@ def test_validation_and_non_square_images() -> None:
     x = torch.randint(0, 256, (32, 3, 8, 12), dtype=torch.uint8)
     flips = ImageDefences(flip=True).train()(x, generator=g(0))  # flips keep the shape
     assert flips.shape == x.shape
+    turns = ImageDefences(rot90=True).train()  # non-square images: half turns only
+    assert set(turns.sample(64, generator=g(0), square=False).symmetry.tolist()) == {0, 2}
+    turned = turns(x, generator=g(0))
+    assert turned.shape == x.shape
+    for b in range(32):
+        assert any(
+            torch.allclose(turned[b], reference_symmetry(x[b].float() / 255, k), atol=1e-5)
+            for k in (0, 2)
+        )
     with pytest.raises(ValueError, match="quarter turns need square images"):
-        ImageDefences(rot90=True).train()(x, generator=g(0))
+        turns.apply(x, ImageTransform(torch.ones(32, dtype=torch.long), torch.rand(32, 4)))
 
 
 def test_jigsaw_turns_images_in_training_only() -> None:

@@ -102,8 +102,9 @@ class ImageDefences(nn.Module):
             sampled log-uniformly; the crop is clipped to the image.
         flip: Random horizontal and vertical flips (each image: identity, either flip, or
             both, i.e. a half turn, with probability 1/4 each without ``rot90``).
-        rot90: Random quarter turns (square images only). With ``flip``, each of the eight
-            symmetries of the square with probability 1/8.
+        rot90: Random quarter turns. With ``flip``, each of the eight symmetries of the
+            square with probability 1/8. Non-square images get half turns only (a quarter
+            turn would change their shape).
 
     Shape:
         - Input: ``(B, C, H, W)``, uint8 (0..255) or floating (0..1).
@@ -173,6 +174,7 @@ class ImageDefences(nn.Module):
         *,
         generator: torch.Generator | None = None,
         device: torch.device | str = "cpu",
+        square: bool = True,
     ) -> ImageTransform:
         """Draw the crops and symmetries of a batch (without applying them).
 
@@ -180,15 +182,17 @@ class ImageDefences(nn.Module):
             batch: Number of images ``B``.
             generator: Source of randomness (drawn on its device, CPU by default).
             device: Where the draws go.
+            square: Whether the images are square. For non-square images ``rot90`` draws
+                half turns only (a quarter turn would change the shape).
 
         Returns:
             An :class:`ImageTransform` with ``symmetry`` ``(B,)`` and ``boxes`` ``(B, 4)``.
         """
         turns = torch.zeros(batch, dtype=torch.long, device=device)
         mirror = torch.zeros(batch, dtype=torch.long, device=device)
-        if self.rot90:
+        if self.rot90 and square:
             turns = random_integers(4, (batch,), generator=generator, device=device)
-        elif self.flip:  # a flip of both axes is a half turn
+        elif self.flip or self.rot90:  # a flip of both axes is a half turn
             turns = 2 * random_integers(2, (batch,), generator=generator, device=device)
         if self.flip:
             mirror = random_integers(2, (batch,), generator=generator, device=device)
@@ -247,7 +251,10 @@ class ImageDefences(nn.Module):
         """
         if not self.training or not self.active:
             return images
-        transform = self.sample(images.shape[0], generator=generator, device=images.device)
+        h, w = images.shape[-2:]
+        transform = self.sample(
+            images.shape[0], generator=generator, device=images.device, square=h == w
+        )
         return self.apply(images, transform)
 
 
