@@ -89,7 +89,9 @@ class DataConfig:
         exclude_overlap: Drop unlabeled images that are also labeled evaluation images
             (otherwise the overlap is reported with a warning).
         cache: Output folder of ``patchssl prepare`` (resized copies); default ``<out>/cache``.
-        workers: Data-loader worker processes (decoding only).
+        workers: Data-loader worker processes (decoding only); ``null`` (default): chosen
+            from the cores this process may use and the device (see
+            :func:`patchssl.data.default_workers`); ``patchssl prepare``: all cores.
         max_images: Use at most this many images of each kind (quick trials).
         allow_outside_root: Accept manifest image paths that lead outside the data root
             (``image_root``, default the manifest's folder): absolute paths elsewhere or
@@ -118,7 +120,7 @@ class DataConfig:
     pretrain_val_size: float = 0.05
     exclude_overlap: bool = False
     cache: str | None = None
-    workers: int = 2
+    workers: int | None = None
     max_images: int | None = None
     allow_outside_root: bool = False
     max_image_pixels: int | None = None
