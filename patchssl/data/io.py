@@ -30,6 +30,7 @@ import io
 import os
 import stat
 import struct
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
@@ -421,7 +422,11 @@ def _decode_jpeg_at_size(
         from torchvision.io import ImageReadMode, decode_jpeg
 
         mode = ImageReadMode.RGB if channels == 3 else ImageReadMode.GRAY
-        return decode_jpeg(torch.frombuffer(data, dtype=torch.uint8), mode=mode)
+        with warnings.catch_warnings():
+            # torchvision >= 0.29 says its decoders will move to torchcodec; when they are
+            # gone, the import fails and Pillow decodes everything again.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return decode_jpeg(torch.frombuffer(data, dtype=torch.uint8), mode=mode)
     except Exception:  # the Pillow path reports the reason, or decodes what libjpeg refused
         return None
 

@@ -209,6 +209,10 @@ class TrainConfig:
             ``max-autotune``, ``max-autotune-no-cudagraphs``). The first steps are slow while
             it compiles (about a minute for a ResNet50 on a GPU, minutes on a CPU); then a
             paper-geometry pretraining step ran 1.37x faster on an H200 (docs/benchmarks.md).
+        compile_scope: What ``compile`` compiles when pretraining: ``encoder`` (default: the
+            shared patch encoder) or ``model`` (the whole pretext task's forward: tiling,
+            defences, encoder, head and loss; random draws with a generator stay eager).
+            Fine-tuning always compiles the encoder.
         device: ``auto`` (CUDA if available), ``cpu``, ``cuda``, ``cuda:1``...
         seed: Seed of every random choice; a seeded CPU run repeats exactly.
         class_weights: ``inverse`` (inverse class frequency in the loss) or ``none``.
@@ -239,6 +243,7 @@ class TrainConfig:
     warmup_epochs: float = 1.0
     amp: str = "auto"
     compile: bool | str = False
+    compile_scope: str = "encoder"
     device: str = "auto"
     seed: int = 0
     class_weights: str = "inverse"
