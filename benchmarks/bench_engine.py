@@ -8,20 +8,26 @@ epoch. This script runs both and reports their ratio, in one run:
 1. writes synthetic cervix-like images (:func:`patchssl.data.make_synthetic_cervix`) and
    prepares a JPEG cache at the working size (:func:`patchssl.data.prepare_images`, what
    ``patchssl prepare`` runs; quality 95), copied up to ``--images`` files;
-2. times the benchmark step (``bench_throughput.pretrain_step``: same geometry, batch,
-   precision, ``channels_last``, SGD with momentum);
-3. runs :func:`patchssl.engine.pretrain` in a fresh process (``python bench_engine.py
-   --child``) for ``--epochs`` epochs with the same settings (``train.optimizer=sgd``) and
-   the engine's own defaults otherwise (loader workers from the cores, pinned memory on
-   CUDA, validation on 5% held out, ``last.pt``/``best.pt`` every epoch), and reads the wall
-   time between the ends of consecutive epochs (after each epoch's checkpoints);
-4. times the step again, and divides.
+2. runs :func:`patchssl.engine.pretrain` in a fresh process (``python bench_engine.py
+   --child``) for ``--epochs`` epochs with the benchmark step's geometry, batch, precision
+   and ``channels_last``, and the engine's own defaults otherwise (AdamW, fused on CUDA;
+   loader workers from the cores, pinned memory on CUDA, validation on 5% held out,
+   ``last.pt``/``best.pt`` every epoch);
+3. after each epoch (a callback, once its checkpoints are written), runs the benchmark step
+   (``bench_throughput``'s task on uint8 images already on the device, with the engine's
+   optimizer: :func:`reference_step`) in the same process, for as many steps as an epoch
+   has: each epoch is bracketed by two step timings, so that a change of load on a shared
+   machine hits both sides of its ratio;
+4. reports the median over the epochs after the first (worker start-up and compilation
+   are left out) of the ratios engine / step.
 
 Two engine figures per run: ``engine_images_per_s`` (training images per second of wall
 time from the end of one epoch to the end of the next, everything included; the first
 epoch, with worker start-up and compilation, is left out) and ``loop_images_per_s`` (the
 training loop alone, as ``metrics.csv`` reports it: loader and steps, without validation
-and checkpoints).
+and checkpoints). ``epoch_fixed_s`` is the difference: what validation, checkpoints and
+logging cost per epoch, whatever the epoch's size (the benchmark's epochs are short; a real
+one of 44,031 images spreads it over 600 times more steps).
 
 Usage:
     python benchmarks/bench_engine.py --device cpu                  # small geometry, fp32
@@ -45,7 +51,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import add_common_args, describe_machine, markdown_table, measure, pick_device
+from _common import add_common_args, describe_machine, markdown_table, pick_device, sync
 from _common import save_results as _save_results
 
 HERE = Path(__file__).resolve().parent
@@ -100,10 +106,6 @@ def engine_config(args: argparse.Namespace, geom: Any, data_dir: Path, cache: Pa
     train: dict[str, Any] = {
         "epochs": args.epochs,
         "batch_size": args.batch,
-        "optimizer": "sgd",
-        "lr": 0.01,
-        "momentum": 0.9,
-        "weight_decay": 1e-4,
         "warmup_epochs": 0,
         "amp": ("bf16" if variant.bf16 else "none") if cuda else "none",
         "compile": args.compile != "none",
@@ -133,43 +135,93 @@ def engine_config(args: argparse.Namespace, geom: Any, data_dir: Path, cache: Pa
     }
 
 
+def reference_step(geom: Any, variant: Any, batch: int, device: torch.device, train: Any) -> Any:
+    """``bench_throughput``'s pretraining step, with the engine's optimizer.
+
+    The task, images (uint8, already on the device), precision and ``channels_last`` are
+    ``bench_throughput.pretrain_step``'s; the optimizer is the engine's
+    (:func:`patchssl.engine.loop.build_optimizer` of the run's ``train`` section: AdamW by
+    default, fused on CUDA), so that the ratio measures what the engine adds around a step.
+    """
+    import bench_throughput as bt
+
+    from patchssl.engine.loop import build_optimizer
+
+    task = bt.build_task(geom, variant, device)
+    bt.maybe_compile(task.encoder, variant)
+    opt = build_optimizer(task, train)
+    images = bt.random_images(batch, geom, device)
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def step() -> None:
+        with variant.autocast(device):
+            loss = task(images, generator=gen).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
 def child(config_path: str, result_path: str) -> None:
-    """Run :func:`patchssl.engine.pretrain` and write the epoch end times and metrics."""
+    """Run :func:`patchssl.engine.pretrain`, timing the benchmark step between its epochs.
+
+    After each epoch's checkpoints (a callback), the benchmark step runs as many steps as
+    an epoch has, in this same process: every epoch is bracketed by two step timings, so a
+    change of load on the machine hits both sides of each ratio.
+    """
+    import bench_throughput as bt
+
     from patchssl.engine import pretrain
 
-    config = json.loads(Path(config_path).read_text())
-    ends: list[float] = []
+    spec = json.loads(Path(config_path).read_text())
+    config, step_spec = spec["config"], spec["step"]
+    geom = bt.GEOMETRIES[step_spec["geometry"]]
+    variant = bt.Variant.parse(step_spec["variant"])
+    batch = int(step_spec["batch"])
+    marks: list[dict[str, float]] = []
     seen: dict[str, Any] = {}
+    state: dict[str, Any] = {}
 
     def mark(trainer: Any, epoch: int, row: dict[str, Any]) -> None:
-        if trainer.device.type == "cuda":
-            torch.cuda.synchronize()
-        ends.append(time.perf_counter())
+        device = trainer.device
+        sync(device)
+        end = time.perf_counter()
         loader = trainer.loader
         n = min(len(trainer.sampler), trainer.steps_per_epoch * trainer.batch_size)
         if getattr(loader, "drop_last", False):
             n = (n // trainer.batch_size) * trainer.batch_size
         seen.update(train_images=n, workers=getattr(loader, "num_workers", None))
+        if "step" not in state:
+            state["step"] = reference_step(geom, variant, batch, device, trainer.train)
+            for _ in range(int(step_spec["warmup"])):  # compilation and warm-up, untimed
+                state["step"]()
+        steps = max(1, trainer.steps_per_epoch)
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            state["step"]()
+        sync(device)
+        resumed = time.perf_counter()
+        marks.append(
+            {"end": end, "resume": resumed, "step_images_per_s": steps * batch / (resumed - t0)}
+        )
 
     start = time.perf_counter()
     result = pretrain(config, callbacks=[mark])
-    out = {
-        "start": start,
-        "ends": ends,
-        "history": result.history,
-        **seen,
-    }
+    out = {"start": start, "marks": marks, "history": result.history, **seen}
     Path(result_path).write_text(json.dumps(out, default=str))
 
 
-def run_engine(config: dict, work: Path, timeout: float | None) -> dict[str, Any]:
+def run_engine(config: dict, step: dict, work: Path, timeout: float | None) -> dict[str, Any]:
     """Run the child process; return its result with the per-epoch wall times."""
     cfg = work / "engine_config.json"
     res = work / "engine_result.json"
-    cfg.write_text(json.dumps(config))
+    cfg.write_text(json.dumps({"config": config, "step": step}))
     env = dict(os.environ)
     root = str(HERE.parent)
-    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    path = os.pathsep.join([root, str(HERE)])
+    env["PYTHONPATH"] = path + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     cmd = [sys.executable, str(HERE / "bench_engine.py"), "--child", str(cfg), str(res)]
     started = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
@@ -185,19 +237,6 @@ def run_engine(config: dict, work: Path, timeout: float | None) -> dict[str, Any
 # --------------------------------------------------------------------------------------------
 # Driver
 # --------------------------------------------------------------------------------------------
-def step_images_per_s(
-    geom: Any, variant: Any, batch: int, device: torch.device, timing: dict
-) -> float:
-    """The benchmark step's images/s (``bench_throughput.pretrain_step``, SGD)."""
-    import bench_throughput as bt
-
-    step = bt.pretrain_step(geom, variant, batch, device)
-    t = measure(step, device=device, **timing)
-    del step
-    bt._free(device)
-    return batch / t.median_s
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0],
@@ -219,12 +258,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=None, help="engine epochs (>= 2)")
     parser.add_argument(
         "--workers", type=int, default=None, help="data.workers (default: the engine's choice)"
-    )
-    parser.add_argument("--repeats", type=int, default=None, help="step timing repeats")
-    parser.add_argument(
-        "--no-step-after",
-        action="store_true",
-        help="time the step before the engine only (saves a second torch.compile)",
     )
     parser.add_argument("--timeout", type=float, default=None, help="engine run limit (s)")
     parser.add_argument("--workdir", default=None, help="where data and run go (default: tmp)")
@@ -257,11 +290,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     images = args.images or batch * (2 if args.quick else (40 if cuda else 8))
     train_images = images  # 5% more are held out for validation (added below)
     images = train_images + max(1, round(train_images * 0.05 / 0.95))
-    timing = (
-        {"warmup": 1, "repeats": 1, "min_time": 0.0}
-        if args.quick
-        else {"warmup": 3 if cuda else 1, "repeats": args.repeats or 3, "min_time": 0.5}
-    )
+    warmup = 1 if args.quick or not cuda else 3
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="patchssl-e2e-"))
     args.work, args.device_obj, args.variant_obj = work, device, variant
     args.epochs, args.batch = epochs, batch
@@ -286,46 +315,56 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     try:
         cache = prepare_cache(work / "data", geom.image_size, images, args.unique or 64)
         print(f"prepared {images} JPEGs in {cache} ({time.perf_counter() - started:.0f} s)")
-        before = step_images_per_s(geom, variant, batch, device, timing)
-        print(f"step (before): {before:.2f} images/s", flush=True)
-        row["step_before"] = before
-        _save_results(args.out, [{"table": "engine", **row, "complete": False}])
         config = engine_config(args, geom, work / "data" / "synthetic" / "unlabeled", cache)
-        engine = run_engine(config, work, args.timeout)
-        if args.no_step_after:
-            after = before
-        else:
-            after = step_images_per_s(geom, variant, batch, device, timing)
-            print(f"step (after): {after:.2f} images/s", flush=True)
-        history = engine["history"]
+        step_spec = {
+            "geometry": geom.name,
+            "variant": variant.name,
+            "batch": batch,
+            "warmup": warmup,
+        }
+        engine = run_engine(config, step_spec, work, args.timeout)
+        history, marks = engine["history"], engine["marks"]
         n_train = int(engine["train_images"])
-        ends = engine["ends"]
-        epoch_s = [b - a for a, b in itertools.pairwise(ends)]
-        step = statistics.mean([before, after])
+        # Epoch k (k >= 2) runs from the end of the step timing after epoch k - 1 to the end
+        # of epoch k; the step timings on either side of it are its reference.
+        epoch_s = [b["end"] - a["resume"] for a, b in itertools.pairwise(marks)]
+        steps = [m["step_images_per_s"] for m in marks]
+        refs = [statistics.mean(pair) for pair in itertools.pairwise(steps)]
+        engine_rates = [n_train / s_ for s_ in epoch_s]
+        loop_rates = [r["images_per_s"] for r in history[1:]]
+        step = statistics.median(refs)
         row.update(
             step_images_per_s=step,
-            step_before=before,
-            step_after=after,
-            engine_images_per_s=n_train / statistics.median(epoch_s),
-            loop_images_per_s=statistics.median(r["images_per_s"] for r in history[1:]),
+            engine_images_per_s=statistics.median(engine_rates),
+            loop_images_per_s=statistics.median(loop_rates),
+            engine_over_step=statistics.median(e / r for e, r in zip(engine_rates, refs)),
+            loop_over_step=statistics.median(e / r for e, r in zip(loop_rates, refs)),
+            step_samples=steps,
+            engine_samples=engine_rates,
+            loop_samples=loop_rates,
             epoch_wall_s=epoch_s,
-            first_epoch_s=ends[0] - engine["start"],
+            epoch_loop_s=[r["epoch_time_s"] for r in history],
+            # Validation, checkpoints and logging: a fixed cost per epoch, whatever its size.
+            epoch_fixed_s=statistics.median(
+                w - r["epoch_time_s"] for w, r in zip(epoch_s, history[1:])
+            ),
+            first_epoch_s=marks[0]["end"] - engine["start"],
             train_images=n_train,
             workers=engine["workers"],
             process_s=engine["process_s"],
         )
-        row["engine_over_step"] = row["engine_images_per_s"] / step
-        row["loop_over_step"] = row["loop_images_per_s"] / step
         print(
             f"engine: {row['engine_images_per_s']:.2f} images/s end to end "
             f"({row['engine_over_step']:.3f}x the step), loop alone "
             f"{row['loop_images_per_s']:.2f} images/s ({row['loop_over_step']:.3f}x); "
-            f"step {step:.2f} images/s (before {before:.2f}, after {after:.2f}); "
+            f"step {step:.2f} images/s (between the epochs: "
+            f"{', '.join(f'{v:.2f}' for v in steps)}); "
+            f"per epoch {row['epoch_fixed_s']:.2f} s of validation, checkpoints and logging; "
             f"loader workers {row['workers']}",
             flush=True,
         )
     except Exception as err:  # a failure is a result (e.g. no compiler for torch.compile)
-        row["error"] = f"{type(err).__name__}: {err}".replace("\n", " ")[:600]
+        row["error"] = f"{type(err).__name__}: {err}".replace("\n", " ")[-800:]
         print(f"ERROR {row['error']}", flush=True)
     finally:
         if not args.workdir:

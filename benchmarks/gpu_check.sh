@@ -95,7 +95,7 @@ for p in $PARTS; do
         ;;
     engine_paper_compiled) # the same with train.compile (whole pretext task)
         part engine_paper_compiled 130 "$PYTHON" benchmarks/bench_engine.py "${DEV[@]}" \
-            "${ENGINE_PAPER[@]}" --compile model --no-step-after --workdir "$WORK/e2e_paper" \
+            "${ENGINE_PAPER[@]}" --compile model --workdir "$WORK/e2e_paper" \
             --out "$WORK/engine_paper_compiled.json"
         ;;
     step_paper) # the step, and its ratio to the bare backbone, in bf16 + channels_last

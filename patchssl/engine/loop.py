@@ -463,6 +463,10 @@ class Trainer:
         self.mode = monitor_mode(monitor)
         self.out_dir = Path(out_dir if out_dir is not None else config.out)
         self.callbacks = list(callbacks)
+        if device.type == "cuda":
+            # Every training batch has the same shape: cuDNN times its kernels once per
+            # shape and keeps the fastest (bench_throughput measures the step this way).
+            torch.backends.cudnn.benchmark = True
         self.amp_dtype, note = resolve_amp(self.train.amp, device)
         if note:
             echo(f"note: {note}")
