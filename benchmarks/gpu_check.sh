@@ -13,6 +13,7 @@
 #   PYTHON   interpreter (default: python3)
 #   ARCHIVE  if set, a .tar.gz of WORKDIR is rewritten there after every part
 #   PARTS    which parts to run, in order (default: all of them, as below)
+#   LIMIT_SCALE  multiplies every part's time limit (default 1; 10 with DRY=1)
 #   DRY      1: run every part's command with --device cpu --quick (no GPU needed; the
 #            test suite part is skipped; TORCHDYNAMO_DISABLE=1, so torch.compile is called
 #            but compiles nothing): checks that the script and its commands work
@@ -29,6 +30,8 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if [[ "${DRY:-0}" == "1" ]]; then
     # torch.compile's calls run, but compile nothing: minutes on a CPU otherwise.
     export TORCHDYNAMO_DISABLE=1
+    # On a CPU the parts' GPU time limits do not apply: ten times as long.
+    LIMIT_SCALE="${LIMIT_SCALE:-10}"
     DEV=(--device cpu --quick)
     ENGINE_PAPER=(--geometry tiny)
     ENGINE_SMALL=(--geometry tiny)
@@ -55,7 +58,7 @@ archive() {
 
 # part NAME LIMIT COMMAND...: run COMMAND under `timeout`, log to WORK/NAME.log, report.
 part() {
-    local name=$1 limit=$2
+    local name=$1 limit=$(($2 * ${LIMIT_SCALE:-1}))
     shift 2
     local start rc
     start=$(date +%s)
