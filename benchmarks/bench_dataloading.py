@@ -11,6 +11,12 @@ upscaled and given sensor-like noise), then measures, on one thread (``num_worke
 * ``load_image_cache_png`` / ``load_image_cache_jpeg``: reading the 512 px cache that
   ``prepare_images`` wrote (PNG, or JPEG quality 95);
 * ``loader_cache_png``: ImageFolderDataset + DataLoader over the PNG cache (batches of 8);
+* ``decode_jpeg_cache``: ``torchvision.io.decode_jpeg`` alone on the JPEG cache (the floor a
+  decoder on the CPU can reach), and ``load_image_over_decode_jpeg``, the ratio of
+  ``load_image`` to it (the two timed interleaved);
+* ``decode_jpeg_<device>_batch``: with ``--device cuda``, ``decode_jpeg(list of files,
+  device="cuda")`` on batches of ``--gpu-batch`` cache files (nvJPEG; the GPU decodes, the
+  loader only reads bytes);
 * ``prepare_*``: ``prepare_images`` throughput (decode, resize, encode, write), 1 worker and
   all cores.
 
@@ -41,8 +47,10 @@ from _common import (
     describe_machine,
     markdown_table,
     measure,
+    measure_interleaved,
     save_csv,
     save_results,
+    sync,
 )
 from PIL import Image
 
@@ -110,6 +118,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--image-size", type=int, default=512, help="working size (px)")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--workdir", default=None, help="where the images go (default: tmp)")
+    parser.add_argument(
+        "--gpu-batch", type=int, default=64, help="files per decode_jpeg(device=...) call"
+    )
     args = parser.parse_args(argv)
     # Per core: one torch thread and no loader workers; Pillow decodes on one thread.
     torch.set_num_threads(args.threads or 1)
@@ -144,7 +155,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 **extra,
             }
             rows.append(row)
-            print(f"{name:24s} {row['images_per_s']:8.1f} img/s  {row['ms_per_image']:8.1f} ms/img")
+            print(f"{name:24s} {row['images_per_s']:8.1f} img/s  {row['ms_per_image']:8.2f} ms/img")
 
         # prepare_images first: it also builds the caches the next rows read.
         for fmt in ("png", "jpeg"):
@@ -201,6 +212,53 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         for name, what, fn in cases:
             t = measure(fn, **timing)
             record(name, what, t.median_s, count)
+
+        # load_image against decode_jpeg on the JPEG cache (the engine's input), interleaved.
+        from torchvision.io import decode_jpeg, read_file
+
+        ratio_t = measure_interleaved(
+            {
+                "decode_jpeg": read_all(jpg, lambda p: decode_jpeg(read_file(str(p)))),
+                "load_image": read_all(jpg, lambda p: load_image(p, size)),
+            },
+            warmup=1,
+            repeats=max(3, repeats),
+            min_time=0.0 if args.quick else 0.5,
+        )
+        record(
+            "decode_jpeg_cache",
+            "torchvision.io.decode_jpeg(read_file(cache .jpg)), the decoder alone",
+            ratio_t["decode_jpeg"].median_s,
+            count,
+        )
+        over = ratio_t["load_image"].median_s / ratio_t["decode_jpeg"].median_s
+        rows.append(
+            {
+                "name": "load_image_over_decode_jpeg",
+                "what": "load_image / decode_jpeg on the JPEG cache (interleaved medians)",
+                "ratio": over,
+                "images_per_s": count / ratio_t["load_image"].median_s,
+                "ms_per_image": ratio_t["load_image"].median_s / count * 1e3,
+                "images": count,
+            }
+        )
+        print(f"load_image / decode_jpeg on the 512 px JPEG cache: {over:.2f}x")
+        device = torch.device(args.device or "cpu")
+        if device.type != "cpu":
+            datas = [read_file(str(p)) for p in jpg]
+            batch_files = [datas[i % len(datas)] for i in range(args.gpu_batch)]
+
+            def gpu_decode() -> None:
+                decode_jpeg(batch_files, device=device)
+                sync(device)
+
+            t = measure(gpu_decode, device=device, warmup=2, repeats=repeats, min_time=0.5)
+            record(
+                f"decode_jpeg_{device.type}_batch",
+                f"decode_jpeg(list of {args.gpu_batch} cache files, device={device.type!r})",
+                t.median_s,
+                args.gpu_batch,
+            )
 
         dataset = ImageFolderDataset(workdir / "cache_png_1", size)
         batch = min(8, count)

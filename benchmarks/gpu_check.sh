@@ -1,29 +1,54 @@
 #!/usr/bin/env bash
-# Everything that needs a CUDA GPU, in one pass with a fixed time budget: the GPU benchmark set
-# (paper geometry first, since it carries the headline figure), the test suite on the GPU,
-# the small geometry, tiling, and data loading on the GPU host's CPU. Each part runs under its
-# own time limit, so a slow part cannot take the others with it, and its log and result files
-# are written as it goes.
+# Everything that needs a CUDA GPU, in one pass of under 9 minutes, most important first: the
+# engine end to end at the paper geometry (bf16 + channels_last, eager and compiled), the step
+# and its bf16 ratio to the bare backbone, the small geometry, GPU JPEG decoding, and last,
+# separately, the test suite on the GPU. Each part runs under its own `timeout` (the budgets
+# sum to 530 s), and writes its log and result file as it goes, so a part that is killed
+# keeps what it measured and cannot take the others with it.
 #
 #   bash benchmarks/gpu_check.sh [WORKDIR]        # default WORKDIR: benchmarks/results/gpu
+#   DRY=1 bash benchmarks/gpu_check.sh /tmp/dry   # every command on the CPU in --quick mode
 #
 # Environment:
 #   PYTHON   interpreter (default: python3)
-#   ARCHIVE  if set, a .tar.gz of WORKDIR is rewritten there after every part (so a run that
-#            is killed from outside still leaves everything measured up to then)
-#   LIMITS   "paper small tests tiling loading" seconds (default: "230 150 130 30 40")
-#   PARTS    which parts to run, in order (default: "env paper tests small tiling loading")
-#
-# The full run takes about 9 minutes on one H100/H200 with 16 CPU cores.
+#   ARCHIVE  if set, a .tar.gz of WORKDIR is rewritten there after every part
+#   PARTS    which parts to run, in order (default: all of them, as below)
+#   LIMIT_SCALE  multiplies every part's time limit (default 1; 10 with DRY=1)
+#   DRY      1: run every part's command with --device cpu --quick (no GPU needed; the
+#            test suite part is skipped; TORCHDYNAMO_DISABLE=1, so torch.compile is called
+#            but compiles nothing): checks that the script and its commands work
 set -uo pipefail
 cd "$(dirname "$0")/.."
 WORK="${1:-benchmarks/results/gpu}"
 PYTHON="${PYTHON:-python3}"
-read -r L_PAPER L_SMALL L_TESTS L_TILING L_LOADING <<<"${LIMITS:-230 150 130 30 40}"
-PARTS="${PARTS:-env paper tests small tiling loading}"
+PARTS="${PARTS:-env engine_paper engine_paper_compiled step_paper engine_small step_small decode tests}"
 mkdir -p "$WORK"
 LOG="$WORK/gpu_check.log"
 export PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+if [[ "${DRY:-0}" == "1" ]]; then
+    # torch.compile's calls run, but compile nothing: minutes on a CPU otherwise.
+    export TORCHDYNAMO_DISABLE=1
+    # On a CPU the parts' GPU time limits do not apply: ten times as long.
+    LIMIT_SCALE="${LIMIT_SCALE:-10}"
+    DEV=(--device cpu --quick)
+    ENGINE_PAPER=(--geometry tiny)
+    ENGINE_SMALL=(--geometry tiny)
+    STEP_PAPER=(--geometries tiny --batches 2 --ratio-batch 2 --ratio-variants fp32)
+    STEP_SMALL=("${STEP_PAPER[@]}")
+    DECODE=(--count 2 --original-size 640 424 --repeats 1)
+else
+    DEV=(--device cuda)
+    # Paper geometry: 512 px, 3x3 patches of 153 px, ResNet50, bf16 + channels_last, B = 64.
+    ENGINE_PAPER=(--geometry paper --variant bf16-cl --batch 64 --epochs 3 --unique 32)
+    ENGINE_SMALL=(--geometry small --variant bf16-cl --batch 128 --epochs 3 --unique 32)
+    STEP_PAPER=(--geometries paper --modes pretrain --batches 64 --sweep bf16-cl --compare ""
+        --ratio-batch 64 --ratio-variants bf16-cl --workers 8 --repeats 3 --min-time 0.3)
+    STEP_SMALL=(--geometries small --modes pretrain --batches 128 --sweep bf16-cl --compare ""
+        --ratio-batch 128 --ratio-variants bf16-cl --workers 8 --repeats 3 --min-time 0.3)
+    DECODE=(--count 8 --repeats 3 --gpu-batch 64)
+fi
 
 archive() {
     if [[ -n "${ARCHIVE:-}" ]]; then
@@ -33,61 +58,72 @@ archive() {
 
 # part NAME LIMIT COMMAND...: run COMMAND under `timeout`, log to WORK/NAME.log, report.
 part() {
-    local name=$1 limit=$2
+    local name=$1 limit=$(($2 * ${LIMIT_SCALE:-1}))
     shift 2
     local start rc
     start=$(date +%s)
     echo "== $name (limit ${limit} s): $*" | tee -a "$LOG"
-    timeout -k 10 "$limit" "$@" >"$WORK/$name.log" 2>&1
+    timeout -k 5 "$limit" "$@" >"$WORK/$name.log" 2>&1
     rc=$?
     echo "== $name: rc=$rc in $(($(date +%s) - start)) s" | tee -a "$LOG"
-    tail -n 25 "$WORK/$name.log" | tee -a "$LOG"
+    tail -n 12 "$WORK/$name.log" | tee -a "$LOG"
     archive
 }
 
 env_report() {
-    nvidia-smi || true
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
     "$PYTHON" - <<'EOF'
-import platform, torch
-print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda)
-print("device", torch.cuda.get_device_name(0), torch.cuda.get_device_properties(0))
-import timm, torchvision
-print("timm", timm.__version__, "torchvision", torchvision.__version__)
+import os, platform, torch, timm, torchvision
+import patchssl
+from patchssl.data import default_workers
+print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda,
+      "timm", timm.__version__, "torchvision", torchvision.__version__, "patchssl", patchssl.__file__)
+if torch.cuda.is_available():
+    print("device", torch.cuda.get_device_name(0))
+print("cores", len(os.sched_getaffinity(0)), "engine loader workers (cuda)", default_workers("cuda"))
 EOF
-    # The package itself, without touching the machine's own torch/timm.
-    "$PYTHON" -m pip install -q --no-deps --no-build-isolation -e . ||
-        echo "pip install -e . failed; the parts run from the checkout on PYTHONPATH"
-    "$PYTHON" -c "import patchssl; print('patchssl', patchssl.__version__, patchssl.__file__)"
 }
 
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 start_all=$(date +%s)
 for p in $PARTS; do
     case "$p" in
     env)
         export -f env_report
         export PYTHON
-        part env 120 bash -c env_report
+        part env 15 bash -c env_report
         ;;
-    paper)
-        part throughput_paper "$L_PAPER" "$PYTHON" benchmarks/bench_throughput.py --device cuda \
-            --geometries paper --compile --out "$WORK/throughput_paper.json"
+    engine_paper) # the headline: patchssl pretrain end to end against the step, eager
+        part engine_paper 100 "$PYTHON" benchmarks/bench_engine.py "${DEV[@]}" "${ENGINE_PAPER[@]}" \
+            --workdir "$WORK/e2e_paper" --out "$WORK/engine_paper.json"
         ;;
-    small)
-        part throughput_small "$L_SMALL" "$PYTHON" benchmarks/bench_throughput.py --device cuda \
-            --geometries small --compile --out "$WORK/throughput_small.json"
+    engine_paper_compiled) # the same with train.compile (whole pretext task)
+        part engine_paper_compiled 130 "$PYTHON" benchmarks/bench_engine.py "${DEV[@]}" \
+            "${ENGINE_PAPER[@]}" --compile model --workdir "$WORK/e2e_paper" \
+            --out "$WORK/engine_paper_compiled.json"
         ;;
-    tests)
-        part tests "$L_TESTS" "$PYTHON" -m pytest --device cuda -n 8 -q -p no:cacheprovider \
-            --junitxml "$WORK/tests.xml"
+    step_paper) # the step, and its ratio to the bare backbone, in bf16 + channels_last
+        part step_paper 60 "$PYTHON" benchmarks/bench_throughput.py "${DEV[@]}" "${STEP_PAPER[@]}" \
+            --out "$WORK/throughput_paper.json"
         ;;
-    tiling)
-        part tiling "$L_TILING" "$PYTHON" benchmarks/bench_tiling.py --device cuda --batch 256 \
-            --out "$WORK/tiling.json"
+    engine_small)
+        part engine_small 55 "$PYTHON" benchmarks/bench_engine.py "${DEV[@]}" "${ENGINE_SMALL[@]}" \
+            --workdir "$WORK/e2e_small" --out "$WORK/engine_small.json"
         ;;
-    loading)
-        part dataloading "$L_LOADING" "$PYTHON" benchmarks/bench_dataloading.py --device cpu \
+    step_small)
+        part step_small 40 "$PYTHON" benchmarks/bench_throughput.py "${DEV[@]}" "${STEP_SMALL[@]}" \
+            --out "$WORK/throughput_small.json"
+        ;;
+    decode) # JPEG decoding: load_image against decode_jpeg per core, and on the GPU in batches
+        part decode 30 "$PYTHON" benchmarks/bench_dataloading.py "${DEV[@]}" "${DECODE[@]}" \
             --threads 1 --out "$WORK/dataloading.json"
+        ;;
+    tests) # separately and last: the suite on the GPU
+        if [[ "${DRY:-0}" == "1" ]]; then
+            echo "== tests: skipped in DRY mode" | tee -a "$LOG"
+        else
+            part tests 100 "$PYTHON" -m pytest --device cuda -n 8 -q -p no:cacheprovider \
+                --junitxml "$WORK/tests.xml"
+        fi
         ;;
     *) echo "unknown part $p" | tee -a "$LOG" ;;
     esac

@@ -136,3 +136,51 @@ def test_transfer_paired_table_and_budgets() -> None:
     assert by["a - b"]["ci_low"] > 0 and by["a - b"]["ci_above_0"]
     assert by["a - c"]["diff"] == 0 and by["a - c"]["ci_low"] == by["a - c"]["ci_high"] == 0
     assert {r["row"] for r in aucs} == {"a", "b", "c"}
+
+
+def test_dataloading_reports_the_decode_jpeg_ratio(tmp_path: Path) -> None:
+    pytest.importorskip("skimage")
+    import bench_dataloading
+
+    rows = bench_dataloading.main(
+        ["--quick", "--count", "2", "--original-size", "640", "424", "--out", str(tmp_path / "d")]
+    )
+    (ratio,) = [r for r in rows if r["name"] == "load_image_over_decode_jpeg"]
+    assert ratio["ratio"] > 0 and math.isfinite(ratio["ratio"])
+    assert any(r["name"] == "decode_jpeg_cache" for r in rows)
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_mode_runs_every_python_command_on_the_cpu(tmp_path: Path) -> None:
+    """gpu_check.sh with DRY=1: its commands run with --device cpu --quick (no GPU needed)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    pytest.importorskip("skimage")
+    if shutil.which("bash") is None or shutil.which("timeout") is None:
+        pytest.skip("needs bash and coreutils' timeout")
+    work = tmp_path / "gpu"
+    env = dict(os.environ, DRY="1", PYTHON=sys.executable)
+    # One command per script: the engine end to end (its compiled variant), the step and
+    # its ratios, decoding. The other parts run the same scripts with other geometries.
+    env["PARTS"] = "env engine_paper_compiled step_paper decode tests"
+    proc = subprocess.run(
+        ["bash", str(BENCH / "gpu_check.sh"), str(work)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    log = (work / "gpu_check.log").read_text()
+    assert proc.returncode == 0, log
+    for name in ("env", "engine_paper_compiled", "step_paper", "decode"):
+        assert f"== {name}: rc=0" in log, log
+    assert "tests: skipped in DRY mode" in log
+    (engine,) = json.loads((work / "engine_paper_compiled.json").read_text())["results"][:1]
+    assert "error" not in engine, engine
+    assert engine["engine_images_per_s"] > 0 and engine["step_images_per_s"] > 0
+    assert engine["compile"] == "model" and engine["train_images"] > 0
+    assert json.loads((work / "throughput_paper.json").read_text())["results"]
+    assert json.loads((work / "dataloading.json").read_text())["results"]

@@ -157,3 +157,47 @@ def test_loader_argument_errors(folder: Path) -> None:
         make_loader(ds, 0)
     with pytest.raises(ValueError, match="num_workers"):
         make_loader(ds, 2, num_workers=-1)
+
+
+def test_batches_of_hwc_views_are_channels_last_and_equal(tmp_path: Path) -> None:
+    from patchssl.data.datasets import ImageFolderDataset, collate_skip_failed, make_loader
+
+    for i in range(4):
+        arr = np.random.default_rng(i).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+        Image.fromarray(arr).save(tmp_path / f"{i}.jpg", quality=95)
+    ds = ImageFolderDataset(tmp_path, 16)
+    items = [ds[i] for i in range(4)]
+    batch = collate_skip_failed(items)["image"]
+    assert batch.shape == (4, 3, 16, 16)
+    assert batch.is_contiguous(memory_format=torch.channels_last)
+    expected = torch.stack([it["image"].contiguous() for it in items])
+    torch.testing.assert_close(batch, expected, atol=0, rtol=0)
+    # Channels-first items (a user transform's output) stack channels-first.
+    firsts = [{**it, "image": it["image"].contiguous()} for it in items]
+    plain = collate_skip_failed(firsts)["image"]
+    assert plain.is_contiguous()
+    torch.testing.assert_close(plain, expected, atol=0, rtol=0)
+    # Through worker processes (the batch is built in shared memory there).
+    loader = make_loader(ds, 2, num_workers=1)
+    got = torch.cat([b["image"] for b in loader])
+    torch.testing.assert_close(got, expected, atol=0, rtol=0)
+
+
+def test_default_workers_follow_cores_device_and_local_processes(monkeypatch) -> None:
+    import os
+
+    from patchssl.data.datasets import default_workers, make_loader
+
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    assert default_workers("cuda") == 15
+    assert default_workers("cpu") == 4
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # 4 processes share the 16 cores
+    assert default_workers("cuda") == 3
+    assert default_workers("cpu") == 0
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert default_workers("cpu") == 0 and default_workers("cuda") == 1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    assert default_workers("cuda") == 16
+    assert make_loader(list(range(4)), 2, num_workers=None).num_workers == 4  # 64 CPU cores

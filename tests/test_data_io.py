@@ -256,7 +256,76 @@ def test_real_photograph_smoke(tmp_path: Path, ext: str) -> None:
 def test_pil_to_tensor_matches_the_array_channels_first() -> None:
     rgb = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
     out = pil_to_tensor(Image.fromarray(rgb))
-    assert out.dtype == torch.uint8 and out.is_contiguous() and out.shape == (3, 5, 7)
+    assert out.dtype == torch.uint8 and out.shape == (3, 5, 7)
     assert torch.equal(out, torch.from_numpy(rgb.transpose(2, 0, 1).copy()))
     gray = pil_to_tensor(Image.fromarray(rgb[..., 0]))
     assert gray.shape == (1, 5, 7) and torch.equal(gray[0], torch.from_numpy(rgb[..., 0].copy()))
+
+
+# ------------------------------------------------------------------ the decode_jpeg fast path
+def _jpeg(path: Path, array: np.ndarray, **kw) -> Path:
+    Image.fromarray(array).save(path, quality=95, **kw)
+    return path
+
+
+def _pillow_decode(path: Path, mode: str = "RGB") -> torch.Tensor:
+    with Image.open(path) as im:
+        array = np.array(im.convert(mode))
+    t = torch.from_numpy(array)
+    return t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1)
+
+
+def test_jpeg_at_working_size_matches_pillow_and_is_an_hwc_view(tmp_path: Path) -> None:
+    path = _jpeg(tmp_path / "a.jpg", _rgb(48, 64))
+    fast = load_image(path, (48, 64))
+    assert fast.shape == (3, 48, 64) and fast.dtype == torch.uint8
+    torch.testing.assert_close(fast, _pillow_decode(path), atol=0, rtol=0)
+    assert fast.permute(1, 2, 0).is_contiguous()  # no transposing copy was made
+    torch.testing.assert_close(load_image(path), fast, atol=0, rtol=0)  # no size: same path
+    # Not at the working size: Pillow's draft decode and resize, still an HWC view.
+    resized = load_image(path, 32)
+    assert resized.shape == (3, 32, 32) and resized.permute(1, 2, 0).is_contiguous()
+
+
+def test_grayscale_jpeg_at_working_size(tmp_path: Path) -> None:
+    gray = np.random.default_rng(1).integers(0, 256, (32, 32), dtype=np.uint8)
+    path = _jpeg(tmp_path / "g.jpg", gray)
+    rgb = load_image(path, 32)
+    torch.testing.assert_close(rgb, _pillow_decode(path, "RGB"), atol=0, rtol=0)
+    one = load_image(path, 32, channels=1)
+    torch.testing.assert_close(one, _pillow_decode(path, "L"), atol=0, rtol=0)
+    # An RGB JPEG as one channel uses Pillow's luma weights, as every other file does.
+    path = _jpeg(tmp_path / "c.jpg", _rgb(32, 32))
+    torch.testing.assert_close(
+        load_image(path, 32, channels=1), _pillow_decode(path, "L"), atol=0, rtol=0
+    )
+
+
+def test_rotated_and_cmyk_jpegs_at_working_size_take_pillow(tmp_path: Path) -> None:
+    arr = np.zeros((20, 20, 3), dtype=np.uint8)
+    arr[:, :10] = [255, 0, 0]  # left half red
+    img = Image.fromarray(arr)
+    exif = img.getexif()
+    exif[0x0112] = 6  # rotate 90 CW: the red half goes on top
+    img.save(tmp_path / "r.jpg", exif=exif, quality=95)
+    out = load_image(tmp_path / "r.jpg", 20)
+    assert out[0, 3, 10] > 200 and out[0, 16, 10] < 60
+    Image.fromarray(arr).convert("CMYK").save(tmp_path / "k.jpg", quality=95)
+    out = load_image(tmp_path / "k.jpg", 20)
+    assert out.shape == (3, 20, 20) and out[0, 10, 3] > 200 and out[0, 10, 16] < 60
+
+
+def test_broken_jpegs_at_working_size_keep_their_errors(tmp_path: Path, monkeypatch) -> None:
+    buf = io.BytesIO()
+    Image.fromarray(_rgb(64, 64)).save(buf, format="JPEG")
+    data = buf.getvalue()
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ImageReadError, match="truncated"):
+        load_image(tmp_path / "cut.jpg", 64)
+    (tmp_path / "sig.jpg").write_bytes(data[:3] + b"garbage" * 10)
+    with pytest.raises(ImageReadError, match="sig.jpg"):
+        load_image(tmp_path / "sig.jpg", 64)
+    (tmp_path / "ok.jpg").write_bytes(data)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 64 * 64 > 2 * 1000
+    with pytest.raises(ImageReadError, match="MAX_IMAGE_PIXELS"):
+        load_image(tmp_path / "ok.jpg", 64)

@@ -201,3 +201,55 @@ def test_ties_on_the_monitored_metric_go_to_the_lower_validation_loss(tmp_path):
     # AUC 1.0 every epoch: epoch 1 (0-based) lowers the loss, the later ones do not
     assert result.best_epoch == 1 and result.best_metric == 1.0
     assert load_checkpoint(tmp_path / "best.pt")["epoch"] == 1
+
+
+def test_nan_checked_every_few_steps_names_the_first_bad_step(tmp_path):
+    """With deferred checks (the accelerator default), the message still names the first
+    non-finite step, and no checkpoint of that epoch is written."""
+    task = ToyTask(nan_at_step=5)  # epoch 2, step 2 (global step 5)
+    trainer = _trainer(task, tmp_path, epochs=3)
+    trainer.check_every = 32  # longer than an epoch: the check at the epoch's end finds it
+    with pytest.raises(NonFiniteLossError, match=r"epoch 2, step 2 .*global step 5"):
+        trainer.fit()
+    last = load_checkpoint(tmp_path / "last.pt")
+    assert last["epoch"] == 0
+    assert all(torch.isfinite(v).all() for v in last["model"].values())
+    assert task.steps == 6  # the epoch ran to its end before the check
+
+
+def test_epoch_sums_are_kept_on_the_device_and_match(tmp_path):
+    """train_loss is the image-weighted mean of the step losses, whatever check_every."""
+    losses = {}
+    for every in (1, 2):
+        task = ToyTask()
+        trainer = _trainer(task, tmp_path / str(every), epochs=1)
+        trainer.check_every = every
+        row = trainer.train_epoch(0)
+        losses[every] = row["train_loss"]
+        assert row["images_per_s"] > 0
+    assert losses[1] == pytest.approx(losses[2], rel=1e-6)
+
+
+def test_adamw_is_fused_only_on_cuda():
+    from patchssl.engine.config import TrainConfig
+    from patchssl.engine.loop import build_optimizer
+
+    opt = build_optimizer(nn.Linear(2, 2), TrainConfig())
+    assert not opt.defaults.get("fused")
+    if torch.cuda.is_available():
+        opt = build_optimizer(nn.Linear(2, 2).cuda(), TrainConfig())
+        assert opt.defaults["fused"] is True
+
+
+def test_compile_scope(tmp_path):
+    from patchssl.engine.common import compile_encoder
+    from patchssl.engine.config import ConfigError
+
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    compile_encoder(model[0], "default", model=model, scope="model")
+    assert model._compiled_call_impl is not None and model[0]._compiled_call_impl is None
+    other = nn.Sequential(nn.Linear(2, 2))
+    compile_encoder(other[0], "default", model=other, scope="encoder")
+    assert other[0]._compiled_call_impl is not None and other._compiled_call_impl is None
+    with pytest.raises(ConfigError, match="compile_scope"):
+        compile_encoder(other[0], None, model=other, scope="everything")

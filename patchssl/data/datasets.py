@@ -40,6 +40,7 @@ __all__ = [
     "ImageFolderDataset",
     "ManifestDataset",
     "collate_skip_failed",
+    "default_workers",
     "find_images",
     "make_loader",
     "seed_worker",
@@ -292,6 +293,8 @@ def collate_skip_failed(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
     Returns:
         A dict with ``"image"``, a uint8 tensor ``(B, C, H, W)`` of the ``B`` good items
+        (channels-last strides when the items are :func:`patchssl.data.io.load_image`'s
+        views of ``(H, W, C)`` memory)
         (``B`` may be 0: then the shape is ``(0, C, H, W)`` when the working size is known,
         else ``(0, 0, 0, 0)``; check ``batch["image"].shape[0]`` and skip such a batch);
         ``"index"``, a long tensor ``(B,)``; ``"label"``, a long tensor ``(B,)`` when the
@@ -312,7 +315,7 @@ def collate_skip_failed(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
                 f"images in one batch have different shapes {sorted(shapes)}; give the dataset "
                 "an image_size so that every image is resized to the same size"
             )
-        batch["image"] = torch.stack([it["image"] for it in good])
+        batch["image"] = _stack_images([it["image"] for it in good])
     else:
         shape = next((tuple(it["shape"]) for it in bad if "shape" in it), (0, 0, 0))
         batch["image"] = torch.empty((0, *shape), dtype=torch.uint8)
@@ -331,6 +334,31 @@ def collate_skip_failed(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return batch
 
 
+def _stack_images(images: list[torch.Tensor]) -> torch.Tensor:
+    """Stack ``(C, H, W)`` images into ``(B, C, H, W)`` with one plain copy.
+
+    Images that are views of ``(H, W, C)`` memory (what :func:`patchssl.data.io.load_image`
+    returns) are stacked as such, so the batch is channels-last (no transposing copy on the
+    loader's core: the device converts, if it needs to, at its own speed); others are
+    stacked channels-first. In a DataLoader worker the batch is written straight into shared
+    memory, as ``torch.utils.data.default_collate`` does, instead of being copied there when
+    it is sent to the main process.
+    """
+    hwc = [im.permute(1, 2, 0) for im in images]
+    if all(t.is_contiguous() for t in hwc):
+        parts, permute = hwc, (0, 3, 1, 2)
+    else:
+        parts, permute = images, None
+    out = None
+    if torch.utils.data.get_worker_info() is not None:
+        first = parts[0]
+        numel = first.numel() * len(parts)
+        storage = first.untyped_storage()._new_shared(numel * first.element_size())
+        out = first.new(storage).resize_(len(parts), *first.shape)
+    stacked = torch.stack(parts, out=out)
+    return stacked.permute(*permute) if permute is not None else stacked
+
+
 def seed_worker(worker_id: int) -> None:
     """Seed Python's and NumPy's RNGs in a DataLoader worker from its torch seed.
 
@@ -342,18 +370,57 @@ def seed_worker(worker_id: int) -> None:
     np.random.seed(seed)
 
 
+def default_workers(device: torch.device | str | None = None) -> int:
+    """How many decoding processes a loader should use, from the cores and the device.
+
+    The cores are those this process may run on (``os.sched_getaffinity``, which honours
+    ``taskset`` and container CPU sets; ``os.cpu_count()`` where it is missing), shared
+    among the processes of a ``torchrun`` job on this machine (``LOCAL_WORLD_SIZE``).
+
+    * CUDA (or another accelerator): every core but one (the one that drives the device),
+      at most 16. A 512 px JPEG costs 1.5 to 3 ms of a core to decode, so a GPU step at
+      1,000 to 1,500 images/s needs several.
+    * CPU: none on 4 cores or fewer (decoding in the training process costs about 1% of a
+      CPU step, and a worker process would take a core from the step's threads), else one
+      per 4 cores, at most 4.
+
+    Args:
+        device: The training device (``None``: CUDA when available, else the CPU).
+
+    Returns:
+        The number of workers (``num_workers`` of a ``DataLoader``).
+    """
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # macOS, Windows
+        cores = os.cpu_count() or 1
+    try:
+        local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        local = 1
+    cores = max(1, cores // local)
+    if device is None:
+        kind = "cuda" if torch.cuda.is_available() else "cpu"
+    else:
+        kind = torch.device(device).type
+    if kind == "cpu":
+        return 0 if cores <= 4 else min(4, cores // 4)
+    return max(1, min(16, cores - 1))
+
+
 def make_loader(
     dataset: Dataset[Any],
     batch_size: int,
     *,
     shuffle: bool = False,
     seed: int = 0,
-    num_workers: int = 0,
+    num_workers: int | None = 0,
     drop_last: bool = False,
     sampler: Sampler[int] | None = None,
     pin_memory: bool = False,
     persistent_workers: bool = False,
     collate_fn: Callable[[list[Any]], Any] = collate_skip_failed,
+    prefetch_factor: int | None = None,
 ) -> DataLoader[Any]:
     """A DataLoader that repeats exactly for a given seed and never dies on a bad file.
 
@@ -367,12 +434,15 @@ def make_loader(
         batch_size: Images per batch (>= 1).
         shuffle: Reshuffle every epoch (ignored when ``sampler`` is given).
         seed: Seed of the loader's generator.
-        num_workers: Decoding processes (0 = in the main process).
+        num_workers: Decoding processes (0 = in the main process; ``None`` =
+            :func:`default_workers`).
         drop_last: Drop the last incomplete batch.
         sampler: Custom sampler (for example a class-balanced one); exclusive with shuffle.
         pin_memory: Pin batches for faster host-to-GPU copies.
         persistent_workers: Keep workers alive between epochs (needs ``num_workers > 0``).
         collate_fn: Batch builder.
+        prefetch_factor: Batches each worker prepares ahead (``None``: torch's default, 2;
+            only with workers).
 
     Returns:
         A ``torch.utils.data.DataLoader`` yielding dicts with ``"image"`` of shape
@@ -383,7 +453,9 @@ def make_loader(
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if not isinstance(num_workers, int) or num_workers < 0:
+    if num_workers is None:
+        num_workers = default_workers(None if pin_memory else "cpu")
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
         raise ValueError(f"num_workers must be an integer >= 0, got {num_workers!r}")
     generator = torch.Generator()
     generator.manual_seed(int(seed))
@@ -399,4 +471,5 @@ def make_loader(
         worker_init_fn=seed_worker if num_workers > 0 else None,
         generator=generator,
         persistent_workers=persistent_workers and num_workers > 0,
+        prefetch_factor=prefetch_factor if num_workers > 0 else None,
     )

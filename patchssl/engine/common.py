@@ -105,18 +105,37 @@ def build_tiler(config: Config) -> Any:
         raise ConfigError(f"model/data geometry: {err}") from err
 
 
-def compile_encoder(encoder: torch.nn.Module, mode: str | None) -> None:
-    """Compile ``encoder`` in place (its weights and state-dict keys stay as they are).
+def compile_encoder(
+    encoder: torch.nn.Module,
+    mode: str | None,
+    *,
+    model: torch.nn.Module | None = None,
+    scope: str = "encoder",
+) -> None:
+    """Compile ``encoder`` (or the whole ``model``) in place; weights and keys stay as they are.
 
     Args:
         encoder: The patch encoder of the model being trained.
         mode: A ``torch.compile`` mode from :func:`patchssl.engine.device.resolve_compile`
             (``train.compile``); ``None`` does nothing.
+        model: The whole module whose forward a training step calls (the pretext task).
+        scope: ``"encoder"`` or ``"model"`` (``train.compile_scope``; ``"model"`` needs
+            ``model``).
+
+    Raises:
+        ConfigError: For another ``scope``.
     """
+    if scope not in ("encoder", "model"):
+        raise ConfigError(f"train.compile_scope must be 'encoder' or 'model'; got {scope!r}")
     if mode is None:
         return
-    encoder.compile(mode=mode)
-    say(f"patch encoder compiled with torch.compile (mode '{mode}'); the first steps are slow")
+    if scope == "model" and model is not None:
+        model.compile(mode=mode)
+        what = "pretext task (tiling, defences, encoder, head, loss)"
+    else:
+        encoder.compile(mode=mode)
+        what = "patch encoder"
+    say(f"{what} compiled with torch.compile (mode '{mode}'); the first steps are slow")
 
 
 def build_encoder(config: Config, device: torch.device) -> Any:

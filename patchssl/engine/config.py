@@ -92,7 +92,9 @@ class DataConfig:
         exclude_overlap: Drop unlabeled images that are also labeled evaluation images
             (otherwise the overlap is reported with a warning).
         cache: Output folder of ``patchssl prepare`` (resized copies); default ``<out>/cache``.
-        workers: Data-loader worker processes (decoding only).
+        workers: Data-loader worker processes (decoding only); ``null`` (default): chosen
+            from the cores this process may use and the device (see
+            :func:`patchssl.data.default_workers`); ``patchssl prepare``: all cores.
         max_images: Use at most this many images of each kind (quick trials).
         allow_outside_root: Accept manifest image paths that lead outside the data root
             (``image_root``, default the manifest's folder): absolute paths elsewhere or
@@ -121,7 +123,7 @@ class DataConfig:
     pretrain_val_size: float = 0.05
     exclude_overlap: bool = False
     cache: str | None = None
-    workers: int = 2
+    workers: int | None = None
     max_images: int | None = None
     allow_outside_root: bool = False
     max_image_pixels: int | None = None
@@ -212,6 +214,10 @@ class TrainConfig:
             ``max-autotune``, ``max-autotune-no-cudagraphs``). The first steps are slow while
             it compiles (about a minute for a ResNet50 on a GPU, minutes on a CPU); then a
             paper-geometry pretraining step ran 1.37x faster on an H200 (docs/benchmarks.md).
+        compile_scope: What ``compile`` compiles when pretraining: ``encoder`` (default: the
+            shared patch encoder) or ``model`` (the whole pretext task's forward: tiling,
+            defences, encoder, head and loss; random draws with a generator stay eager).
+            Fine-tuning always compiles the encoder.
         device: ``auto`` (CUDA if available), ``cpu``, ``cuda``, ``cuda:1``...
         seed: Seed of every random choice; a seeded CPU run repeats exactly.
         class_weights: ``inverse`` (inverse class frequency in the loss) or ``none``.
@@ -248,6 +254,7 @@ class TrainConfig:
     warmup_epochs: float = 1.0
     amp: str = "auto"
     compile: bool | str = False
+    compile_scope: str = "encoder"
     device: str = "auto"
     seed: int = 0
     class_weights: str = "inverse"

@@ -391,7 +391,7 @@ def training_loaders(
     resume with another number of processes), sharded by rank (padded to equal shards). Every
     training image is kept, so that unreadable ones are all reported, except a lone last one
     (decided on the shard length, which is the same on every process). Memory is pinned on
-    CUDA.
+    CUDA. ``data.workers`` unset: :func:`patchssl.data.default_workers` of the device.
 
     Args:
         config: Run configuration (``train.batch_size`` or ``train.global_batch_size``,
@@ -403,7 +403,7 @@ def training_loaders(
     Returns:
         ``(loader, sampler, val_loader)``; ``val_loader`` is ``None`` without ``val_set``.
     """
-    from patchssl.data import make_loader
+    from patchssl.data import default_workers, make_loader
     from patchssl.engine.common import say
     from patchssl.engine.loop import describe_batch, per_process_batch_size
 
@@ -419,6 +419,9 @@ def training_loaders(
     )
     pin = device.type == "cuda"
     workers = config.data.workers
+    if workers is None:
+        workers = default_workers(device)
+        say(f"data loader: {workers} worker process(es) (data.workers, from the cores and device)")
     loader = make_loader(
         train_set,
         batch_size,
@@ -431,5 +434,12 @@ def training_loaders(
     )
     val_loader = None
     if val_set is not None:
-        val_loader = make_loader(val_set, batch_size, num_workers=workers, pin_memory=pin)
+        # A few batches per epoch: workers that stay alive save their start-up every epoch.
+        val_loader = make_loader(
+            val_set,
+            batch_size,
+            num_workers=min(workers, 2),
+            pin_memory=pin,
+            persistent_workers=workers > 0,
+        )
     return loader, sampler, val_loader

@@ -188,6 +188,8 @@ def build_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.Optimiz
     parameters that require grad (1-D tensors and biases get no weight decay) and
     :func:`timm.optim.create_optimizer_v2` builds the optimizer.
 
+    AdamW is fused (``fused=True``) when every parameter is a floating CUDA tensor.
+
     Args:
         model: Module to optimise (only parameters that require grad).
         train: Training section of the configuration (``optimizer``, ``lr``,
@@ -206,8 +208,19 @@ def build_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.Optimiz
     if name not in ("adamw", "sgd"):
         raise ConfigError(f"train.optimizer must be 'adamw' or 'sgd'; got '{train.optimizer}'")
     groups = _weight_decay_groups(model, train.weight_decay)
+    extra: dict[str, Any] = {}
+    params = [p for group in groups for p in group["params"]]
+    if name == "adamw" and params and all(p.is_cuda and p.is_floating_point() for p in params):
+        # One fused kernel for the whole update on CUDA (torch's fused AdamW needs every
+        # parameter on CUDA and floating); torch's default (foreach) elsewhere.
+        extra["fused"] = True
     return create_optimizer_v2(
-        groups, opt=name, lr=train.lr, weight_decay=train.weight_decay, momentum=train.momentum
+        groups,
+        opt=name,
+        lr=train.lr,
+        weight_decay=train.weight_decay,
+        momentum=train.momentum,
+        **extra,
     )
 
 
@@ -295,6 +308,65 @@ def monitor_mode(name: str) -> str:
     return "min" if ("loss" in name or "error" in name) else "max"
 
 
+class _StepAccumulator:
+    """Per-epoch sums of the training steps, kept on the device until they are read.
+
+    Reading a value from an accelerator makes the host wait for every queued kernel; the
+    loop reads these only every ``Trainer.check_every`` steps and at the end of the epoch, so
+    that the host queues the next steps while the device computes.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        zero = torch.zeros((), device=device)
+        self.loss = zero.clone()  # sum of loss * images
+        self.correct = zero.clone()
+        self.count = 0
+        self.scored = 0
+        self.seen = 0
+        self._last = zero.clone()
+        # (loss, batch index, global step) of the first non-finite loss; index -1: none yet
+        self._bad = torch.full((3,), -1.0, device=device)
+
+    def add(
+        self, loss: Tensor, n: int, correct: Tensor | int | None, index: int, step: int
+    ) -> None:
+        """Add one step: its loss, images, correct predictions, batch index and global step."""
+        value = loss.detach().float()
+        newly = (~torch.isfinite(value)) & (self._bad[1] < 0)
+        here = torch.stack([value, value.new_full((), index), value.new_full((), step)])
+        self._bad = torch.where(newly, here, self._bad)
+        if n:
+            self.loss = self.loss + value * n
+            self.count += n
+            self.seen += n
+            self._last = value
+            if correct is not None:
+                self.correct = self.correct + correct
+                self.scored += n
+
+    def first_bad(self) -> tuple[float, int, int] | None:
+        """``(loss, batch index, global step)`` of the first non-finite loss, or ``None``."""
+        value, index, step = self._bad.tolist()
+        if index < 0:
+            return None
+        return value, int(index), int(step)
+
+    @property
+    def last_loss(self) -> float:
+        """The loss of the last step with images (reads the device)."""
+        return float(self._last)
+
+    def totals(self) -> dict[str, float]:
+        """The sums as Python floats (reads the device)."""
+        loss, correct = torch.stack([self.loss, self.correct.float()]).tolist()
+        return {
+            "loss": loss,
+            "count": float(self.count),
+            "correct": correct,
+            "scored": float(self.scored),
+        }
+
+
 class Trainer:
     """Runs epochs of a :class:`TrainingTask` with checkpoints, logs and early stopping.
 
@@ -334,6 +406,10 @@ class Trainer:
         self.mode = monitor_mode(monitor)
         self.out_dir = Path(out_dir if out_dir is not None else config.out)
         self.callbacks = list(callbacks)
+        if device.type == "cuda":
+            # Every training batch has the same shape: cuDNN times its kernels once per
+            # shape and keeps the fastest (bench_throughput measures the step this way).
+            torch.backends.cudnn.benchmark = True
         self.amp_dtype, note = resolve_amp(self.train.amp, device)
         if note:
             echo(f"note: {note}")
@@ -377,6 +453,12 @@ class Trainer:
         self.best_path = self.out_dir / "best.pt"
         self.data_generator = getattr(sampler, "generator", None)
         self._template: dict[str, Tensor] | None = None
+        #: Steps between checks of the loss for NaN/inf (each check makes the host wait for
+        #: the device). 1 on the CPU (free there: a step ends when its work does), where a
+        #: non-finite loss is caught before its backward pass; 32 on accelerators, where the
+        #: steps between two checks are already applied when one is caught (the run stops
+        #: and nothing of the epoch is saved, so no checkpoint holds their weights).
+        self.check_every = 1 if device.type == "cpu" else 32
 
     # ----------------------------------------------------------------------------- checkpoints
     def _generators(self) -> dict[str, torch.Generator]:
@@ -610,6 +692,34 @@ class Trainer:
 
             save_checkpoint(path, self.payload(epoch, metrics))
 
+    def _check_finite(self, acc: _StepAccumulator, epoch: int, distributed: bool) -> None:
+        """Stop on a non-finite loss among the steps accumulated so far (one host sync).
+
+        Raises:
+            NonFiniteLossError: Naming the first such step, on every process together.
+        """
+        bad = acc.first_bad()
+        # all processes stop together (one leaving alone would hang the others)
+        if not (any_process(bad is not None) if distributed else bad is not None):
+            return
+        if bad is not None:
+            value, index, step = bad
+            where = f"epoch {epoch + 1}, step {index + 1} of the epoch (global step {step + 1})"
+            value_text = str(value) + (f" on rank {get_rank()}" if distributed else "")
+        else:
+            where = f"epoch {epoch + 1}"
+            value_text = "on another process"
+        raise NonFiniteLossError(
+            f"non-finite loss ({value_text}) at {where}; training stopped. "
+            + (
+                f"The last good checkpoint is kept at {self.last_path}."
+                if self.last_path.is_file()
+                else "No checkpoint had been written yet."
+            )
+            + " Try a lower learning rate (--lr), gradient clipping (--set "
+            "train.grad_clip=1.0) or --amp none."
+        )
+
     # ---------------------------------------------------------------------------------- epochs
     def train_epoch(self, epoch: int) -> dict[str, float]:
         """Run one epoch of optimisation.
@@ -632,7 +742,6 @@ class Trainer:
             self.sampler.set_epoch(epoch)
         self.train_module.train()
         distributed = self.world_size > 1
-        sums: dict[str, float] = {"loss": 0.0, "count": 0.0, "correct": 0.0, "scored": 0.0}
         bar = progress(
             self.loader,
             total=self.steps_per_epoch,
@@ -641,6 +750,9 @@ class Trainer:
         )
         start = time.perf_counter()
         seen = 0
+        taken = 0  # optimizer steps of this epoch (the same on every process)
+        # Device-side accumulators: the host never waits for the device between checks.
+        acc = _StepAccumulator(self.device)
         for index, batch in enumerate(bar):
             if index >= self.steps_per_epoch:
                 break
@@ -664,23 +776,16 @@ class Trainer:
             with autocast_context(self.device, self.amp_dtype):
                 out = self.task.step(batch, generator)
             loss = out.loss * 0.0 if placeholder else out.loss
-            local_bad = not bool(torch.isfinite(loss.detach()).all())
-            # all processes stop together (one leaving alone would hang the others)
-            if any_process(local_bad) if distributed else local_bad:
-                value = str(loss.item()) if local_bad else "on another process"
-                if local_bad and distributed:
-                    value += f" on rank {rank}"
-                raise NonFiniteLossError(
-                    f"non-finite loss ({value}) at epoch {epoch + 1}, step {index + 1} of "
-                    f"the epoch (global step {self.global_step + 1}); training stopped. "
-                    + (
-                        f"The last good checkpoint is kept at {self.last_path}."
-                        if self.last_path.is_file()
-                        else "No checkpoint had been written yet."
-                    )
-                    + " Try a lower learning rate (--lr), gradient clipping (--set "
-                    "train.grad_clip=1.0) or --amp none."
-                )
+            n = 0 if placeholder else int(out.count)
+            acc.add(loss, n, None if placeholder else out.correct, index, self.global_step)
+            taken += 1
+            if taken % self.check_every == 0:
+                # Before the backward pass: with check_every=1 (the CPU default) a
+                # non-finite loss never reaches the weights.
+                self._check_finite(acc, epoch, distributed)
+                if hasattr(bar, "set_postfix") and acc.seen:
+                    elapsed = max(time.perf_counter() - start, 1e-9)
+                    bar.set_postfix(loss=f"{acc.last_loss:.4f}", img_s=f"{seen / elapsed:.1f}")
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             if self.train.grad_clip:
@@ -690,22 +795,13 @@ class Trainer:
             self.scaler.update()
             self.scheduler.step()
             self.global_step += 1
-            if placeholder:
-                continue
-            n = int(out.count)
             seen += n
-            sums["loss"] += float(loss.detach()) * n
-            sums["count"] += n
-            if out.correct is not None:
-                sums["correct"] += float(out.correct)
-                sums["scored"] += n
-            if hasattr(bar, "set_postfix"):
-                elapsed = max(time.perf_counter() - start, 1e-9)
-                bar.set_postfix(loss=f"{float(loss.detach()):.4f}", img_s=f"{seen / elapsed:.1f}")
+        # The steps since the last check; nothing of this epoch is saved before it.
+        self._check_finite(acc, epoch, distributed)
         if hasattr(bar, "close"):
             bar.close()
         elapsed = max(time.perf_counter() - start, 1e-9)
-        totals = reduce_sums({**sums, "seen": float(seen)})
+        totals = reduce_sums({**acc.totals(), "seen": float(seen)})
         self.images_seen = int(totals["seen"])  # 0: every training image was unreadable
         row: dict[str, float] = {
             "train_loss": totals["loss"] / max(totals["count"], 1.0),

@@ -82,7 +82,7 @@ def _prepare(config: Config) -> PrepareResult:
     start_run(config)
     cache = out / "cache"
     result = PrepareResult(out_dir=out, cache=cache)
-    workers = max(1, d.workers)
+    workers = None if d.workers is None else max(1, d.workers)  # None: every core
     if d.unlabeled:
         src = Path(d.unlabeled)
         say(f"resizing unlabeled images from {src} to {d.image_size} px into {cache / 'unlabeled'}")

@@ -302,7 +302,7 @@ def _pretrain(config: Config, callbacks: Iterable[Callable[..., None]]) -> Train
     loader, sampler, val_loader = training_loaders(config, train_set, val_set, device)
 
     model = build_pretext(config, device)
-    compile_encoder(model.encoder, compile_mode)
+    compile_encoder(model.encoder, compile_mode, model=model, scope=train_cfg.compile_scope)
     amp_dtype, _ = resolve_amp(train_cfg.amp, device)
     probe = None
     if config.probe.manifest and config.probe.every:
