@@ -629,12 +629,18 @@ class Trainer:
         raise NonFiniteLossError(
             f"non-finite training state at the end of epoch {epoch + 1} "
             f"({'; '.join(problems)}); training stopped and nothing was saved for this epoch. "
-            + (
-                f"The last good checkpoint is kept at {self.last_path}."
-                if self.last_path.is_file()
-                else "No checkpoint had been written yet."
-            )
-            + " Try a lower learning rate (--lr), gradient clipping (--set "
+            + self._non_finite_advice()
+        )
+
+    def _non_finite_advice(self) -> str:
+        """What is kept and what to try, for the messages of a non-finite stop."""
+        kept = (
+            f"The last good checkpoint is kept at {self.last_path}."
+            if self.last_path.is_file()
+            else "No checkpoint had been written yet."
+        )
+        return (
+            f"{kept} Try a lower learning rate (--lr), gradient clipping (--set "
             "train.grad_clip=1.0) or --amp none."
         )
 
@@ -711,13 +717,7 @@ class Trainer:
             value_text = "on another process"
         raise NonFiniteLossError(
             f"non-finite loss ({value_text}) at {where}; training stopped. "
-            + (
-                f"The last good checkpoint is kept at {self.last_path}."
-                if self.last_path.is_file()
-                else "No checkpoint had been written yet."
-            )
-            + " Try a lower learning rate (--lr), gradient clipping (--set "
-            "train.grad_clip=1.0) or --amp none."
+            + self._non_finite_advice()
         )
 
     # ---------------------------------------------------------------------------------- epochs
