@@ -10,6 +10,8 @@ References:
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -50,12 +52,21 @@ class PatchAttention(nn.Module):
     ``"sigmoid"`` only (``position_bias``); the softmax modes are permutation invariant without
     it, as in multiple-instance learning.
 
+    ``temperature`` ``T`` divides the scores before the sigmoid or softmax (``a_n =
+    sigmoid(s_n / T)``, ``a_n = softmax_n(s_n / T)``; the softmax temperature of Hinton,
+    Vinyals & Dean 2015, arXiv:1503.02531). ``T < 1`` sharpens the weights (a softmax
+    concentrates on the top-scoring patches, a sigmoid moves towards a 0/1 gate), ``T > 1``
+    flattens them; ``T = 1`` (the default) is the paper's and Ilse's rule. It changes which
+    patches win only through training (the order of the weights of one image is the order of
+    its scores for any ``T``).
+
     Args:
         dim: feature width ``D``.
         num_patches: patches per image ``N`` (the grid's cells); checked at every forward.
         mode: ``"sigmoid"``, ``"softmax"`` or ``"gated"``.
         hidden_dim: width of ``V`` (and ``U``) in the softmax modes; unused by ``"sigmoid"``.
         position_bias: learn ``c_n``; default ``True`` for ``"sigmoid"``, ``False`` otherwise.
+        temperature: ``T > 0`` dividing the scores (1 = no change).
 
     Shape:
         - Input: ``(B, N, D)``.
@@ -64,7 +75,8 @@ class PatchAttention(nn.Module):
     References:
         Chae et al., "Attentive Transfer Learning via Self-supervised Learning for Cervical
         Dysplasia Diagnosis", JIPS 2021. Ilse, Tomczak & Welling, "Attention-based Deep
-        Multiple Instance Learning", ICML 2018.
+        Multiple Instance Learning", ICML 2018. Hinton, Vinyals & Dean, "Distilling the
+        Knowledge in a Neural Network", arXiv:1503.02531, 2015 (the temperature).
 
     Example:
         >>> att = PatchAttention(512, 9, mode="softmax")
@@ -81,15 +93,27 @@ class PatchAttention(nn.Module):
         hidden_dim: int = 128,
         *,
         position_bias: bool | None = None,
+        temperature: float = 1.0,
     ) -> None:
         super().__init__()
         for what, value in (("dim", dim), ("num_patches", num_patches), ("hidden_dim", hidden_dim)):
             check_int(value, what)
         look_up(mode, ATTENTION_MODES, "attention mode")
+        if (
+            isinstance(temperature, bool)
+            or not isinstance(temperature, (int, float))
+            or not math.isfinite(temperature)
+            or temperature <= 0
+        ):
+            raise ValueError(
+                f"temperature must be a finite number > 0 (1 = the plain sigmoid/softmax, "
+                f"< 1 sharper weights); got {temperature!r}"
+            )
         self.dim = dim
         self.num_patches = num_patches
         self.mode = mode
         self.hidden_dim = hidden_dim
+        self.temperature = float(temperature)
         self.position_bias = mode == "sigmoid" if position_bias is None else bool(position_bias)
         if mode == "sigmoid":
             self.score = nn.Linear(dim, 1)
@@ -103,7 +127,7 @@ class PatchAttention(nn.Module):
             self.register_parameter("pos_bias", None)
 
     def logits(self, features: Tensor) -> Tensor:
-        """Unnormalised scores before the sigmoid or softmax.
+        """Unnormalised scores before the sigmoid or softmax (and before ``temperature``).
 
         Args:
             features: ``(B, N, D)``.
@@ -144,6 +168,8 @@ class PatchAttention(nn.Module):
             weights (in (0, 1) for ``"sigmoid"``; summing to 1 over N for the softmax modes).
         """
         scores = self.logits(features)
+        if self.temperature != 1.0:
+            scores = scores / self.temperature
         weights = torch.sigmoid(scores) if self.mode == "sigmoid" else scores.softmax(dim=1)
         return features * weights.unsqueeze(-1), weights
 
@@ -156,11 +182,12 @@ class PatchAttention(nn.Module):
             "mode": self.mode,
             "hidden_dim": self.hidden_dim,
             "position_bias": self.position_bias,
+            "temperature": self.temperature,
         }
 
     def extra_repr(self) -> str:
         """Mode, width, patch count and whether the position bias is learned."""
         return (
             f"mode={self.mode!r}, dim={self.dim}, num_patches={self.num_patches}, "
-            f"position_bias={self.position_bias}"
+            f"position_bias={self.position_bias}, temperature={self.temperature}"
         )

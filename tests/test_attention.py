@@ -121,3 +121,44 @@ def test_config_round_trip():
     again.load_state_dict(att.state_dict())
     feats = _features(torch.device("cpu"))
     torch.testing.assert_close(again(feats)[1], att(feats)[1])
+
+
+@pytest.mark.parametrize("mode", ATTENTION_MODES)
+def test_temperature_divides_the_scores(mode):
+    feats = _features(torch.device("cpu"))
+    att = PatchAttention(D, N, mode, hidden_dim=8, position_bias=True)
+    with torch.no_grad():
+        att.pos_bias.copy_(torch.linspace(-1.0, 1.0, N))
+    sharp = PatchAttention(**{**att.config, "temperature": 0.25})
+    sharp.load_state_dict(att.state_dict())
+    reweighted, weights = sharp(feats)
+    assert reweighted.shape == (B, N, D) and weights.shape == (B, N)
+    scores = att.logits(feats)
+    expected = torch.sigmoid(scores / 0.25) if mode == "sigmoid" else (scores / 0.25).softmax(1)
+    torch.testing.assert_close(weights, expected)
+    torch.testing.assert_close(reweighted, feats * expected.unsqueeze(-1))
+    # the order of the weights within an image is kept, their spread grows
+    plain = att(feats)[1]
+    assert torch.equal(weights.argsort(dim=1), plain.argsort(dim=1))
+    spread = (weights.amax(1) - weights.amin(1)).mean()
+    assert spread > (plain.amax(1) - plain.amin(1)).mean()
+    if mode != "sigmoid":
+        torch.testing.assert_close(weights.sum(1), torch.ones(B))
+        assert (weights.amax(1) > plain.amax(1)).all()
+
+
+def test_temperature_one_is_the_default_rule_and_round_trips():
+    feats = _features(torch.device("cpu"))
+    att = PatchAttention(D, N, "softmax", hidden_dim=4, temperature=1.0)
+    torch.testing.assert_close(att(feats)[1], _reference_weights(att, feats))
+    hot = PatchAttention(D, N, "softmax", hidden_dim=4, temperature=3.0)
+    again = PatchAttention(**hot.config)
+    again.load_state_dict(hot.state_dict())
+    assert again.temperature == 3.0 and "temperature=3.0" in repr(again)
+    torch.testing.assert_close(again(feats)[1], hot(feats)[1])
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, float("inf"), float("nan"), True, "0.5"])
+def test_bad_temperature_is_refused(bad):
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+        PatchAttention(D, N, temperature=bad)
