@@ -316,15 +316,7 @@ def load_pil_image(
     _check_channels(channels)
     _check_resize(resize)
     size = None if image_size is None else normalize_size(image_size)
-    try:
-        mode = os.stat(path).st_mode
-    except OSError as err:
-        raise ImageReadError(path, _reason(err)) from err
-    if not stat.S_ISREG(mode):
-        # a FIFO or a device would block the reader forever
-        if stat.S_ISDIR(mode):
-            raise ImageReadError(path, "is a directory, not a file")
-        raise ImageReadError(path, "not a regular file (a FIFO, socket or device)")
+    _check_regular_file(path)
     try:
         with Image.open(path) as im:
             if size is not None and im.format == "JPEG":
@@ -354,6 +346,18 @@ def load_pil_image(
     if size is not None:
         image = resize_image(image, size, resize)
     return image
+
+
+def _check_regular_file(path: str | os.PathLike[str]) -> None:
+    """Raise :class:`ImageReadError` unless ``path`` is a regular file (a FIFO would block)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as err:
+        raise ImageReadError(path, _reason(err)) from err
+    if not stat.S_ISREG(mode):
+        if stat.S_ISDIR(mode):
+            raise ImageReadError(path, "is a directory, not a file")
+        raise ImageReadError(path, "not a regular file (a FIFO, socket or device)")
 
 
 def pil_to_tensor(image: Image.Image) -> torch.Tensor:
@@ -459,6 +463,7 @@ def load_image(
     _check_channels(channels)
     _check_resize(resize)
     size = None if image_size is None else normalize_size(image_size)
+    _check_regular_file(path)  # before any open: a FIFO would block the reader forever
     fast = _decode_jpeg_at_size(path, size, channels)
     if fast is not None:
         return fast
