@@ -152,6 +152,41 @@ def test_aggregate_folds_matches_a_numpy_reference(ablation: ModuleType) -> None
 
 
 # ------------------------------------------------------------------------------- end to end
+def test_imagenet_row_starts_from_the_given_weights(ablation: ModuleType, tmp_path: Path) -> None:
+    # The ImageNet row takes timm's weights (here a local file, as offline) and no jigsaw.
+    import timm
+    import torch
+
+    from patchssl.checkpoint import load_checkpoint
+
+    rows = ablation.make_rows(["test_resnet"], imagenet=True)
+    assert [r.name for r in rows][-1] == "test_resnet + ImageNet + AL"
+    assert rows[-1].folder == "test_resnet_imagenet_al"
+    torch.manual_seed(1)
+    weights = tmp_path / "imagenet.pth"
+    torch.save(timm.create_model("test_resnet").state_dict(), weights)
+    out = tmp_path / "ablation"
+    payload = ablation.run_ablation(
+        [
+            "--synthetic", "--quick", "--backbones", "test_resnet", "--image-size", "96",
+            "--patch-size", "32", "--num-permutations", "4", "--epochs", "1",
+            "--pretrain-epochs", "1", "--num-unlabeled", "10", "--num-patients", "16",
+            "--images-per-patient", "1", "--label-budget", "4", "--n-boot", "20",
+            "--batch-size", "8", "--explain", "none", "--imagenet", str(weights),
+            "--out", str(out),
+        ]
+    )  # fmt: skip
+    row = next(r for r in payload["rows"] if r["row"] == "test_resnet + ImageNet + AL")
+    run = Path(row["out_dir"])
+    assert not (run / "transfer.json").is_file()  # no jigsaw checkpoint
+    # The run started from the file: its stem weights moved only by the short fine-tuning.
+    stem = "encoder.backbone.conv1.0.weight"
+    trained = load_checkpoint(run / "last.pt")["model"][stem]
+    given = torch.load(weights, weights_only=True)["conv1.0.weight"]
+    random_init = timm.create_model("test_resnet").state_dict()["conv1.0.weight"]
+    assert (trained - given).abs().max() < (trained - random_init).abs().max()
+
+
 def test_ablation_runs_end_to_end_at_the_tiniest_settings(
     ablation: ModuleType, tmp_path: Path
 ) -> None:

@@ -7,7 +7,9 @@ shared, patient-grouped split:
 * (b) ``BACKBONE + SSL``: from the jigsaw-pretrained encoder, no attention;
 * (c) ``BACKBONE + AL``: from scratch, sigmoid attention;
 * (d) ``BACKBONE + SSL + AL``: from the jigsaw-pretrained encoder, sigmoid attention (the paper's
-  method).
+  method);
+* with ``--imagenet [WEIGHTS]``, (e) ``BACKBONE + ImageNet + AL``: from timm's ImageNet weights
+  (or a local weights file), sigmoid attention, no jigsaw.
 
 The jigsaw task is pretrained once per backbone and the checkpoint is reused by (b) and (d). The
 split is drawn once and saved (``split.json``; ``split_fold{k}.json`` with ``--folds``), so every
@@ -100,41 +102,49 @@ class AblationRow:
         backbone: timm name of the patch encoder.
         ssl: Start from the jigsaw-pretrained encoder (otherwise from scratch).
         attention: Use the paper's sigmoid patch attention (otherwise none).
+        imagenet: Start from ImageNet weights (``model.pretrained``) instead of random ones.
     """
 
     backbone: str
     ssl: bool
     attention: bool
+    imagenet: bool = False
 
     @property
     def name(self) -> str:
         """Row name in the paper's style, e.g. ``resnet50 + SSL + AL``."""
-        return self.backbone + (" + SSL" if self.ssl else "") + (" + AL" if self.attention else "")
+        return (
+            self.backbone
+            + (" + ImageNet" if self.imagenet else "")
+            + (" + SSL" if self.ssl else "")
+            + (" + AL" if self.attention else "")
+        )
 
     @property
     def folder(self) -> str:
         """Run folder name, e.g. ``resnet50_ssl_al``."""
-        return (
-            self.backbone.replace("/", "_")
-            + ("_ssl" if self.ssl else "_scratch")
-            + ("_al" if self.attention else "_noal")
-        )
+        start = "_imagenet" if self.imagenet else ("_ssl" if self.ssl else "_scratch")
+        return self.backbone.replace("/", "_") + start + ("_al" if self.attention else "_noal")
 
 
-def make_rows(backbones: Sequence[str]) -> list[AblationRow]:
+def make_rows(backbones: Sequence[str], *, imagenet: bool = False) -> list[AblationRow]:
     """The four variants (a)-(d) of each backbone, in Table 2's order.
 
     Args:
         backbones: timm names, e.g. ``["resnet50", "vgg16"]``.
+        imagenet: Add a fifth row per backbone: ImageNet weights and attention, no jigsaw
+            (the usual transfer baseline, when the weights are available).
 
     Returns:
-        ``4 * len(backbones)`` rows.
+        ``4 * len(backbones)`` rows (5 with ``imagenet``).
     """
-    return [
-        AblationRow(b, ssl, att)
-        for b in backbones
-        for ssl, att in ((False, False), (True, False), (False, True), (True, True))
-    ]
+    variants = [(False, False), (True, False), (False, True), (True, True)]
+    rows = []
+    for b in backbones:
+        rows += [AblationRow(b, ssl, att) for ssl, att in variants]
+        if imagenet:
+            rows.append(AblationRow(b, ssl=False, attention=True, imagenet=True))
+    return rows
 
 
 @dataclass
@@ -329,7 +339,13 @@ def _pretrain(config: Any, backbone: str, out: Path, epochs: int) -> Path:
 
 
 def _run_row(
-    config: Any, row: AblationRow, split: Path, checkpoint: Path | None, out: Path, fold: int
+    config: Any,
+    row: AblationRow,
+    split: Path,
+    checkpoint: Path | None,
+    out: Path,
+    fold: int,
+    imagenet_weights: bool | str = True,
 ) -> RowResult:
     from patchssl.engine import evaluate, finetune
 
@@ -339,6 +355,8 @@ def _run_row(
     cfg.model.backbone = row.backbone
     cfg.model.attention = "sigmoid" if row.attention else "none"
     cfg.model.init = str(checkpoint) if row.ssl else None
+    if row.imagenet:
+        cfg.model.pretrained = imagenet_weights
     cfg.data.split = str(split)
     trained = finetune(cfg)
     cfg.eval.checkpoint = str(trained.best_checkpoint)
@@ -543,6 +561,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATIENTS",
         help="train on the images of this many training patients (stratified; default: all)",
     )
+    p.add_argument(
+        "--imagenet",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="WEIGHTS",
+        help="add an 'ImageNet + AL' row per backbone (timm's ImageNet weights: downloaded, or "
+        "read from the Hugging Face cache offline; or WEIGHTS, a local .pth/.safetensors file)",
+    )
     p.add_argument("--folds", type=int, default=0, help="k-fold cross-validation (0 = one split)")
     p.add_argument("--epochs", type=int, help="fine-tuning epochs (train.epochs)")
     p.add_argument("--pretrain-epochs", type=int, help="pretraining epochs (default: --epochs)")
@@ -689,7 +716,7 @@ def run_ablation(argv: Sequence[str] | None = None) -> dict[str, Any]:
     budget = _pick(args, "label_budget", None)
     splits = make_splits(config, records, out, folds=args.folds, budget=budget, seed=args.seed)
 
-    rows = make_rows(args.backbones)
+    rows = make_rows(args.backbones, imagenet=args.imagenet is not None)
     pretrain_epochs = args.pretrain_epochs or _pick(args, "pretrain_epochs", config.train.epochs)
     checkpoints: dict[str, Path] = {}
     seconds: dict[str, float] = {}
@@ -706,7 +733,9 @@ def run_ablation(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     f"row '{row.name}'"
                     + (f", fold {k + 1}/{len(splits)}" if len(splits) > 1 else "")
                 )
-                result = _run_row(config, row, split, checkpoints[backbone], where, k)
+                result = _run_row(
+                    config, row, split, checkpoints[backbone], where, k, args.imagenet or True
+                )
                 seconds[f"{row.folder}_fold{k}"] = result.seconds
                 results.append(result)
 
