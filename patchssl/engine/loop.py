@@ -295,6 +295,19 @@ def build_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor, last_epoch=step - 1)
 
 
+def _non_finite_advice(last_path: Path) -> str:
+    """What is kept and what to try, for the messages of a non-finite stop."""
+    kept = (
+        f"The last good checkpoint is kept at {last_path}."
+        if last_path.is_file()
+        else "No checkpoint had been written yet."
+    )
+    return (
+        f"{kept} Try a lower learning rate (--lr), gradient clipping (--set "
+        "train.grad_clip=1.0) or --amp none."
+    )
+
+
 def _better(value: float, best: float | None, mode: str) -> bool:
     if best is None or math.isnan(best):
         return True
@@ -629,19 +642,7 @@ class Trainer:
         raise NonFiniteLossError(
             f"non-finite training state at the end of epoch {epoch + 1} "
             f"({'; '.join(problems)}); training stopped and nothing was saved for this epoch. "
-            + self._non_finite_advice()
-        )
-
-    def _non_finite_advice(self) -> str:
-        """What is kept and what to try, for the messages of a non-finite stop."""
-        kept = (
-            f"The last good checkpoint is kept at {self.last_path}."
-            if self.last_path.is_file()
-            else "No checkpoint had been written yet."
-        )
-        return (
-            f"{kept} Try a lower learning rate (--lr), gradient clipping (--set "
-            "train.grad_clip=1.0) or --amp none."
+            + _non_finite_advice(self.last_path)
         )
 
     def _check_images_seen(self, epoch: int) -> None:
@@ -717,7 +718,7 @@ class Trainer:
             value_text = "on another process"
         raise NonFiniteLossError(
             f"non-finite loss ({value_text}) at {where}; training stopped. "
-            + self._non_finite_advice()
+            + _non_finite_advice(self.last_path)
         )
 
     # ---------------------------------------------------------------------------------- epochs
