@@ -14,9 +14,9 @@ TorchScript/ONNX export in :mod:`patchssl.export`, frozen-feature probes in
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from patchssl._lazy import lazy_exports
 from patchssl._version import __version__
 
 # The names below are imported on first use (PEP 562), so that `import patchssl` and the
@@ -62,18 +62,7 @@ _EXPORTS: dict[str, str] = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS})
-
+__getattr__, __dir__ = lazy_exports(globals(), _EXPORTS)
 
 __all__ = [
     "CheckpointError",

@@ -12,24 +12,9 @@ from test_pretext_plugins import EXAMPLE, PLUGIN_MODULE, write_dist
 
 from patchssl.checkpoint import load_checkpoint
 from patchssl.cli import build_parser, main
-from patchssl.engine.testing import make_tiny_dataset
+from patchssl.engine.testing import TINY_CLI_ARGS, make_tiny_dataset
 
-# a tiny model on the CPU, for any pretext task
-TINY_MODEL = [
-    "--backbone",
-    "test_resnet",
-    "--image-size",
-    "96",
-    "--patch-size",
-    "32",
-    "--batch-size",
-    "8",
-    "--workers",
-    "0",
-    "--no-progress",
-    "--set",
-    "train.tensorboard=false",
-]
+TINY_MODEL = TINY_CLI_ARGS  # a tiny model on the CPU, for any pretext task
 TINY = [*TINY_MODEL, "--set", "pretext.options.num_permutations=8"]  # a small jigsaw
 
 

@@ -22,6 +22,7 @@ LAYERS: dict[str, int] = {
             "_version",
             "_optional",
             "_validation",
+            "_lazy",
             "tiling",
             "permutations",
             "encoder",

@@ -21,25 +21,9 @@ import torch
 
 from patchssl.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from patchssl.cli import main
-from patchssl.engine.testing import make_tiny_dataset
+from patchssl.engine.testing import TINY_CLI_ARGS, make_tiny_dataset
 
-TINY = [
-    "--backbone",
-    "test_resnet",
-    "--image-size",
-    "96",
-    "--patch-size",
-    "32",
-    "--batch-size",
-    "8",
-    "--workers",
-    "0",
-    "--no-progress",
-    "--set",
-    "train.tensorboard=false",
-    "--set",
-    "pretext.options.num_permutations=8",
-]
+TINY = [*TINY_CLI_ARGS, "--set", "pretext.options.num_permutations=8"]
 # every epoch "improves" (the global step only grows), so each epoch writes last.pt then best.pt
 EVERY_EPOCH_BEST = ["--set", "train.monitor=step"]
 
