@@ -147,20 +147,9 @@ def reference_step(geom: Any, variant: Any, batch: int, device: torch.device, tr
 
     from patchssl.engine.loop import build_optimizer
 
-    task = bt.build_task(geom, variant, device)
-    bt.maybe_compile(task.encoder, variant)
-    opt = build_optimizer(task, train)
-    images = bt.random_images(batch, geom, device)
-    gen = torch.Generator(device=device).manual_seed(0)
-
-    def step() -> None:
-        with variant.autocast(device):
-            loss = task(images, generator=gen).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    return step
+    return bt.pretrain_step(
+        geom, variant, batch, device, optimizer=lambda task: build_optimizer(task, train)
+    )
 
 
 def child(config_path: str, result_path: str) -> None:

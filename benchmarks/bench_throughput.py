@@ -180,11 +180,16 @@ def random_images(batch: int, geom: Geometry, device: torch.device, seed: int = 
 
 
 def pretrain_step(
-    geom: Geometry, variant: Variant, batch: int, device: torch.device
+    geom: Geometry,
+    variant: Variant,
+    batch: int,
+    device: torch.device,
+    optimizer: Callable[[torch.nn.Module], torch.optim.Optimizer] | None = None,
 ) -> Callable[[], None]:
+    """One jigsaw step on uint8 images already on the device (``optimizer(task)`` if given)."""
     task = build_task(geom, variant, device)
     maybe_compile(task.encoder, variant)
-    opt = make_optimizer(task.parameters())
+    opt = optimizer(task) if optimizer is not None else make_optimizer(task.parameters())
     images = random_images(batch, geom, device)
     gen = torch.Generator(device=device).manual_seed(0)
 
