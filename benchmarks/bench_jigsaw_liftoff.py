@@ -105,12 +105,27 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any], dict[str, Any]]] = {
     "defaults+crop": ({"crop_scale": (0.5, 1.0)}, {}, {}),
     "defaults+flip_only": ({"rot90": False}, {}, {}),
     "defaults+crop25": ({"crop_scale": (0.25, 1.0)}, {}, {}),
+    "defaults+lr3e-3": ({}, {}, {"lr": 3e-3}),
+    "defaults+lr3e-4": ({}, {}, {"lr": 3e-4}),
+    "defaults+sgd": ({}, {}, {"optimizer": "sgd", "lr": 0.01}),
+    "defaults+sgd0.1": ({}, {}, {"optimizer": "sgd", "lr": 0.1}),
+    "defaults+group_norm": ({}, {"norm": "group"}, {}),
+    "defaults+no_color_defences": ({"color_drop": None, "channel_shift": 0}, {}, {}),
+    "defaults+no_per_patch_norm": ({"per_patch_norm": False}, {}, {}),
+    "defaults+slow_curriculum": ({"curriculum_steps": 1000}, {}, {}),
 }
 
 
 # ------------------------------------------------------------------------------------- data
-def _load_photos() -> dict[str, torch.Tensor]:
-    """Each photograph as (1, 3, H, W) float 0..255, shorter side resampled to 384 px."""
+def _load_photos(cache: str | None = None) -> dict[str, torch.Tensor]:
+    """Each photograph as (1, 3, H, W) float 0..255, shorter side resampled to 384 px.
+
+    With ``cache`` (a ``.npz`` file), the photographs are read from it when it exists and
+    written to it otherwise, so that a machine without scikit-image's data can run this.
+    """
+    if cache is not None and Path(cache).is_file():
+        with np.load(cache) as saved:
+            return {name: torch.from_numpy(saved[name]).float() for name in PHOTOS}
     from skimage import data
 
     out = {}
@@ -127,11 +142,20 @@ def _load_photos() -> dict[str, torch.Tensor]:
         scale = 384 / min(x.shape[-2:])
         size = (round(x.shape[-2] * scale), round(x.shape[-1] * scale))
         out[name] = F.interpolate(x, size=size, mode="bilinear", antialias=True)
+    if cache is not None:
+        Path(cache).parent.mkdir(parents=True, exist_ok=True)
+        np.savez(
+            cache, **{k: v.round().clamp(0, 255).to(torch.uint8).numpy() for k, v in out.items()}
+        )
+        return _load_photos(cache)  # the same values on both paths
     return out
 
 
 def _crops(source: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
-    """``n`` random square crops (side 128..256 px of the 384 px photograph) -> uint8 128 px."""
+    """``n`` random square crops (side 128..256 px of the 384 px photograph) -> uint8 128 px.
+
+    The draws come from the CPU ``generator``; the crops are made on ``source``'s device.
+    """
     _, _, h, w = source.shape
     r = torch.rand(3, n, generator=generator)
     side = 128 + r[0] * 128
@@ -140,7 +164,7 @@ def _crops(source: torch.Tensor, n: int, generator: torch.Generator) -> torch.Te
     theta[:, 0, 0], theta[:, 1, 1] = side / w, side / h
     theta[:, 0, 2] = (x0 + side / 2) / w * 2 - 1
     theta[:, 1, 2] = (y0 + side / 2) / h * 2 - 1
-    grid = F.affine_grid(theta, [n, 3, IMAGE, IMAGE], align_corners=False)
+    grid = F.affine_grid(theta.to(source.device), [n, 3, IMAGE, IMAGE], align_corners=False)
     out = F.grid_sample(source.expand(n, -1, -1, -1), grid, align_corners=False)
     return out.round().clamp(0, 255).to(torch.uint8)
 
@@ -148,8 +172,10 @@ def _crops(source: torch.Tensor, n: int, generator: torch.Generator) -> torch.Te
 class Photographs:
     """Random crops of the training photographs; a fixed set of held-out crops."""
 
-    def __init__(self, held_out_per_photo: int = 80) -> None:
-        self.photos = _load_photos()
+    def __init__(
+        self, held_out_per_photo: int = 80, device: str = "cpu", cache: str | None = None
+    ) -> None:
+        self.photos = {k: v.to(device) for k, v in _load_photos(cache).items()}
         self.train_names = [n for n in PHOTOS if n not in HELD_OUT]
         g = torch.Generator().manual_seed(1234)
         self.held_out = torch.cat([_crops(self.photos[n], held_out_per_photo, g) for n in HELD_OUT])
@@ -168,21 +194,22 @@ class Photographs:
 class Synthetic:
     """Synthetic cervix images (patchssl.data.synthetic), 128 px; the last 320 held out."""
 
-    def __init__(self, n_train: int = 1600, n_held: int = 320) -> None:
+    def __init__(self, n_train: int = 1600, n_held: int = 320, device: str = "cpu") -> None:
         from patchssl.data.synthetic import render_cervix
 
         rng = np.random.default_rng(0)
         imgs = [render_cervix(rng, IMAGE).image for _ in range(n_train + n_held)]
-        x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous()
+        x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous().to(device)
         self.train, self.held_out = x[:n_train], x[n_train:]
         self.seen = self.train[:240]
 
     def batch(self, n: int, generator: torch.Generator) -> torch.Tensor:
-        return self.train[torch.randint(len(self.train), (n,), generator=generator)]
+        which = torch.randint(len(self.train), (n,), generator=generator)
+        return self.train[which.to(self.train.device)]
 
 
 # ------------------------------------------------------------------------------------- runs
-def build(variant: str, num_permutations: int, seed: int) -> JigsawPretext:
+def build(variant: str, num_permutations: int, seed: int, device: str = "cpu") -> JigsawPretext:
     task_kw, enc_kw, _ = VARIANTS[variant]
     torch.manual_seed(seed)
     encoder = SharedPatchEncoder("resnet10t", patch_size=PATCH, **enc_kw)
@@ -192,13 +219,13 @@ def build(variant: str, num_permutations: int, seed: int) -> JigsawPretext:
         else PermutationSet.generate(num_permutations, 9, seed=0)
     )
     tiler = PatchTiler(grid=3, patch_size=PATCH, image_size=IMAGE)
-    return JigsawPretext(encoder, perms, tiler, **task_kw)
+    return JigsawPretext(encoder, perms, tiler, **task_kw).to(device)
 
 
 @torch.no_grad()
 def puzzle_accuracy(task: JigsawPretext, images: torch.Tensor) -> float:
     task.eval()
-    g = torch.Generator().manual_seed(7)
+    g = torch.Generator(images.device).manual_seed(7)
     hits = [
         task.predict(images[i : i + 64], generator=g)
         for i in range(0, len(images), 64)  # centred tiles, all K permutations
@@ -207,25 +234,35 @@ def puzzle_accuracy(task: JigsawPretext, images: torch.Tensor) -> float:
     return float(torch.cat([(h.logits.argmax(-1) == h.targets) for h in hits]).float().mean())
 
 
-def train(task: JigsawPretext, data: Any, variant: str, steps: int, seed: int) -> list[dict]:
+def train(
+    task: JigsawPretext,
+    data: Any,
+    variant: str,
+    steps: int,
+    seed: int,
+    batch: int = BATCH,
+    log_every: int = 100,
+) -> list[dict]:
     overrides = VARIANTS[variant][2]
     cfg = TrainConfig(epochs=1, warmup_epochs=20 / steps, **overrides)
     optimizer = build_optimizer(task, cfg)
     scheduler = build_scheduler(optimizer, cfg, steps)
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)  # the data's draws, on the CPU
+    device = next(task.parameters()).device
+    g_task = torch.Generator(device).manual_seed(seed)  # the task's, on its device
     log, losses, start = [], [], time.perf_counter()
     task.train()
     for step in range(1, steps + 1):
-        out = task(data.batch(BATCH, g), generator=g)
+        out = task(data.batch(batch, g).to(device), generator=g_task)
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         optimizer.step()
         scheduler.step()
-        losses.append(float(out.loss.detach()))
-        if step % 100 == 0 or step == steps:
+        losses.append(out.loss.detach())
+        if step % log_every == 0 or step == steps:
             row = {
                 "step": step,
-                "loss": float(np.mean(losses[-100:])),
+                "loss": float(torch.stack(losses[-100:]).mean()),
                 "active": task.active_permutations,
                 "held_out_acc": puzzle_accuracy(task, data.held_out),
                 "seconds": round(time.perf_counter() - start, 1),
@@ -240,13 +277,14 @@ def train(task: JigsawPretext, data: Any, variant: str, steps: int, seed: int) -
 def patch_features(encoder: SharedPatchEncoder, images: torch.Tensor) -> np.ndarray:
     """Frozen per-patch features of centred tiles: (B, 9, D), as the jigsaw feeds them."""
     encoder.eval()
+    device = next(encoder.parameters()).device
     tiler = PatchTiler(grid=3, patch_size=PATCH, image_size=IMAGE).eval()
     feats = []
     for i in range(0, len(images), 64):
-        x = images[i : i + 64]
+        x = images[i : i + 64].to(device)
         x = x.float() / 255.0 if x.dtype == torch.uint8 else x
         patches = standardize_patches(tiler(x).patches)
-        feats.append(encoder(patches, normalized=True))
+        feats.append(encoder(patches, normalized=True).float().cpu())
     return torch.cat(feats).numpy()
 
 
@@ -278,7 +316,7 @@ DEFENCE_SETTINGS: dict[str, dict[str, Any]] = {
 def defended(images: torch.Tensor, setting: dict[str, Any], seed: int) -> torch.Tensor:
     """The images as the image-level defences ``setting`` turn them in training."""
     d = ImageDefences(**setting).train()
-    return d(images, generator=torch.Generator().manual_seed(seed))
+    return d(images, generator=torch.Generator(images.device).manual_seed(seed))
 
 
 def position_report(encoder: SharedPatchEncoder, data: Any, label: str) -> dict:
@@ -376,6 +414,10 @@ def main() -> None:
     parser.add_argument("--position", action="store_true", help="add the position diagnostic")
     parser.add_argument("--timing", action="store_true", help="step time against a bare model")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--batch", type=int, default=BATCH, help="puzzles per step")
+    parser.add_argument("--log-every", type=int, default=100, help="steps between evaluations")
+    parser.add_argument("--photos", default=None, help="a .npz cache of the photographs")
     parser.add_argument("--list", action="store_true", help="list the variants and exit")
     parser.add_argument(
         "--position-only", action="store_true", help="position diagnostic of a random encoder"
@@ -392,19 +434,24 @@ def main() -> None:
     if args.timing:
         results["timing"] = timing()
     else:
-        data = Synthetic() if args.synthetic else Photographs()
+        data = (
+            Synthetic(device=args.device)
+            if args.synthetic
+            else Photographs(device=args.device, cache=args.photos)
+        )
         if args.position or args.position_only:
-            random_enc = build("defaults", args.num_permutations, args.seed).encoder
+            random_enc = build("defaults", args.num_permutations, args.seed, args.device).encoder
             results["position_random"] = position_report(random_enc, data, "random")
         for variant in [] if args.position_only else args.variants:
             print(f"== {variant}", flush=True)
-            task = build(variant, args.num_permutations, args.seed)
-            log = train(task, data, variant, args.steps, args.seed)
+            task = build(variant, args.num_permutations, args.seed, args.device)
+            log = train(task, data, variant, args.steps, args.seed, args.batch, args.log_every)
             entry: dict[str, Any] = {"log": log, "seen_acc": puzzle_accuracy(task, data.seen)}
             print(json.dumps({"variant": variant, "seen_acc": entry["seen_acc"]}), flush=True)
             if args.position:
                 entry["position"] = position_report(task.encoder, data, variant)
             results[variant] = entry
+            Path(args.out).write_text(json.dumps(results, indent=1))  # as it goes
     Path(args.out).write_text(json.dumps(results, indent=1))
     print(f"wrote {args.out}")
 

@@ -2,9 +2,14 @@
 # Everything that needs a CUDA GPU, in one pass of under 9 minutes, most important first: the
 # engine end to end at the paper geometry (bf16 + channels_last, eager and compiled), the step
 # and its bf16 ratio to the bare backbone, the small geometry, GPU JPEG decoding, and last,
-# separately, the test suite on the GPU. Each part runs under its own `timeout` (the budgets
-# sum to 530 s), and writes its log and result file as it goes, so a part that is killed
-# keeps what it measured and cannot take the others with it.
+# separately, the test suite on the GPU. Each part runs under its own `timeout` (the default
+# parts' budgets sum to 530 s), and writes its log and result file as it goes, so a part that
+# is killed keeps what it measured and cannot take the others with it.
+#
+# Two evidence parts, not in the default PARTS (name them to run them): `liftoff`, the jigsaw
+# lift-off levers on real photographs (bench_jigsaw_liftoff.py, every lever at the 300 steps of
+# the goal, then the library's defaults and two levers for 3,000 steps), and `recipe`, the
+# from-scratch fine-tuning recipes of bench_finetune_recipe.py on the transfer benchmark's data.
 #
 #   bash benchmarks/gpu_check.sh [WORKDIR]        # default WORKDIR: benchmarks/results/gpu
 #   DRY=1 bash benchmarks/gpu_check.sh /tmp/dry   # every command on the CPU in --quick mode
@@ -33,13 +38,18 @@ if [[ "${DRY:-0}" == "1" ]]; then
     # On a CPU the parts' GPU time limits do not apply: ten times as long.
     LIMIT_SCALE="${LIMIT_SCALE:-10}"
     DEV=(--device cpu --quick)
+    DEVICE=(--device cpu)
     ENGINE_PAPER=(--geometry tiny)
     ENGINE_SMALL=(--geometry tiny)
     STEP_PAPER=(--geometries tiny --batches 2 --ratio-batch 2 --ratio-variants fp32)
     STEP_SMALL=("${STEP_PAPER[@]}")
     DECODE=(--count 2 --original-size 640 424 --repeats 1)
+    LIFTOFF_SWEEP=(--variants defaults defaults+sgd --steps 4 --log-every 2)
+    LIFTOFF_LONG=(--variants defaults --steps 4 --log-every 2)
+    RECIPE=(--variants base --budgets 8 --images 32 --test-patients 20)
 else
     DEV=(--device cuda)
+    DEVICE=(--device cuda)
     # Paper geometry: 512 px, 3x3 patches of 153 px, ResNet50, bf16 + channels_last, B = 64.
     ENGINE_PAPER=(--geometry paper --variant bf16-cl --batch 64 --epochs 3 --unique 32)
     ENGINE_SMALL=(--geometry small --variant bf16-cl --batch 128 --epochs 3 --unique 32)
@@ -48,11 +58,27 @@ else
     STEP_SMALL=(--geometries small --modes pretrain --batches 128 --sweep bf16-cl --compare ""
         --ratio-batch 128 --ratio-variants bf16-cl --workers 8 --repeats 3 --min-time 0.3)
     DECODE=(--count 8 --repeats 3 --gpu-batch 64)
+    LIFTOFF_SWEEP=(--variants defaults no_curriculum no_image_defences defaults+sgd
+        defaults+sgd0.1 defaults+lr3e-3 defaults+lr3e-4 defaults+group_norm
+        defaults+no_color_defences defaults+no_per_patch_norm defaults+slow_curriculum
+        assignment+sgd old_defaults old+sgd old+group_norm concat_sized+curriculum
+        --steps 300 --log-every 100)
+    LIFTOFF_LONG=(--variants defaults no_image_defences defaults+sgd0.1 --steps 3000
+        --log-every 250)
+    RECIPE=(--variants base encoder_norm lr3e-4 no_dropout pooled_head group_norm
+        --budgets 8 32 128 --images 4000 --test-patients 500)
+fi
+
+# The lift-off photographs from a cache file where one was prepared (scikit-image not needed).
+PHOTO_ARGS=()
+if [[ -f .bench_cache/photos.npz ]]; then
+    PHOTO_ARGS=(--photos .bench_cache/photos.npz)
 fi
 
 archive() {
     if [[ -n "${ARCHIVE:-}" ]]; then
-        tar -czf "$ARCHIVE.tmp" -C "$WORK" . && mv "$ARCHIVE.tmp" "$ARCHIVE"
+        # the results and logs; not the end-to-end runs' images and checkpoints
+        tar -czf "$ARCHIVE.tmp" --exclude='./e2e_*' -C "$WORK" . && mv "$ARCHIVE.tmp" "$ARCHIVE"
     fi
 }
 
@@ -116,6 +142,16 @@ for p in $PARTS; do
     decode) # JPEG decoding: load_image against decode_jpeg per core, and on the GPU in batches
         part decode 30 "$PYTHON" benchmarks/bench_dataloading.py "${DEV[@]}" "${DECODE[@]}" \
             --threads 1 --out "$WORK/dataloading.json"
+        ;;
+    liftoff) # evidence: which lever gets the 1,000-way puzzle off chance on photographs
+        part liftoff_sweep 110 "$PYTHON" benchmarks/bench_jigsaw_liftoff.py "${DEVICE[@]}" \
+            "${LIFTOFF_SWEEP[@]}" "${PHOTO_ARGS[@]}" --out "$WORK/liftoff_sweep.json"
+        part liftoff_long 90 "$PYTHON" benchmarks/bench_jigsaw_liftoff.py "${DEVICE[@]}" \
+            "${LIFTOFF_LONG[@]}" "${PHOTO_ARGS[@]}" --out "$WORK/liftoff_long.json"
+        ;;
+    recipe) # evidence: can fine-tuning from scratch learn the synthetic task, and how
+        part recipe 120 "$PYTHON" benchmarks/bench_finetune_recipe.py "${DEVICE[@]}" \
+            "${RECIPE[@]}" --cache "${TMPDIR:-/tmp}/patchssl-recipe-cache" --out "$WORK/recipe.json"
         ;;
     tests) # separately and last: the suite on the GPU
         if [[ "${DRY:-0}" == "1" ]]; then
