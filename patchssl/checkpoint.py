@@ -86,6 +86,26 @@ def save_checkpoint(path: str | os.PathLike[str], payload: Mapping[str, Any]) ->
     return atomic_write(path, lambda handle: torch.save(data, handle))
 
 
+def copy_checkpoint(source: str | os.PathLike[str], path: str | os.PathLike[str]) -> Path:
+    """Copy a checkpoint file atomically (as :func:`save_checkpoint` writes one).
+
+    The bytes of ``source`` are copied, so its checksum travels with them and nothing is
+    serialised or hashed again: the engine writes ``best.pt`` this way from the ``last.pt`` of
+    the same epoch.
+
+    Args:
+        source: An existing checkpoint file.
+        path: Destination file.
+
+    Returns:
+        The path written.
+    """
+    import shutil
+
+    with open(source, "rb") as src:
+        return atomic_write(path, lambda handle: shutil.copyfileobj(src, handle, 1 << 24))
+
+
 def load_checkpoint(
     path: str | os.PathLike[str],
     map_location: str | torch.device = "cpu",
@@ -188,10 +208,10 @@ def _feed(digest: Any, value: Any) -> None:
     elif torch.is_tensor(value):
         tensor = value.detach().to("cpu").contiguous().reshape(-1)
         digest.update(f"T{tensor.dtype}{tuple(value.shape)}".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes())
+        digest.update(tensor.view(torch.uint8).numpy())  # its buffer, not a copy
     elif isinstance(value, np.ndarray):
         digest.update(f"A{value.dtype}{value.shape}".encode())
-        digest.update(np.ascontiguousarray(value).tobytes())
+        digest.update(np.ascontiguousarray(value).reshape(-1).view(np.uint8))
     else:
         digest.update(repr(value).encode())
 

@@ -5,7 +5,14 @@ import os
 import pytest
 import torch
 
-from patchssl.checkpoint import CheckpointError, check_compatible, load_checkpoint, save_checkpoint
+from patchssl.checkpoint import (
+    CheckpointError,
+    check_compatible,
+    copy_checkpoint,
+    load_checkpoint,
+    payload_checksum,
+    save_checkpoint,
+)
 
 
 def test_round_trip_with_weights_only(tmp_path):
@@ -29,6 +36,42 @@ def test_truncated_file_is_a_clear_error(tmp_path):
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="truncated"):
         load_checkpoint(path)
+
+
+def test_copy_is_byte_identical_atomic_and_keeps_the_checksum(tmp_path, monkeypatch):
+    payload = {"kind": "pretrain", "model": {"w": torch.randn(64, 3), "b": torch.zeros(2)}}
+    last = save_checkpoint(tmp_path / "last.pt", payload)
+    best = copy_checkpoint(last, tmp_path / "best.pt")
+    assert best.read_bytes() == last.read_bytes()
+    assert torch.equal(load_checkpoint(best)["model"]["w"], payload["model"]["w"])
+    # a copy cut short leaves the previous file, never half of one
+    import shutil
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(shutil, "copyfileobj", boom)
+    with pytest.raises(OSError, match="disk full"):
+        copy_checkpoint(save_checkpoint(tmp_path / "new.pt", {"kind": "pretrain"}), best)
+    monkeypatch.undo()
+    assert best.read_bytes() == last.read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt", "new.pt"]
+
+
+def test_checksum_covers_every_byte_of_tensors_and_arrays():
+    import numpy as np
+
+    base = {"t": torch.arange(6, dtype=torch.bfloat16).view(2, 3), "a": np.arange(4.0)}
+    ref = payload_checksum(base)
+    assert payload_checksum({**base, "t": base["t"].clone()}) == ref
+    changed_t = base["t"].clone()
+    changed_t[1, 2] += 1
+    changed_a = base["a"].copy()
+    changed_a[3] = -1.0
+    assert payload_checksum({**base, "t": changed_t}) != ref
+    assert payload_checksum({**base, "a": changed_a}) != ref
+    assert payload_checksum({**base, "t": base["t"].t()}) != ref  # shape is part of it
+    assert payload_checksum({**base, "a": base["a"].reshape(2, 2)}) != ref
 
 
 def test_missing_and_foreign_files(tmp_path):

@@ -43,20 +43,27 @@ def finetune_args(data, out, *extra, manifest=None):
 
 
 def crash_after_writes(monkeypatch, count: int) -> list[str]:
-    """Make the trainer crash (KeyboardInterrupt) right after its ``count``-th checkpoint write."""
+    """Make the trainer crash (KeyboardInterrupt) right after its ``count``-th checkpoint write.
+
+    A write is a :func:`save_checkpoint` or a :func:`copy_checkpoint` (``best.pt`` is copied
+    from the ``last.pt`` of the same epoch).
+    """
     import patchssl.checkpoint as checkpoint
 
-    real = checkpoint.save_checkpoint
     written: list[str] = []
 
-    def save(path, payload):
-        if len(written) >= count:
-            raise KeyboardInterrupt
-        result = real(path, payload)
-        written.append(Path(path).name)
-        return result
+    def counting(real):
+        def write(source_or_path, *rest):
+            if len(written) >= count:
+                raise KeyboardInterrupt
+            result = real(source_or_path, *rest)
+            written.append(Path(result).name)
+            return result
 
-    monkeypatch.setattr(checkpoint, "save_checkpoint", save)
+        return write
+
+    for name in ("save_checkpoint", "copy_checkpoint"):
+        monkeypatch.setattr(checkpoint, name, counting(getattr(checkpoint, name)))
     return written
 
 
@@ -101,14 +108,17 @@ def test_a_real_kill_between_last_pt_and_best_pt_then_resume(data, tmp_path):
         f"""
         import os, sys
         import patchssl.checkpoint as checkpoint
-        real, calls = checkpoint.save_checkpoint, []
-        def save(path, payload):
-            result = real(path, payload)
-            calls.append(path)
-            if len(calls) == 3:
-                os._exit(137)
-            return result
-        checkpoint.save_checkpoint = save
+        calls = []
+        def counting(real):
+            def write(*args):
+                result = real(*args)
+                calls.append(result)
+                if len(calls) == 3:
+                    os._exit(137)
+                return result
+            return write
+        checkpoint.save_checkpoint = counting(checkpoint.save_checkpoint)
+        checkpoint.copy_checkpoint = counting(checkpoint.copy_checkpoint)
         from patchssl.cli import main
         sys.exit(main({pretrain_args(data, out, "--epochs", "2", *EVERY_EPOCH_BEST)!r}))
         """

@@ -693,11 +693,21 @@ class Trainer:
             err=True,
         )
 
-    def _save(self, path: Path, epoch: int, metrics: dict[str, Any]) -> None:
-        if is_main_process():
-            from patchssl.checkpoint import save_checkpoint
+    def _save(
+        self, path: Path, epoch: int, metrics: dict[str, Any], copy_of: Path | None = None
+    ) -> None:
+        """Write the checkpoint of ``epoch`` to ``path`` (on the main process).
 
-            save_checkpoint(path, self.payload(epoch, metrics))
+        With ``copy_of`` (a checkpoint of the same epoch and payload, written just before), its
+        file is copied instead: nothing is serialised or hashed twice.
+        """
+        if is_main_process():
+            from patchssl.checkpoint import copy_checkpoint, save_checkpoint
+
+            if copy_of is not None:
+                copy_checkpoint(copy_of, path)
+            else:
+                save_checkpoint(path, self.payload(epoch, metrics))
 
     def _check_finite(self, acc: _StepAccumulator, epoch: int, distributed: bool) -> None:
         """Stop on a non-finite loss among the steps accumulated so far (one host sync).
@@ -878,8 +888,8 @@ class Trainer:
                 self.history.append(row)
                 logger.log(row, step=self.global_step)
                 self._save(self.last_path, epoch, row)
-                if improved:
-                    self._save(self.best_path, epoch, row)
+                if improved:  # the same payload: copy the file, no second serialisation
+                    self._save(self.best_path, epoch, row, copy_of=self.last_path)
                 echo(_format_row(row, self.train.epochs, improved))
                 self.skipped.report(f"epoch {epoch + 1}")
                 for callback in self.callbacks:
