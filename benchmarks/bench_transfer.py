@@ -99,8 +99,11 @@ class Settings:
             ``per_patch`` (each patch standardised on its own, as the jigsaw pretraining
             does), ``encoder`` or ``auto`` (the library's default: the checkpoint's for the SSL
             rows, ``encoder`` from scratch, so that the rows differ in their input too).
-        pretrain_epochs: Jigsaw pretraining epochs.
-        num_permutations: Jigsaw permutations (maximal Hamming set).
+        pretext: The pretext task of the pretraining (``patchssl pretexts`` lists them).
+        pretext_options: Its options beyond the library's defaults, ``key=value`` strings
+            (values read as YAML, e.g. ``crop_scale=[0.25,1.0]``).
+        pretrain_epochs: Pretraining epochs.
+        num_permutations: Jigsaw permutations (maximal Hamming set; jigsaw only).
         finetune_images: Images seen per fine-tuning run (epochs = this / training images,
             clipped to ``[min_epochs, max_epochs]``).
         min_epochs: Fewest fine-tuning epochs.
@@ -122,6 +125,8 @@ class Settings:
     rows: tuple[str, ...] = ("scratch", "ssl", "al", "ssl_al")
     attention: str = "sigmoid"
     input_norm: str = "per_patch"
+    pretext: str = "jigsaw"
+    pretext_options: tuple[str, ...] = ()
     pretrain_epochs: int = 10
     num_permutations: int = 100
     finetune_images: int = 2000
@@ -252,7 +257,7 @@ def budget_patients(data: Data, budget: int, seed: int) -> list[str]:
 # ---------------------------------------------------------------------------------- config
 def base_config(s: Settings, data: Data, threads: int) -> Any:
     """The engine configuration shared by pretraining and fine-tuning."""
-    from patchssl.engine.config import Config
+    from patchssl.engine.config import Config, apply_overrides
 
     c = Config()
     c.data.unlabeled = str(data.unlabeled_dir)
@@ -263,7 +268,10 @@ def base_config(s: Settings, data: Data, threads: int) -> Any:
     c.model.backbone = s.backbone
     c.model.patch_size = s.patch_size
     c.model.input_norm = s.input_norm
-    c.pretext.options = {"num_permutations": s.num_permutations}
+    c.pretext.name = s.pretext
+    c.pretext.options = {"num_permutations": s.num_permutations} if s.pretext == "jigsaw" else {}
+    if s.pretext_options:
+        c = apply_overrides(c, [f"pretext.options.{o}" for o in s.pretext_options])
     c.train.batch_size = s.batch_size
     c.train.patience = 0
     c.train.progress = False
@@ -275,7 +283,7 @@ def base_config(s: Settings, data: Data, threads: int) -> Any:
 
 
 def pretrain_checkpoint(s: Settings, data: Data, cache: Path, threads: int) -> Path:
-    """Pretrain the jigsaw task once per setting (cached; an interrupted run resumes)."""
+    """Pretrain the pretext task once per setting (cached; an interrupted run resumes)."""
     from patchssl.engine import pretrain
 
     c = base_config(s, data, threads)
@@ -289,7 +297,7 @@ def pretrain_checkpoint(s: Settings, data: Data, cache: Path, threads: int) -> P
         return Path(json.loads(done.read_text())["checkpoint"])
     c.out = str(out)
     c.train.resume = (out / "last.pt").is_file()
-    _say(f"pretraining jigsaw ({s.pretrain_epochs} epochs on {s.num_unlabeled} images): {out}")
+    _say(f"pretraining {s.pretext} ({s.pretrain_epochs} epochs on {s.num_unlabeled} images): {out}")
     t = time.perf_counter()
     result = pretrain(c)
     info = {"checkpoint": str(result.best_checkpoint), "seconds": time.perf_counter() - t}
@@ -384,7 +392,7 @@ def probe_features(
     c.model.attention = "none"
     c.train.seed = 0
     key = _key(c.to_dict()["model"], str(checkpoint), data.images.shape)
-    path = cache / f"features_{'jigsaw' if checkpoint else 'random'}_{key}.npy"
+    path = cache / f"features_{s.pretext if checkpoint else 'random'}_{key}.npy"
     if path.is_file():
         return np.load(path)
     model, _, _ = build_classifier(c, torch.device("cpu"))
@@ -587,6 +595,15 @@ def _f(x: float, d: int = 3) -> str:
     return "n/a" if x is None or not math.isfinite(x) else f"{x:.{d}f}"
 
 
+def _pretext_text(s: dict[str, Any]) -> str:
+    """``jigsaw (100 permutations)``, ``rotation (crop_scale=[0.25,1])``: the pretraining."""
+    name = s.get("pretext", "jigsaw")
+    options = list(s.get("pretext_options", ()))
+    if name == "jigsaw":
+        options.insert(0, f"{s['num_permutations']} permutations")
+    return f"{name} ({', '.join(options)})" if options else name
+
+
 def markdown(payload: dict[str, Any]) -> str:
     """The Markdown report: settings, AUC table, paired differences, probe, localisation."""
     s = payload["settings"]
@@ -596,8 +613,8 @@ def markdown(payload: dict[str, Any]) -> str:
         f"Command: `{payload['command']}`",
         "",
         f"{s['image_size']} px images, 3x3 patches of {s['patch_size']} px, {s['backbone']}; "
-        f"jigsaw pretraining {s['pretrain_epochs']} epochs on {s['num_unlabeled']} unlabeled "
-        f"images ({s['num_permutations']} permutations); test set "
+        f"{_pretext_text(s)} pretraining {s['pretrain_epochs']} epochs on "
+        f"{s['num_unlabeled']} unlabeled images; test set "
         f"{payload['test_images']} images of {s['test_patients']} patients never seen in "
         f"training ({payload['test_positives']} positive); seeds {list(s['seeds'])}; overrides "
         f"{list(s['overrides']) or 'none'}. {payload['machine']}; "
@@ -642,7 +659,7 @@ def markdown(payload: dict[str, Any]) -> str:
             )
         for r in payload["probe_diffs"]:
             lines.append(
-                f"\nProbe, budget {r['budget']}: jigsaw - random = {_f(r['diff'])} "
+                f"\nProbe, budget {r['budget']}: {r['pair']} = {_f(r['diff'])} "
                 f"[{_f(r['ci_low'])}, {_f(r['ci_high'])}]"
             )
     if payload.get("localisation"):
@@ -724,9 +741,10 @@ def build_parser() -> argparse.ArgumentParser:
         name = "--" + f.name.replace("_", "-")
         if f.name == "overrides":
             continue  # --set
-        if f.name in ("budgets", "seeds", "rows"):
-            kind = str if f.name == "rows" else int
-            p.add_argument(name, nargs="+", type=kind, default=None)
+        if f.name in ("budgets", "seeds", "rows", "pretext_options"):
+            kind = int if f.name in ("budgets", "seeds") else str
+            # --rows with no name: the probe alone
+            p.add_argument(name, nargs="*" if f.name == "rows" else "+", type=kind, default=None)
         else:
             kind = {"int": int, "float": float, "str": str}[str(f.type)]
             p.add_argument(name, type=kind, default=None)
@@ -796,7 +814,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     }
     if not args.no_probe:
         feats = {
-            "jigsaw": probe_features(s, data, checkpoint, cache, args.threads),
+            s.pretext: probe_features(s, data, checkpoint, cache, args.threads),
             "random": probe_features(s, data, None, cache, args.threads),
         }
         probe = {
@@ -809,8 +827,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             probe,
             labels,
             groups,
-            ["jigsaw", "random"],
-            [("jigsaw", "random")],
+            [s.pretext, "random"],
+            [(s.pretext, "random")],
             s.budgets,
             s.seeds,
             s.n_boot,
