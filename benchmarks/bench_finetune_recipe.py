@@ -91,7 +91,8 @@ def run(
     counts = torch.bincount(y, minlength=2).float()
     task = FinetuneTask(model, None, device, weight=counts.sum() / (2 * counts.clamp(min=1)))
     steps_per_epoch = max(1, len(idx) // s.batch_size)
-    epochs = max(1, round(images_seen / (steps_per_epoch * s.batch_size)))
+    per_epoch = min(len(idx), steps_per_epoch * s.batch_size)
+    epochs = max(1, round(images_seen / per_epoch))
     c.train.epochs = epochs
     optimizer = build_optimizer(model, c.train)
     scheduler = build_scheduler(optimizer, c.train, steps_per_epoch)

@@ -690,9 +690,11 @@ def plot(payload: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("fine-tuned", payload["auc"])]
+    panels = [("fine-tuned", payload["auc"])] if payload["auc"] else []
     if payload.get("probe_auc"):
         panels.append(("linear probe", payload["probe_auc"]))
+    if not panels:
+        return
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.8), squeeze=False)
     for ax, (title, rows) in zip(axes[0], panels, strict=True):
         for k, name in enumerate(dict.fromkeys(r["row"] for r in rows)):

@@ -119,6 +119,46 @@ def test_transfer_micro_run_and_resume(tmp_path: Path) -> None:
     assert again["auc"] == payload["auc"]
 
 
+def test_transfer_probe_alone_with_another_pretext(tmp_path: Path) -> None:
+    import bench_transfer
+
+    args = [*_MICRO, "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "out")]
+    payload = bench_transfer.main([*args, "--rows", "--pretext", "rotation"])
+    assert payload["auc"] == [] and payload["diffs"] == []  # no fine-tuning at all
+    assert not (tmp_path / "cache" / "runs").exists()
+    assert {r["row"] for r in payload["probe_auc"]} == {"rotation", "random"}
+    assert [r["pair"] for r in payload["probe_diffs"]] == ["rotation - random"]
+    assert "rotation pretraining" in (tmp_path / "out" / "transfer.md").read_text()
+    # jigsaw options reach the pretraining (another checkpoint), and a wrong one is refused
+    jig = bench_transfer.main([*args, "--rows", "--pretext-options", "crop_scale=[0.5,1.0]"])
+    assert jig["pretrain_checkpoint"] != payload["pretrain_checkpoint"]
+    assert "crop_scale=[0.5,1.0]" in (tmp_path / "out" / "transfer.md").read_text()
+    with pytest.raises(Exception, match="crop_scale"):
+        bench_transfer.main([*args, "--rows", "--pretext", "rotation", "--pretext-options",
+                             "crop_scale=[0.5,1.0]"])  # fmt: skip
+
+
+def test_finetune_recipe_trains_and_scores_in_memory(tmp_path: Path, monkeypatch) -> None:
+    import sys
+
+    import bench_finetune_recipe
+
+    out = tmp_path / "recipe.json"
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        ["bench_finetune_recipe.py", "--variants", "base", "no_dropout", "--budgets", "4",
+         "--images", "16", "--test-patients", "6", "--cache", str(tmp_path / "c"),
+         "--out", str(out)],
+    )  # fmt: skip
+    bench_finetune_recipe.main()
+    rows = json.loads(out.read_text())
+    assert [r["variant"] for r in rows] == ["base", "no_dropout"]
+    for r in rows:
+        assert 0.0 <= r["auc"] <= 1.0 and 0.0 <= r["lo"] <= r["hi"] <= 1.0
+        assert r["epochs"] == 2 and math.isfinite(r["train_loss_last"])  # 16 images, 8 a time
+
+
 def test_transfer_paired_table_and_budgets() -> None:
     import bench_transfer
     import numpy as np
@@ -165,7 +205,7 @@ def test_gpu_check_dry_mode_runs_every_python_command_on_the_cpu(tmp_path: Path)
     env = dict(os.environ, DRY="1", PYTHON=sys.executable)
     # One command per script: the engine end to end (its compiled variant), the step and
     # its ratios, decoding. The other parts run the same scripts with other geometries.
-    env["PARTS"] = "env engine_paper_compiled step_paper decode tests"
+    env["PARTS"] = "env engine_paper_compiled step_paper decode liftoff recipe tests"
     proc = subprocess.run(
         ["bash", str(BENCH / "gpu_check.sh"), str(work)],
         env=env,
@@ -175,7 +215,8 @@ def test_gpu_check_dry_mode_runs_every_python_command_on_the_cpu(tmp_path: Path)
     )
     log = (work / "gpu_check.log").read_text()
     assert proc.returncode == 0, log
-    for name in ("env", "engine_paper_compiled", "step_paper", "decode"):
+    for name in ("env", "engine_paper_compiled", "step_paper", "decode", "liftoff_sweep",
+                 "liftoff_long", "recipe"):  # fmt: skip
         assert f"== {name}: rc=0" in log, log
     assert "tests: skipped in DRY mode" in log
     (engine,) = json.loads((work / "engine_paper_compiled.json").read_text())["results"][:1]
@@ -184,3 +225,6 @@ def test_gpu_check_dry_mode_runs_every_python_command_on_the_cpu(tmp_path: Path)
     assert engine["compile"] == "model" and engine["train_images"] > 0
     assert json.loads((work / "throughput_paper.json").read_text())["results"]
     assert json.loads((work / "dataloading.json").read_text())["results"]
+    sweep = json.loads((work / "liftoff_sweep.json").read_text())
+    assert [r["step"] for r in sweep["defaults+sgd"]["log"]] == [2, 4]
+    assert json.loads((work / "recipe.json").read_text())[0]["variant"] == "base"
