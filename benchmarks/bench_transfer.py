@@ -350,7 +350,7 @@ def run_row(
     patients = budget_patients(data, budget, seed)
     train = [data.records[i].path for p in patients for i in data.pool[p]]
     c.train.epochs = _epochs(s, len(train))
-    key = _key(c.to_dict(), budget, sorted(patients))
+    key = _key(_portable(c.to_dict()), budget, sorted(patients))
     out = cache / "runs" / f"{row}_b{budget}_s{seed}_{key}"
     result_file = out / "test_scores.npz"
     if result_file.is_file():
@@ -370,6 +370,12 @@ def run_row(
     for name in ("last.pt", "best.pt"):  # the scores are what the benchmark keeps
         (out / name).unlink(missing_ok=True)
     return {"probs": probs, "weights": weights, "seconds": seconds}
+
+
+def _portable(config: dict[str, Any]) -> dict[str, Any]:
+    """The run's configuration without where it runs (device, threads): the cache key."""
+    train = {k: v for k, v in config["train"].items() if k not in ("device", "num_threads")}
+    return {**config, "train": train}
 
 
 def _device(config: Any) -> Any:
