@@ -221,3 +221,31 @@ def test_compile_option_compiles_the_encoder_in_place(data, tmp_path, monkeypatc
     with pytest.raises(ConfigError, match="train.compile"):
         pretrain(config)
     assert not (tmp_path / "bad" / "last.pt").exists()
+
+
+def test_next_epoch_loads_ahead_with_workers_and_changes_nothing(data, tmp_path, monkeypatch):
+    """With loader workers, epoch e + 1's iterator starts before epoch e is validated; the
+    run's batches, losses and weights are those of a run that starts it at the epoch's start."""
+    from patchssl.engine.loop import Trainer
+
+    used_ahead: list[int] = []
+    real = Trainer._epoch_batches
+
+    def spy(self, epoch):
+        if self._ahead is not None and self._ahead[0] == epoch:
+            used_ahead.append(epoch)
+        return real(self, epoch)
+
+    monkeypatch.setattr(Trainer, "_epoch_batches", spy)
+    config = tiny_config(data, tmp_path / "ahead", epochs=3)
+    config.data.workers = 2
+    ahead = pretrain(config)
+    assert used_ahead == [1, 2]  # epochs 2 and 3 (0-based 1, 2) were started ahead
+    monkeypatch.setattr(Trainer, "_start_epoch_ahead", lambda self, epoch: None)
+    used_ahead.clear()
+    config = tiny_config(data, tmp_path / "at_start", epochs=3)
+    config.data.workers = 2
+    at_start = pretrain(config)
+    assert used_ahead == []
+    assert [r["train_loss"] for r in ahead.history] == [r["train_loss"] for r in at_start.history]
+    _assert_same_weights(_weights(ahead.last_checkpoint), _weights(at_start.last_checkpoint))

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
@@ -413,6 +413,8 @@ class Trainer:
         self.config = config
         self.train = config.train
         self.loader = loader
+        # (epoch, the loader's iterator for it), started before the epoch before validated
+        self._ahead: tuple[int, Iterator[Any]] | None = None
         self.sampler = sampler
         self.device = device
         self.monitor = monitor
@@ -732,6 +734,30 @@ class Trainer:
         )
 
     # ---------------------------------------------------------------------------------- epochs
+    def _epoch_batches(self, epoch: int) -> Iterator[Any]:
+        """The loader's iterator for ``epoch``: the one started ahead, or a new one."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead[0] == epoch:
+            return ahead[1]
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+        return iter(self.loader)
+
+    def _start_epoch_ahead(self, epoch: int) -> None:
+        """Set the loader's workers to work on ``epoch`` while the epoch before is validated.
+
+        Called before the validation and checkpoints of the epoch before, so that the first
+        batches of ``epoch`` wait for the step instead of the step for them. Only with worker
+        processes (nothing runs ahead without them); the batches are the same as when the
+        iterator is made at the epoch's start (the sampler's order depends on the epoch alone,
+        the workers' seeds on the loader's generator).
+        """
+        if epoch >= self.train.epochs or getattr(self.loader, "num_workers", 0) == 0:
+            return
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+        self._ahead = (epoch, iter(self.loader))
+
     def train_epoch(self, epoch: int) -> dict[str, float]:
         """Run one epoch of optimisation.
 
@@ -749,12 +775,10 @@ class Trainer:
         rank = get_rank()
         seed_everything(self.train.seed, "epoch", epoch, "rank", rank)
         generator = make_generator(self.train.seed, "step", epoch, "rank", rank, device=self.device)
-        if hasattr(self.sampler, "set_epoch"):
-            self.sampler.set_epoch(epoch)
         self.train_module.train()
         distributed = self.world_size > 1
         bar = progress(
-            self.loader,
+            self._epoch_batches(epoch),
             total=self.steps_per_epoch,
             desc=f"{self.task.kind} epoch {epoch + 1}/{self.train.epochs}",
             enabled=self.train.progress,
@@ -860,6 +884,7 @@ class Trainer:
                 row: dict[str, Any] = {"epoch": epoch + 1}
                 row.update(self.train_epoch(epoch))
                 self._check_images_seen(epoch)
+                self._start_epoch_ahead(epoch + 1)  # its loading overlaps what follows
                 if self.world_size > 1:
                     sync_buffers(self.model)  # rank 0's batch-norm statistics everywhere
                 val = self.task.validate(epoch)
