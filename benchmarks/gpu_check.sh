@@ -6,7 +6,9 @@
 # parts' budgets sum to 530 s), and writes its log and result file as it goes, so a part that
 # is killed keeps what it measured and cannot take the others with it.
 #
-# Two evidence parts, not in the default PARTS (name them to run them): `liftoff`, the jigsaw
+# Parts not in the default PARTS (name them to run them): `engine_paper_long`, the engine at the
+# paper geometry with epochs of 10,000 images (does the loop's gap to the step shrink with the
+# epoch's length: a per-epoch refill of the loader, or a per-step cost?); `liftoff`, the jigsaw
 # lift-off levers on real photographs (bench_jigsaw_liftoff.py, every lever at the 300 steps of
 # the goal, then the library's defaults and two levers for 3,000 steps), and `recipe`, the
 # from-scratch fine-tuning recipes of bench_finetune_recipe.py on the transfer benchmark's data.
@@ -41,6 +43,7 @@ if [[ "${DRY:-0}" == "1" ]]; then
     DEVICE=(--device cpu)
     ENGINE_PAPER=(--geometry tiny)
     ENGINE_SMALL=(--geometry tiny)
+    ENGINE_LONG=(--geometry tiny --images 16)
     STEP_PAPER=(--geometries tiny --batches 2 --ratio-batch 2 --ratio-variants fp32)
     STEP_SMALL=("${STEP_PAPER[@]}")
     DECODE=(--count 2 --original-size 640 424 --repeats 1)
@@ -53,6 +56,7 @@ else
     # Paper geometry: 512 px, 3x3 patches of 153 px, ResNet50, bf16 + channels_last, B = 64.
     ENGINE_PAPER=(--geometry paper --variant bf16-cl --batch 64 --epochs 3 --unique 32)
     ENGINE_SMALL=(--geometry small --variant bf16-cl --batch 128 --epochs 3 --unique 32)
+    ENGINE_LONG=(--geometry paper --variant bf16-cl --batch 64 --epochs 2 --unique 32 --images 10000)
     STEP_PAPER=(--geometries paper --modes pretrain --batches 64 --sweep bf16-cl --compare ""
         --ratio-batch 64 --ratio-variants bf16-cl --workers 8 --repeats 3 --min-time 0.3)
     STEP_SMALL=(--geometries small --modes pretrain --batches 128 --sweep bf16-cl --compare ""
@@ -126,6 +130,10 @@ for p in $PARTS; do
         part engine_paper_compiled 130 "$PYTHON" benchmarks/bench_engine.py "${DEV[@]}" \
             "${ENGINE_PAPER[@]}" --compile model --workdir "$WORK/e2e_paper" \
             --out "$WORK/engine_paper_compiled.json"
+        ;;
+    engine_paper_long) # the same as engine_paper with epochs of 10,000 images
+        part engine_paper_long 110 "$PYTHON" benchmarks/bench_engine.py "${DEV[@]}" \
+            "${ENGINE_LONG[@]}" --workdir "$WORK/e2e_paper_long" --out "$WORK/engine_paper_long.json"
         ;;
     step_paper) # the step, and its ratio to the bare backbone, in bf16 + channels_last
         part step_paper 60 "$PYTHON" benchmarks/bench_throughput.py "${DEV[@]}" "${STEP_PAPER[@]}" \
