@@ -23,6 +23,21 @@ __all__ = ["ATTENTION_MODES", "PatchAttention"]
 ATTENTION_MODES: tuple[str, ...] = ("sigmoid", "softmax", "gated")
 
 
+def _check_temperature(value: object, name: str) -> float:
+    """``value`` as a float if it is a finite number > 0, else a ``ValueError`` naming ``name``."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise ValueError(
+            f"{name} must be a finite number > 0 (1 = the plain sigmoid/softmax, < 1 sharper "
+            f"weights); got {value!r}"
+        )
+    return float(value)
+
+
 class PatchAttention(nn.Module):
     r"""One weight per patch, and the features reweighted by it.
 
@@ -99,16 +114,7 @@ class PatchAttention(nn.Module):
         for what, value in (("dim", dim), ("num_patches", num_patches), ("hidden_dim", hidden_dim)):
             check_int(value, what)
         look_up(mode, ATTENTION_MODES, "attention mode")
-        if (
-            isinstance(temperature, bool)
-            or not isinstance(temperature, (int, float))
-            or not math.isfinite(temperature)
-            or temperature <= 0
-        ):
-            raise ValueError(
-                f"temperature must be a finite number > 0 (1 = the plain sigmoid/softmax, "
-                f"< 1 sharper weights); got {temperature!r}"
-            )
+        _check_temperature(temperature, "temperature")
         self.dim = dim
         self.num_patches = num_patches
         self.mode = mode

@@ -43,6 +43,7 @@ __all__ = [
     "FORMAT_VERSION",
     "CheckpointError",
     "check_compatible",
+    "copy_checkpoint",
     "default_file_mode",
     "load_checkpoint",
     "payload_checksum",

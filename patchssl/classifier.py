@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from patchssl._validation import as_pair, check_int, look_up
-from patchssl.attention import ATTENTION_MODES, PatchAttention
+from patchssl.attention import ATTENTION_MODES, PatchAttention, _check_temperature
 from patchssl.checkpoint import CheckpointError, load_checkpoint
 from patchssl.encoder import SharedPatchEncoder
 from patchssl.pretext.base import standardize_patches
@@ -142,6 +142,9 @@ class PatchClassifier(nn.Module):
         hidden_dim: Width of the per-patch layer.
         dropout: Dropout before the final layer.
         attention_hidden_dim: Width of ``V``/``U`` in the softmax attention modes.
+        attention_temperature: ``T > 0`` dividing the attention scores before the sigmoid or
+            softmax (1: the paper's gate; below 1, sharper weights). See
+            :class:`~patchssl.attention.PatchAttention`.
         jitter_in_training: Let the tiler jitter patches in training mode (default ``False``:
             centre placement always; evaluation mode never jitters).
         input_norm: How each patch is normalised before the encoder: ``"encoder"`` (the
@@ -187,6 +190,7 @@ class PatchClassifier(nn.Module):
         hidden_dim: int = 256,
         dropout: float = 0.5,
         attention_hidden_dim: int = 128,
+        attention_temperature: float = 1.0,
         jitter_in_training: bool = False,
         input_norm: str = "encoder",
     ) -> None:
@@ -227,13 +231,22 @@ class PatchClassifier(nn.Module):
         self.hidden_dim = hidden_dim
         self.dropout_p = float(dropout)
         self.attention_hidden_dim = attention_hidden_dim
+        self.attention_temperature = _check_temperature(
+            attention_temperature, "attention_temperature"
+        )
         self.jitter_in_training = bool(jitter_in_training)
         self.input_norm = input_norm
         self.transfer_report = None
 
         self.patch_fc = nn.Sequential(nn.Linear(encoder.out_dim, hidden_dim), nn.ReLU())
         self.attention = (
-            PatchAttention(hidden_dim, self.num_patches, attention, attention_hidden_dim)
+            PatchAttention(
+                hidden_dim,
+                self.num_patches,
+                attention,
+                attention_hidden_dim,
+                temperature=attention_temperature,
+            )
             if attention is not None
             else None
         )
@@ -385,6 +398,7 @@ class PatchClassifier(nn.Module):
             "hidden_dim": self.hidden_dim,
             "dropout": self.dropout_p,
             "attention_hidden_dim": self.attention_hidden_dim,
+            "attention_temperature": self.attention_temperature,
             "jitter_in_training": self.jitter_in_training,
             "input_norm": self.input_norm,
         }

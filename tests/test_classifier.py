@@ -244,6 +244,28 @@ def test_config_round_trip(encoder):
         torch.testing.assert_close(again.eval()(images), clf.eval()(images))
 
 
+def test_attention_temperature_reaches_the_gate_and_round_trips(encoder):
+    clf = PatchClassifier(encoder, tiler=_tiler(), hidden_dim=8, attention_temperature=0.25)
+    assert clf.attention.temperature == 0.25
+    plain = PatchClassifier(encoder, tiler=_tiler(), hidden_dim=8)
+    plain.load_state_dict(clf.state_dict())
+    images = _images()
+    with torch.no_grad():
+        feats = clf.eval().forward_features(images)
+        scores = clf.attention.logits(feats)  # before the temperature
+        weights = clf.forward_with_attention(images).weights
+        torch.testing.assert_close(weights, torch.sigmoid(scores / 0.25))
+        # the same weights at T = 1 give the plain sigmoid: T changes the weights, nothing else
+        torch.testing.assert_close(
+            plain.eval().forward_with_attention(images).weights, torch.sigmoid(scores)
+        )
+    again = PatchClassifier.from_config(json.loads(json.dumps(clf.config)))
+    assert again.attention.temperature == 0.25
+    for bad in (0, -1.0, float("nan"), "0.5", True):
+        with pytest.raises(ValueError, match="attention_temperature must be a finite number > 0"):
+            PatchClassifier(encoder, tiler=_tiler(), attention=None, attention_temperature=bad)
+
+
 # ---------------------------------------------------------------- transfer
 
 

@@ -282,3 +282,19 @@ def test_bad_schedule_options(data, tmp_path, key, value, message):
     setattr(config.train, key, value)
     with pytest.raises(ConfigError, match=message):
         finetune(config)
+
+
+def test_model_attention_temperature_reaches_the_classifier(data, pretrained, tmp_path):
+    import torch
+
+    from patchssl.engine.config import apply_overrides
+    from patchssl.engine.finetuning import build_classifier
+
+    config = apply_overrides(tiny_config(data, tmp_path), ["model.attention_temperature=0.5"])
+    scratch, _, _ = build_classifier(config, torch.device("cpu"))
+    assert scratch.attention.temperature == 0.5
+    config.model.init = str(pretrained.best_checkpoint)
+    transferred, _, _ = build_classifier(config, torch.device("cpu"))
+    assert transferred.attention.temperature == 0.5
+    with pytest.raises(ConfigError):
+        apply_overrides(config, ["model.attention_temperature=warm"])

@@ -146,6 +146,8 @@ class ModelConfig:
         norm: Normalisation layers of the encoder (``batch``, ``group``, ``sync_batch``...).
         attention: Patch attention of the classifier: ``sigmoid`` (the paper), ``softmax``,
             ``gated`` or ``none``.
+        attention_temperature: Divides the attention scores before the sigmoid or softmax
+            (1: the paper's gate; below 1, sharper weights).
         head: Classifier head: ``concat`` (per-patch layers, concatenated; the paper) or
             ``pooled``.
         dropout: Dropout probability before the final layer (default 0.5; 0 turns it off).
@@ -166,6 +168,7 @@ class ModelConfig:
     jitter: int | None = None
     norm: str = "batch"
     attention: str = "sigmoid"
+    attention_temperature: float = 1.0
     head: str = "concat"
     dropout: float = 0.5
     num_classes: int = 2

@@ -112,7 +112,11 @@ def build_classifier(config: Config, device: torch.device) -> tuple[nn.Module, s
 
     m = config.model
     torch.manual_seed(derive_seed(config.train.seed, "init"))
-    kwargs: dict[str, Any] = {"head": m.head, "dropout": m.dropout}
+    kwargs: dict[str, Any] = {
+        "head": m.head,
+        "dropout": m.dropout,
+        "attention_temperature": m.attention_temperature,
+    }
     if m.input_norm != "auto":
         kwargs["input_norm"] = m.input_norm
     attention = _attention(config)
