@@ -89,14 +89,11 @@ def main(argv: Sequence[str] | None = None) -> str:
         config.data.manifest = str(Path(args.data) / "labeled.csv")
 
     # One split (or K folds) for every row, saved; each training part cut to the label budget.
-    records = labeled_records(config)
+    records, d = labeled_records(config), config.data
     if args.folds > 1:
-        layouts = kfold_records(
-            records, n_splits=args.folds, val_size=config.data.val_size, seed=args.seed
-        )
-    else:
-        d = config.data
-        val = d.val_size * (1.0 - d.test_size)  # data.val_size is a share of the non-test part
+        layouts = kfold_records(records, n_splits=args.folds, val_size=d.val_size, seed=args.seed)
+    else:  # data.val_size is a share of the non-test part
+        val = d.val_size * (1.0 - d.test_size)
         layouts = [split_records(records, test_size=d.test_size, val_size=val, seed=args.seed)]
     budget = args.label_budget or quick.get("label_budget")
     splits = []
@@ -147,4 +144,7 @@ def main(argv: Sequence[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ValueError as err:  # a bad option, path, split or budget (ConfigError is one)
+        raise SystemExit(f"ablation.py: error: {err}") from None
