@@ -49,9 +49,11 @@ __all__ = [
     "clopper_pearson_ci",
     "confusion_counts",
     "evaluate_predictions",
+    "format_fold_table",
     "format_table",
     "paired_difference",
     "sensitivity_at_specificity",
+    "summarize_folds",
 ]
 
 #: Metrics :func:`bootstrap_samples` and :func:`bootstrap_ci` can resample.
@@ -1143,4 +1145,93 @@ def format_table(reports: Mapping[str, EvaluationReport]) -> str:
         )
     if "degenerate" in methods:
         note += " [–]: every resample gave the same value; this metric has no exact interval."
+    return "\n".join(lines) + "\n\n" + note + "\n"
+
+
+def summarize_folds(reports: Sequence[EvaluationReport]) -> dict[str, Any]:
+    """Mean, standard deviation, minimum and maximum of each metric across folds.
+
+    With patient-grouped k-fold cross-validation (:func:`patchssl.data.kfold_records`) each
+    fold's model is tested on its own patients; the spread across folds shows how much a number
+    moves with the split alone, which one 80/20 split cannot show. A metric undefined in a fold
+    (``nan``, e.g. the AUC of a one-class test part) is left out of its statistics, and
+    ``n_defined`` says how many folds remained. The counts are summed: with every image tested
+    in exactly one fold, they are the counts of the whole labeled set.
+
+    Args:
+        reports: One :class:`EvaluationReport` per fold, of the same model.
+
+    Returns:
+        ``{"folds": k, "metrics": {name: {"mean", "std", "min", "max", "n_defined"}},
+        "counts": {"tp", "fp", "tn", "fn", "n", "n_positive", "n_negative"}}``; ``std`` is the
+        sample standard deviation (``ddof=1``), ``nan`` with fewer than two defined folds.
+
+    Raises:
+        ValueError: When ``reports`` is empty.
+    """
+    if not reports:
+        raise ValueError("summarize_folds needs at least one fold's report")
+    nan = float("nan")
+    metrics: dict[str, dict[str, float]] = {}
+    for name in reports[0].metrics:
+        values = np.array([r.metrics.get(name, nan) for r in reports], dtype=np.float64)
+        values = values[np.isfinite(values)]
+        stats = {"mean": nan, "std": nan, "min": nan, "max": nan, "n_defined": values.size}
+        if values.size:
+            stats.update(mean=values.mean(), min=values.min(), max=values.max())
+        if values.size > 1:
+            stats["std"] = values.std(ddof=1)
+        metrics[name] = {k: float(v) if k != "n_defined" else int(v) for k, v in stats.items()}
+    keys = ("tp", "fp", "tn", "fn", "n", "n_positive", "n_negative")
+    counts = {k: int(sum(r.counts[k] for r in reports)) for k in keys}
+    return {"folds": len(reports), "metrics": metrics, "counts": counts}
+
+
+def format_fold_table(folds: Mapping[str, Sequence[EvaluationReport]]) -> str:
+    """A Markdown table of cross-validated models: ``mean ± std [min, max]`` per metric.
+
+    The fold counterpart of :func:`format_table`: one row per model, each metric cell the mean
+    and sample standard deviation across folds with the lowest and highest fold, in percent
+    (see :func:`summarize_folds`); the last columns give the images (positive / negative) and
+    the confusion matrix ``TP/FP/TN/FN`` summed over the folds.
+
+    Args:
+        folds: ``{model name: one EvaluationReport per fold}``, in display order.
+
+    Returns:
+        The table as a string (header, separator, rows, a note), ending with a newline.
+
+    References:
+        Chae et al., JIPS 2021, Table 2 (the metrics).
+    """
+    if not folds:
+        raise ValueError("format_fold_table needs at least one model")
+    first_reports = next(iter(folds.values()))
+    spec = round(100 * first_reports[0].sensitivity_at)
+    titles = [
+        f"Sens@Spec{spec}" if k == "sensitivity_at_specificity" else t for k, t in _TABLE_COLUMNS
+    ]
+    headers = ["Model", *[f"{t} (%)" for t in titles], "n (pos/neg)", "TP/FP/TN/FN"]
+    lines = [
+        "| " + " | ".join(headers) + " |",
+        "|" + "|".join([":---"] + ["---:"] * (len(headers) - 1)) + "|",
+    ]
+    for name, reports in folds.items():
+        summary = summarize_folds(reports)
+        cells = [name.replace("|", "\\|")]
+        for key, _ in _TABLE_COLUMNS:
+            s = summary["metrics"].get(key)
+            if s is None or s["n_defined"] == 0:
+                cells.append("n/a")
+                continue
+            spread = f" ± {100.0 * s['std']:.2f}" if math.isfinite(s["std"]) else ""
+            cells.append(f"{_pct(s['mean'])}{spread} [{_pct(s['min'])}, {_pct(s['max'])}]")
+        c = summary["counts"]
+        cells.append(f"{c['n']} ({c['n_positive']}/{c['n_negative']})")
+        cells.append(f"{c['tp']}/{c['fp']}/{c['tn']}/{c['fn']}")
+        lines.append("| " + " | ".join(cells) + " |")
+    note = (
+        f"Mean ± standard deviation [lowest, highest fold] over {len(first_reports)} folds, in "
+        "percent; counts summed over the folds."
+    )
     return "\n".join(lines) + "\n\n" + note + "\n"

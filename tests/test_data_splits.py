@@ -14,8 +14,10 @@ from patchssl.data.splits import (
     find_overlap,
     grouped_kfold,
     grouped_stratified_split,
+    kfold_records,
     load_split,
     records_from_split,
+    sample_patients,
     save_split,
     split_records,
 )
@@ -160,3 +162,71 @@ def test_find_overlap_by_path_and_content(tmp_path: Path) -> None:
     kept = exclude_overlap(pretrain, found)
     assert [p.name for p in kept] == ["u0.png"]
     assert find_overlap(pretrain[:1], labeled) == []
+
+
+# --------------------------------------------------------------------------- cross-validation
+def test_kfold_records_tests_every_record_once_and_validates_on_other_patients() -> None:
+    recs = _records(120)  # 40 patients of 3 images, alternating labels
+    folds = kfold_records(recs, n_splits=4, val_size=0.25, seed=2)
+    assert len(folds) == 4
+    tested = [r for f in folds for r in f["test"]]
+    assert sorted(str(r.path) for r in tested) == sorted(str(r.path) for r in recs)
+    for fold in folds:
+        assert sum(len(v) for v in fold.values()) == len(recs)  # train + val + test = all
+        patients = {k: {r.patient for r in v} for k, v in fold.items()}
+        assert not patients["train"] & patients["val"]
+        assert not (patients["train"] | patients["val"]) & patients["test"]
+        assert {r.label for r in fold["val"]} == {0, 1}
+        # about a quarter of the non-test patients validate (10 patients of 3 images)
+        assert abs(len(patients["val"]) - 0.25 * (40 - len(patients["test"]))) <= 2
+        # the test parts are grouped_kfold's, record order is the manifest's
+        assert fold["test"] == sorted(fold["test"], key=recs.index)
+    labels = [r.label for r in recs]
+    expected = grouped_kfold(labels, [r.patient for r in recs], n_splits=4, seed=2)
+    assert [[recs[i] for i in test] for _, test in expected] == [f["test"] for f in folds]
+    no_val = kfold_records(recs, n_splits=4, val_size=0.0, seed=2)
+    assert set(no_val[0]) == {"train", "test"}
+    assert no_val[0]["test"] == folds[0]["test"]
+    with pytest.raises(ValueError, match="val_size"):
+        kfold_records(recs, n_splits=4, val_size=1.0)
+
+
+# ------------------------------------------------------------------------------ label budget
+def _patients(num_pos: int, num_neg: int, per: int = 2) -> list[Record]:
+    """``per`` images of each patient ``p<i>``; the first ``num_pos`` patients positive."""
+    return [
+        Record(Path(f"/data/p{i}_{k}.png"), int(i < num_pos), "x", f"p{i}")
+        for i in range(num_pos + num_neg)
+        for k in range(per)
+    ]
+
+
+def test_sample_patients_keeps_whole_patients_and_the_class_balance() -> None:
+    recs = _patients(num_pos=12, num_neg=18)
+    kept = sample_patients(recs, 10, seed=3)
+    patients = {r.patient for r in kept}
+    assert len(patients) == 10
+    # Reference: every image of a kept patient is kept, in order, and none of the others.
+    assert kept == [r for r in recs if r.patient in patients]
+    assert len({r.patient for r in kept if r.label == 1}) == round(10 * 12 / 30)
+    assert sample_patients(recs, 10, seed=3) == kept  # seeded
+    assert any(sample_patients(recs, 10, seed=s) != kept for s in range(4, 8))
+    assert sample_patients(recs, None, seed=3) == recs
+    assert sample_patients(recs, 100, seed=3) == recs
+    with pytest.raises(ValueError, match="at least 2"):
+        sample_patients(recs, 1, seed=0)
+
+
+def test_sample_patients_keeps_one_patient_of_a_rare_class() -> None:
+    recs = _patients(num_pos=1, num_neg=29)
+    kept = sample_patients(recs, 4, seed=0)
+    assert {r.label for r in kept} == {0, 1}
+    assert len({r.patient for r in kept}) == 4
+
+
+def test_sample_patients_classes_a_patient_by_its_highest_label() -> None:
+    # p0 has a negative and a positive image: a positive patient, so it is the one kept.
+    recs = [*_patients(num_pos=0, num_neg=5), Record(Path("/data/p0_x.png"), 1, "x", "p0")]
+    for seed in range(5):  # classed by another image's label, p0 would often be left out
+        kept = sample_patients(recs, 2, seed=seed)
+        assert [r for r in kept if r.patient == "p0"] == [r for r in recs if r.patient == "p0"]

@@ -28,9 +28,11 @@ from patchssl.metrics import (
     clopper_pearson_ci,
     confusion_counts,
     evaluate_predictions,
+    format_fold_table,
     format_table,
     paired_difference,
     sensitivity_at_specificity,
+    summarize_folds,
 )
 
 
@@ -488,3 +490,60 @@ def test_paired_difference_argument_errors() -> None:
         paired_difference([0, 1], [0.2, 0.8], [0.3, 0.7], metric="auroc")
     undefined = paired_difference([0, 0, 0], [0.1, 0.2, 0.3], [0.3, 0.2, 0.1], n_boot=20)
     assert undefined.verdict == "undefined"
+
+
+# ------------------------------------------------------------------------------------- folds
+def _fold_reports(num_folds: int, seed: int) -> list[EvaluationReport]:
+    rng = np.random.default_rng(seed)
+    reports = []
+    for _ in range(num_folds):
+        y = rng.integers(0, 2, 20)
+        y[:2] = [0, 1]
+        reports.append(evaluate_predictions(y, rng.uniform(size=20), threshold=0.5, n_boot=0))
+    return reports
+
+
+def test_summarize_folds_matches_a_python_reference() -> None:
+    reports = _fold_reports(3, seed=0)
+    summary = summarize_folds(reports)
+    assert summary["folds"] == 3
+    for metric in ("accuracy", "sensitivity", "auc"):
+        values = [r.metrics[metric] for r in reports]
+        mean = sum(values) / len(values)
+        std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+        s = summary["metrics"][metric]
+        assert s["mean"] == pytest.approx(mean) and s["std"] == pytest.approx(std)
+        assert (s["min"], s["max"], s["n_defined"]) == (min(values), max(values), 3)
+    c = summary["counts"]
+    assert c["n"] == 60 and c["tp"] + c["fp"] + c["tn"] + c["fn"] == 60
+    assert c["n_positive"] == sum(r.counts["n_positive"] for r in reports)
+
+
+def test_summarize_folds_leaves_out_undefined_folds() -> None:
+    reports = _fold_reports(2, seed=1)
+    # A one-class test fold has no AUC and no sensitivity.
+    reports.append(evaluate_predictions([0, 0, 0], [0.1, 0.7, 0.4], threshold=0.5, n_boot=0))
+    s = summarize_folds(reports)["metrics"]
+    assert s["auc"]["n_defined"] == 2
+    assert s["auc"]["mean"] == pytest.approx(np.mean([r.metrics["auc"] for r in reports[:2]]))
+    assert s["specificity"]["n_defined"] == 3
+    one = summarize_folds(reports[:1])["metrics"]["accuracy"]
+    assert math.isnan(one["std"]) and one["mean"] == reports[0].metrics["accuracy"]
+    with pytest.raises(ValueError, match="at least one"):
+        summarize_folds([])
+
+
+def test_format_fold_table_rows_and_cells() -> None:
+    folds = {"scratch": _fold_reports(3, seed=2), "ssl | al": _fold_reports(3, seed=3)}
+    markdown = format_fold_table(folds)
+    rows = [line for line in markdown.splitlines() if line.startswith("| ")]
+    assert len(rows) == 3  # the header and one line per model
+    assert rows[2].startswith("| ssl \\| al |")  # a pipe in a name is escaped
+    acc = [100 * r.metrics["accuracy"] for r in folds["scratch"]]
+    cell = rows[1].split(" | ")[1]
+    assert cell == (
+        f"{np.mean(acc):.2f} ± {np.std(acc, ddof=1):.2f} [{min(acc):.2f}, {max(acc):.2f}]"
+    )
+    n_pos = sum(r.counts["n_positive"] for r in folds["scratch"])
+    assert rows[1].split(" | ")[-2] == f"60 ({n_pos}/{60 - n_pos})"
+    assert "over 3 folds" in markdown

@@ -30,8 +30,10 @@ __all__ = [
     "find_overlap",
     "grouped_kfold",
     "grouped_stratified_split",
+    "kfold_records",
     "load_split",
     "records_from_split",
+    "sample_patients",
     "save_split",
     "split_records",
 ]
@@ -249,6 +251,110 @@ def split_records(
             "test": parts["test"],
         }
     return parts
+
+
+def kfold_records(
+    records: Sequence[Record],
+    *,
+    n_splits: int = 5,
+    val_size: float = 0.2,
+    seed: int = 0,
+) -> list[dict[str, list[Record]]]:
+    """Cross-validation folds of manifest records: train / val / test, grouped by patient.
+
+    Each fold of :func:`grouped_kfold` is the test part once; a validation part (for the
+    decision threshold and the best epoch, never the test part) is carved out of the other
+    folds' patients with :func:`grouped_stratified_split`. Every record is tested exactly once.
+
+    Args:
+        records: Manifest records (see :func:`patchssl.data.manifest.read_manifest`).
+        n_splits: Number of folds ``k`` (>= 2).
+        val_size: Fraction of each fold's non-test records for validation, in [0, 1); 0 for
+            no validation part.
+        seed: Seed of the folds (and, plus one, of the validation parts).
+
+    Returns:
+        ``k`` dicts ``{"train": [...], "val": [...], "test": [...]}`` (no ``"val"`` when
+        ``val_size`` is 0); record order inside each part follows the manifest.
+
+    Raises:
+        ValueError: As :func:`grouped_kfold` and :func:`grouped_stratified_split` (too few
+            patients of a class for the folds or the validation part).
+    """
+    if not 0.0 <= float(val_size) < 1.0:
+        raise ValueError(f"val_size must be a fraction in [0, 1), got {val_size!r}")
+    labels = np.array([r.label for r in records])
+    groups = [r.patient for r in records]
+    folds = []
+    for train, test in grouped_kfold(labels, groups, n_splits=n_splits, seed=seed):
+        parts = {"train": [records[i] for i in train], "test": [records[i] for i in test]}
+        if val_size > 0:
+            sub_tr, sub_val = grouped_stratified_split(
+                labels[train], [groups[i] for i in train], test_size=val_size, seed=seed + 1
+            )
+            parts = {
+                "train": [records[train[i]] for i in sub_tr],
+                "val": [records[train[i]] for i in sub_val],
+                "test": parts["test"],
+            }
+        folds.append(parts)
+    return folds
+
+
+def sample_patients(
+    records: Sequence[Record], num_patients: int | None, *, seed: int = 0
+) -> list[Record]:
+    """Keep the images of ``num_patients`` patients, stratified by label: a label budget.
+
+    Label-efficiency experiments (how good is a model trained on the images of 10, 20, 50
+    labeled patients?) cut the *training* part of a split down to a budget of patients, never
+    the test part. Whole patients are kept (all of their images or none), and each class keeps
+    about its share of the patients (rounded, at least one patient of each class). A patient's
+    class is the highest label among its images (CIN2+ if any image is). The choice is seeded.
+
+    Args:
+        records: Training records (with ``patient`` and ``label``).
+        num_patients: Patients to keep, or None for all (so is any number >= the patients).
+        seed: Seed of the choice.
+
+    Returns:
+        The kept records, in their original order.
+
+    Raises:
+        ValueError: When ``num_patients`` is below the number of classes (one patient of each
+            class is needed).
+
+    Example:
+        >>> parts = split_records(records, test_size=0.2, val_size=0.1)  # doctest: +SKIP
+        >>> parts["train"] = sample_patients(parts["train"], 20, seed=0)  # doctest: +SKIP
+    """
+    patients: dict[str, int] = {}
+    for r in records:
+        patients[str(r.patient)] = max(patients.get(str(r.patient), 0), int(r.label))
+    if num_patients is None or num_patients >= len(patients):
+        return list(records)
+    by_class: dict[int, list[str]] = {}
+    for pid in sorted(patients):
+        by_class.setdefault(patients[pid], []).append(pid)
+    if num_patients < len(by_class):
+        raise ValueError(
+            f"a label budget of {num_patients} patient(s) cannot hold one patient of each of "
+            f"the {len(by_class)} classes; give at least {len(by_class)}"
+        )
+    total = len(patients)
+    quota = {c: max(1, round(num_patients * len(p) / total)) for c, p in by_class.items()}
+    while sum(quota.values()) > num_patients:  # rounding every class up can overshoot
+        largest = max(quota, key=lambda c: quota[c])
+        quota[largest] -= 1
+    while sum(quota.values()) < num_patients:
+        spare = [c for c in quota if quota[c] < len(by_class[c])]
+        quota[max(spare, key=lambda c: len(by_class[c]) - quota[c])] += 1
+    rng = np.random.default_rng([seed, 17])
+    keep: set[str] = set()
+    for c, pids in by_class.items():
+        chosen = rng.choice(len(pids), size=quota[c], replace=False)
+        keep.update(pids[i] for i in chosen)
+    return [r for r in records if str(r.patient) in keep]
 
 
 def save_split(
