@@ -38,10 +38,32 @@ REPO = Path(__file__).resolve().parents[1]
 
 # Runs `python -m patchssl ARGS` after installing an audit hook that records, per rank, every
 # file this process creates, opens for writing, renames or creates a folder for under
-# $AUDIT_OUT, and every corrupt test image it reads (to know which rank met which).
+# $AUDIT_OUT, and every corrupt test image it reads (to know which rank met which). Each rank
+# also saves its own model state after training, and how many stand-in batches (a batch whose
+# every image was unreadable) it stepped on, to $AUDIT_STATE.<rank>.
 AUDIT_WRAPPER = textwrap.dedent(
     """
     import os, runpy, sys
+
+    import torch
+    from patchssl.engine import loop
+
+    standins = [0]
+    placeholder, fit = loop.Trainer._placeholder_batch, loop.Trainer.fit
+
+    def counted_placeholder(self):
+        standins[0] += 1
+        return placeholder(self)
+
+    def fit_and_save_state(self):
+        result = fit(self)
+        state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        path = os.environ["AUDIT_STATE"] + "." + os.environ["RANK"]
+        torch.save({"model": state, "standins": standins[0]}, path)
+        return result
+
+    loop.Trainer._placeholder_batch = counted_placeholder
+    loop.Trainer.fit = fit_and_save_state
 
     out = os.path.realpath(os.environ["AUDIT_OUT"])
     log = open(os.environ["AUDIT_LOG"] + "." + os.environ["RANK"], "w")
@@ -167,6 +189,17 @@ def test_two_processes_match_one_process_with_the_same_total_batch(data, tmp_pat
             assert row_ddp[key] == pytest.approx(row_one[key], abs=1e-4), key
 
 
+def _rank_states(prefix: Path) -> list[dict[str, Any]]:
+    """What AUDIT_WRAPPER saved for rank 0 and rank 1 (model state, stand-in batch count)."""
+    return [torch.load(f"{prefix}.{rank}", weights_only=True) for rank in (0, 1)]
+
+
+def _assert_same_state(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor]) -> None:
+    assert first.keys() == second.keys()
+    different = [k for k in first if not torch.equal(first[k], second[k])]
+    assert not different, f"{len(different)} tensor(s) differ, e.g. {different[:3]}"
+
+
 @pytest.mark.slow
 def test_rank0_alone_writes_and_resume_on_one_process(data, tmp_path, capsys):
     unlabeled = tmp_path / "unlabeled"
@@ -181,15 +214,18 @@ def test_rank0_alone_writes_and_resume_on_one_process(data, tmp_path, capsys):
     config.data.unlabeled = str(unlabeled)
     config.model.norm = "group"
     config.pretext.options.update(hidden_dim=32, concat_dim=64)  # small checkpoints
-    config.train.batch_size = 4
+    # One image per process and step: each unreadable image leaves its rank a batch with no
+    # image, on which it steps on a stand-in batch while the other rank trains.
+    config.train.batch_size = 1
+    config.dist.timeout_s = 120  # a collective mismatch fails the test instead of hanging
     save_config(config, tmp_path / "run.yaml")
-    logs = tmp_path / "audit"
+    logs, states = tmp_path / "audit", tmp_path / "state"
     (tmp_path / "audit_main.py").write_text(AUDIT_WRAPPER)
-    env = _env(AUDIT_OUT=str(out), AUDIT_LOG=str(logs))
+    env = _env(AUDIT_OUT=str(out), AUDIT_LOG=str(logs), AUDIT_STATE=str(states))
     result = _torchrun(
         ["audit_main.py", "pretrain", "--config", str(tmp_path / "run.yaml")], tmp_path, env
     )
-    assert "8 images per step (4 per process x 2 processes)" in result.stdout
+    assert "2 images per step (1 per process x 2 processes)" in result.stdout
 
     rank0 = Path(f"{logs}.0").read_text().splitlines()
     rank1 = Path(f"{logs}.1").read_text().splitlines()
@@ -216,14 +252,27 @@ def test_rank0_alone_writes_and_resume_on_one_process(data, tmp_path, capsys):
     steps_two = first["trainer"]["steps_per_epoch"]
     assert not any(k.startswith("module.") for k in first["model"])
 
-    # resume the 2-process run in this single process, with the same per-process batch
+    # The stand-in batches kept the processes in lockstep: each rank stepped on one for every
+    # unreadable image it met, and both ended with the weights of the checkpoint.
+    rank_states = _rank_states(states)
+    met = [{ln for ln in lines if ln.startswith("corrupt")} for lines in (rank0, rank1)]
+    assert [s["standins"] for s in rank_states] == [len(m) for m in met]
+    assert sum(s["standins"] for s in rank_states) > 0  # the stand-in path ran
+    assert first["step"] == steps_two == 12  # 24 images, 2 per step: stand-ins are steps too
+    _assert_same_state(rank_states[0]["model"], rank_states[1]["model"])
+    _assert_same_state(rank_states[0]["model"], first["model"])
+
+    # resume the 2-process run in this single process, with the same per-process batch (and
+    # the good images only: one process skips an image-less batch, a step less to schedule)
+    for path in corrupt:
+        path.unlink()
     config.train.epochs = 2
     config.train.resume = True
     capsys.readouterr()
     resumed = pretrain(config)
     said = capsys.readouterr().out
-    assert "trained with 8 images per step (4 per process x 2 processes)" in said
-    assert "this run uses 4 images per step (4 per process x 1 process)" in said
+    assert "trained with 2 images per step (1 per process x 2 processes)" in said
+    assert "this run uses 1 images per step (1 per process x 1 process)" in said
     last = load_checkpoint(resumed.last_checkpoint)
     steps_one = last["trainer"]["steps_per_epoch"]
     assert steps_one > steps_two  # smaller global batch, more steps per epoch
