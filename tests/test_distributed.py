@@ -283,6 +283,51 @@ def test_rank0_alone_writes_and_resume_on_one_process(data, tmp_path, capsys):
     assert resumed.history[-1]["lr"] == pytest.approx(config.train.min_lr, abs=1e-12)
 
 
+@pytest.mark.slow
+def test_batch_norm_statistics_are_the_same_on_every_process(data, tmp_path):
+    # The encoder's default BatchNorm: each process normalises with its own batch, DDP
+    # broadcasts rank 0's running statistics before each forward, and the engine copies them
+    # to every process after each epoch; every rank must end with the checkpoint's state.
+    from patchssl.engine import evaluate
+
+    out = tmp_path / "run"
+    config = tiny_config(data, out, epochs=2)
+    config.train.device = "cpu"
+    config.train.batch_size = 4
+    config.dist.timeout_s = 120  # a collective mismatch fails the test instead of hanging
+    assert config.model.norm == "batch"
+    save_config(config, tmp_path / "run.yaml")
+    (tmp_path / "audit_main.py").write_text(AUDIT_WRAPPER)
+    states = tmp_path / "state"
+    env = _env(AUDIT_OUT=str(out), AUDIT_LOG=str(tmp_path / "audit"), AUDIT_STATE=str(states))
+    _torchrun(["audit_main.py", "finetune", "--config", str(tmp_path / "run.yaml")], tmp_path, env)
+
+    ckpt = load_checkpoint(out / "last.pt")
+    saved = ckpt["model"]
+    rank0, rank1 = (state["model"] for state in _rank_states(states))
+    _assert_same_state(rank0, rank1)  # parameters and batch-norm buffers
+    _assert_same_state(rank0, saved)
+    running = [k for k in saved if k.endswith(("running_mean", "running_var"))]
+    assert running, "the encoder has no BatchNorm layer left"
+    # trained statistics (not the initial zeros and ones), updated once per step on rank 0
+    assert any(saved[k].abs().max() > 0 for k in running if k.endswith("running_mean"))
+    tracked = {int(v) for k, v in saved.items() if k.endswith("num_batches_tracked")}
+    assert tracked == {ckpt["step"]} and ckpt["step"] > 0
+
+    # the checkpoint loads and evaluates; its validation AUC is the one logged in training
+    # (rank 0 validated with the statistics that were then saved)
+    config = Config()
+    config.out = str(tmp_path / "eval")
+    config.data.workers = 0
+    config.train.progress = False
+    config.eval.n_boot = 0
+    config.eval.checkpoint = str(out / "last.pt")
+    result = evaluate(config)
+    assert result.test.counts["n"] > 0 and 0.0 <= result.test.metrics["auc"] <= 1.0
+    logged = ckpt["trainer"]["history"][-1]["val_auc"]
+    assert result.val is not None and result.val.metrics["auc"] == pytest.approx(logged)
+
+
 # ------------------------------------------------------------------------ no processes needed
 @pytest.mark.parametrize("size", [7, 8, 9, 10])
 @pytest.mark.parametrize("world", [2, 3])

@@ -801,13 +801,12 @@ class Trainer:
                 # Every process must take part in every step (gradient averaging is a
                 # collective operation): a process whose whole batch was unreadable steps on
                 # a stand-in image with a zero loss, contributing a zero gradient.
-                # torch's Join([ddp]) does not fit: it lets a rank that skips the batch
-                # shadow only DDP's own collectives, not the loop's any_process() check
-                # between forward and backward (nor, with check_every > 1, its cadence,
-                # which would differ between ranks with fewer steps); 2 gloo processes
-                # abort on it ("Received data size doesn't match expected size"). It
-                # would also add an all-reduce to every step. Lockstep is tested in
-                # tests/test_distributed.py.
+                # torch's Join([ddp]) does not replace it: a rank that skips the batch would
+                # shadow only DDP's collectives, not this loop's any_process() check, which
+                # sits between DDP's forward and backward ones (a JoinHook runs whole, so it
+                # cannot shadow it there). With 2 gloo processes the check met a joined
+                # rank's gradient all-reduce and aborted ("Received data size doesn't match
+                # expected size"). Join also adds an all-reduce to every step.
                 batch = self._placeholder_batch()
             else:
                 batch = move_batch(batch, self.device)
