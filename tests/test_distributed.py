@@ -212,7 +212,6 @@ def test_rank0_alone_writes_and_resume_on_one_process(data, tmp_path, capsys):
     out = tmp_path / "run"
     config = tiny_config(data, out, epochs=1)
     config.data.unlabeled = str(unlabeled)
-    config.model.norm = "group"
     config.pretext.options.update(hidden_dim=32, concat_dim=64)  # small checkpoints
     # One image per process and step: each unreadable image leaves its rank a batch with no
     # image, on which it steps on a stand-in batch while the other rank trains.
@@ -261,6 +260,10 @@ def test_rank0_alone_writes_and_resume_on_one_process(data, tmp_path, capsys):
     assert first["step"] == steps_two == 12  # 24 images, 2 per step: stand-ins are steps too
     _assert_same_state(rank_states[0]["model"], rank_states[1]["model"])
     _assert_same_state(rank_states[0]["model"], first["model"])
+    # a stand-in does not move the batch-norm statistics (rank 0's, broadcast to every rank)
+    assert rank_states[0]["standins"] > 0, "no stand-in on rank 0 any more: change train.seed"
+    tracked = {int(v) for k, v in first["model"].items() if k.endswith("num_batches_tracked")}
+    assert tracked == {steps_two - rank_states[0]["standins"]}
 
     # resume the 2-process run in this single process, with the same per-process batch (and
     # the good images only: one process skips an image-less batch, a step less to schedule)

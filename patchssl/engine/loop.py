@@ -814,6 +814,14 @@ class Trainer:
                     self._template = {
                         k: v[:1].clone() for k, v in batch.items() if torch.is_tensor(v)
                     }
+            # A stand-in's forward must not move the batch-norm statistics (rank 0's become
+            # everyone's): they are put back after its backward (which reads them).
+            kept = [
+                (b, b.detach().clone())
+                for m in (self.model.modules() if placeholder else ())
+                if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                for b in m.buffers(recurse=False)
+            ]
             with autocast_context(self.device, self.amp_dtype):
                 out = self.task.step(batch, generator)
             loss = out.loss * 0.0 if placeholder else out.loss
@@ -829,6 +837,8 @@ class Trainer:
                     bar.set_postfix(loss=f"{acc.last_loss:.4f}", img_s=f"{seen / elapsed:.1f}")
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
+            for buffer, value in kept:
+                buffer.copy_(value)
             if self.train.grad_clip:
                 self.scaler.unscale_(self.optimizer)
                 nn.utils.clip_grad_norm_(self.model.parameters(), self.train.grad_clip)
