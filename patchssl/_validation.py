@@ -97,19 +97,23 @@ def check_int(value: object, name: str, *, minimum: int = 1) -> int:
     return int(value)  # type: ignore[call-overload]
 
 
-def did_you_mean(value: object, choices: Iterable[object]) -> str:
-    """The sentence `` Did you mean 'x'?`` for the choice closest to ``value``, or ``""``.
+def did_you_mean(value: object, choices: Iterable[object], *, n: int = 1) -> str:
+    """The sentence `` Did you mean 'x'?`` for the choices closest to ``value``, or ``""``.
 
     Args:
         value: What was given.
         choices: The accepted values (compared as strings).
+        n: At most this many suggestions, closest first (``Did you mean 'a', 'b' or 'c'?``).
 
     Returns:
         The suggestion, with a leading space, or an empty string when nothing is close.
     """
     names = [str(c) for c in choices if c is not None]
-    close = difflib.get_close_matches(str(value), names, n=1)
-    return f" Did you mean '{close[0]}'?" if close else ""
+    close = [f"'{c}'" for c in difflib.get_close_matches(str(value), names, n=n)]
+    if not close:
+        return ""
+    listed = close[0] if len(close) == 1 else f"{', '.join(close[:-1])} or {close[-1]}"
+    return f" Did you mean {listed}?"
 
 
 def look_up(value: Any, choices: Iterable[Any], what: str, *, note: str = "") -> Any:

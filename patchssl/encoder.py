@@ -17,7 +17,6 @@ References:
 
 from __future__ import annotations
 
-import difflib
 import json
 import logging
 import math
@@ -29,6 +28,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+
+from patchssl._validation import as_pair, check_int, did_you_mean, look_up
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "NORMS", "SharedPatchEncoder"]
 
@@ -47,20 +48,6 @@ _LOCAL_FILE_HELP = (
     "SharedPatchEncoder({name!r}, pretrained='/path/to/weights.safetensors') "
     "(or a .pth/.pt/.bin file; on the command line --pretrained FILE)."
 )
-
-
-def _pair(value: int | Sequence[int], what: str) -> tuple[int, int]:
-    if isinstance(value, bool):
-        raise TypeError(f"{what} must be an int or a pair of ints; got {value!r}")
-    if isinstance(value, int):
-        pair = (value, value)
-    elif isinstance(value, Sequence) and len(value) == 2 and all(isinstance(v, int) for v in value):
-        pair = (int(value[0]), int(value[1]))
-    else:
-        raise TypeError(f"{what} must be an int or a pair of ints (h, w); got {value!r}")
-    if min(pair) <= 0:
-        raise ValueError(f"{what} must be positive; got {value!r}")
-    return pair
 
 
 def _channel_stats(
@@ -212,7 +199,10 @@ class SharedPatchEncoder(nn.Module):
     Raises:
         ValueError: unknown timm name, a weights file of another architecture, a patch size
             the backbone cannot encode, an unknown ``norm``, an invalid ``freeze``,
-            unsupported grad checkpointing.
+            unsupported grad checkpointing, a non-positive ``in_chans``, ``norm_groups`` or
+            ``patch_size``.
+        TypeError: ``in_chans`` or ``norm_groups`` not an int, ``patch_size`` not an int or
+            a pair of ints.
         FileNotFoundError: ``pretrained`` names a file that does not exist.
         RuntimeError: ``pretrained=True`` and the weights can be neither downloaded nor found
             in the Hugging Face cache (the message names the cache and the local-file way).
@@ -248,17 +238,12 @@ class SharedPatchEncoder(nn.Module):
         **timm_kwargs: Any,
     ) -> None:
         super().__init__()
-        if isinstance(in_chans, bool) or not isinstance(in_chans, int) or in_chans <= 0:
-            raise ValueError(f"in_chans must be a positive int; got {in_chans!r}")
-        if norm not in NORMS:
-            hint = difflib.get_close_matches(str(norm), NORMS, n=1)
-            extra = f" Did you mean {hint[0]!r}?" if hint else ""
-            raise ValueError(f"unknown norm {norm!r}; choose one of {list(NORMS)}.{extra}")
-        if not isinstance(norm_groups, int) or norm_groups <= 0:
-            raise ValueError(f"norm_groups must be a positive int; got {norm_groups!r}")
+        in_chans = check_int(in_chans, "in_chans")
+        look_up(norm, NORMS, "norm")
+        norm_groups = check_int(norm_groups, "norm_groups")
         if drop_path_rate < 0 or drop_path_rate >= 1:
             raise ValueError(f"drop_path_rate must be in [0, 1); got {drop_path_rate}")
-        self.patch_size: tuple[int, int] = _pair(patch_size, "patch_size")
+        self.patch_size: tuple[int, int] = as_pair(patch_size, "patch_size")
         self.in_chans = in_chans
         self.norm = norm
         self.norm_groups = norm_groups
@@ -369,8 +354,7 @@ class SharedPatchEncoder(nn.Module):
                 "published weights, or pretrained='/path/to/file' for a local file"
             )
         if not timm.is_model(name):
-            hints = difflib.get_close_matches(name, timm.list_models(), n=3)
-            extra = f" Did you mean {', '.join(repr(h) for h in hints)}?" if hints else ""
+            extra = did_you_mean(name, timm.list_models(), n=3)
             raise ValueError(
                 f"unknown timm backbone {name!r}.{extra} See timm.list_models() for the names."
             )
@@ -476,7 +460,7 @@ class SharedPatchEncoder(nn.Module):
         embed = getattr(model, "patch_embed", None)
         token = getattr(embed, "patch_size", None)
         if token is not None and not callable(token):
-            th, tw = _pair(tuple(token) if not isinstance(token, int) else token, "token size")
+            th, tw = as_pair(tuple(token) if not isinstance(token, int) else token, "token size")
             self.min_patch_size = (th, tw)
             if h < th or w < tw:
                 raise ValueError(

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from patchssl._optional import require
+from patchssl._validation import check_int
 from patchssl.classifier import PatchClassifier
 
 __all__ = ["export_onnx", "export_torchscript"]
@@ -128,7 +129,8 @@ def export_onnx(
 
     Raises:
         ImportError: onnx is not installed (``pip install "patchssl[onnx]"``).
-        ValueError: ``image_size`` differs from the tiler's.
+        ValueError: ``image_size`` differs from the tiler's, or ``batch_size < 1``.
+        TypeError: ``batch_size`` is not an int.
     """
     require("onnx", extra="onnx", feature="ONNX export")
     tiler_size = tuple(classifier.tiler.image_size)
@@ -139,8 +141,7 @@ def export_onnx(
                 f"image_size={asked} but the classifier's tiler was built for {tiler_size}; the "
                 "exported model takes images of the tiler's size"
             )
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1; got {batch_size}")
+    check_int(batch_size, "batch_size")
     classifier.eval()
     example = _example(classifier, batch_size, input_dtype)
     path = Path(path)

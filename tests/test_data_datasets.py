@@ -153,9 +153,11 @@ def test_loader_with_workers_repeats(folder: Path) -> None:
 
 def test_loader_argument_errors(folder: Path) -> None:
     ds = ImageFolderDataset(folder, 8)
-    with pytest.raises(ValueError, match="batch_size"):
+    with pytest.raises(ValueError, match=r"^batch_size must be a positive int; got 0$"):
         make_loader(ds, 0)
-    with pytest.raises(ValueError, match="num_workers"):
+    with pytest.raises(TypeError, match=r"^batch_size must be a positive int; got bool True$"):
+        make_loader(ds, True)
+    with pytest.raises(ValueError, match=r"^num_workers must be an int >= 0; got -1$"):
         make_loader(ds, 2, num_workers=-1)
 
 

@@ -100,6 +100,8 @@ def test_name_clash_and_bad_arguments(src: Path, tmp_path: Path) -> None:
         prepare_images(src, tmp_path / "c", 8, format="gif", progress=False)
     with pytest.raises(ValueError, match="dst must differ"):
         prepare_images(src, src, 8, progress=False)
+    with pytest.raises(ValueError, match=r"^workers must be a positive int; got 0$"):
+        prepare_images(src, tmp_path / "c", 8, workers=0, progress=False)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         prepare_images(tmp_path / "nothing", tmp_path / "c", 8, progress=False)
     (tmp_path / "empty").mkdir()

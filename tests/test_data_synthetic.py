@@ -82,7 +82,7 @@ def test_drawn_lesion_sits_around_its_centre() -> None:
 
 
 def test_bad_size() -> None:
-    with pytest.raises(ValueError, match="size must be an integer >= 32"):
+    with pytest.raises(ValueError, match=r"^size must be an int >= 32; got 16$"):
         render_cervix(np.random.default_rng(0), 16)
 
 
@@ -151,5 +151,5 @@ def test_images_of_one_patient_are_alike() -> None:
 def test_argument_errors(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="positive_fraction"):
         make_synthetic_cervix(tmp_path, positive_fraction=1.5, progress=False)
-    with pytest.raises(ValueError, match="images_per_patient must be an integer >= 1"):
+    with pytest.raises(ValueError, match=r"^images_per_patient must be a positive int; got 0$"):
         make_synthetic_cervix(tmp_path, images_per_patient=0, progress=False)

@@ -143,6 +143,26 @@ def test_unknown_backbone_suggests_names():
         SharedPatchEncoder("resnet5")
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "exc", "pattern"),
+    [
+        ({"in_chans": 0}, ValueError, r"^in_chans must be a positive int; got 0$"),
+        ({"in_chans": True}, TypeError, r"^in_chans must be a positive int; got bool True$"),
+        ({"norm_groups": 2.0}, TypeError, r"^norm_groups must be a positive int; got float"),
+        (
+            {"norm": "grop"},
+            ValueError,
+            r"unknown norm 'grop'; choose one of \['batch', .*\]\. Did you mean 'group'\?",
+        ),
+        ({"patch_size": (32, 0)}, ValueError, r"^patch_size must be positive; got \(32, 0\)$"),
+        ({"patch_size": "32"}, TypeError, r"^patch_size must be an int or a pair of ints"),
+    ],
+)
+def test_bad_arguments_are_named_with_the_fix(kwargs, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        SharedPatchEncoder("test_resnet", **{"patch_size": 32, **kwargs})
+
+
 def test_hub_names_are_refused_with_the_way_out():
     with pytest.raises(ValueError, match="architecture name.*pretrained="):
         SharedPatchEncoder("hf-hub:timm/resnet50.a1_in1k")

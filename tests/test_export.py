@@ -68,5 +68,7 @@ def test_onnx_matches_eager_with_a_dynamic_batch(classifier, tmp_path):
 def test_export_checks_the_image_size(classifier, tmp_path):
     with pytest.raises(ValueError, match=r"image_size=\(64, 64\) but the classifier's tiler"):
         export_onnx(classifier, tmp_path / "x.onnx", image_size=64)
+    with pytest.raises(ValueError, match=r"^batch_size must be a positive int; got 0$"):
+        export_onnx(classifier, tmp_path / "x.onnx", batch_size=0)
     with pytest.raises(ValueError, match=r"\(B, 3, 72, 104\)"):
         export_torchscript(classifier, tmp_path / "x.pt", torch.zeros(1, 3, 64, 64))

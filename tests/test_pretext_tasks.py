@@ -18,7 +18,12 @@ from patchssl.pretext import (
     pretext_from_config,
 )
 from patchssl.pretext.base import channel_jitter, random_grayscale, standardize_patches
-from patchssl.pretext.heads import PermutationAssignmentHead, sized_from_width
+from patchssl.pretext.heads import (
+    PatchConcatHead,
+    PermutationAssignmentHead,
+    PooledPatchHead,
+    sized_from_width,
+)
 from patchssl.pretext.rotation import rotate_quarter_turns
 from patchssl.pretext.testing import tiny_encoder
 from patchssl.tiling import PatchTiler
@@ -140,6 +145,29 @@ def test_jigsaw_config_carries_a_custom_set_and_rebuilds(tmp_path) -> None:
     perms.save(tmp_path / "p.txt")
     from_path = JigsawPretext(tiny_encoder(), str(tmp_path / "p.txt"), tiler)
     assert from_path.permutation_fingerprint == perms.fingerprint
+
+
+@pytest.mark.parametrize(
+    ("build", "exc", "pattern"),
+    [
+        (
+            lambda: PatchConcatHead(0, 8, 2),
+            ValueError,
+            r"^num_patches must be a positive int; got 0$",
+        ),
+        (lambda: PatchConcatHead(4, 8, 2, concat_dim=-1), ValueError, r"^concat_dim must be"),
+        (lambda: PooledPatchHead(8.0, 2), TypeError, r"^in_dim must be a positive int; got float"),
+        (lambda: PooledPatchHead(8, 2, hidden_dim=True), TypeError, r"^hidden_dim must be a pos"),
+        (
+            lambda: PermutationAssignmentHead(4, 8, [[0, 1, 2, 3]], hidden_dim=0),
+            ValueError,
+            r"^hidden_dim must be a positive int; got 0$",
+        ),
+    ],
+)
+def test_heads_name_the_bad_size(build, exc, pattern) -> None:
+    with pytest.raises(exc, match=pattern):
+        build()
 
 
 def test_pretext_from_config_needs_an_encoder_for_custom_modules() -> None:

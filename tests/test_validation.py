@@ -61,6 +61,14 @@ def test_look_up_names_the_choices_and_the_closest() -> None:
     with pytest.raises(ValueError, match=r"choose one of \['a', 'b'\]\.$"):
         look_up("zzzz", ("a", "b"), "thing")
     assert did_you_mean("atention", ["attention", None]) == " Did you mean 'attention'?"
+    assert did_you_mean("resnet5", ["resnet50", "resnet18", "vit"], n=3) == (
+        " Did you mean 'resnet50' or 'resnet18'?"
+    )
+    close = ["abcdeXXX", "abcdefgX", "abcdefXX", "aXXXXXXX"]  # closest first, the far one left out
+    assert did_you_mean("abcdefgh", close, n=3) == (
+        " Did you mean 'abcdefgX', 'abcdefXX' or 'abcdeXXX'?"
+    )
+    assert did_you_mean("zzzz", ["abc"], n=3) == ""
 
 
 def test_plain_turns_tuples_into_lists_at_any_depth() -> None:

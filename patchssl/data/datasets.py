@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from patchssl._validation import check_int
 from patchssl.data.io import (
     IMAGE_EXTENSIONS,
     ImageReadError,
@@ -450,13 +451,12 @@ def make_loader(
 
     Raises:
         ValueError: For a non-positive ``batch_size`` or negative ``num_workers``.
+        TypeError: For a ``batch_size`` or ``num_workers`` that is not an int.
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    check_int(batch_size, "batch_size")
     if num_workers is None:
         num_workers = default_workers(None if pin_memory else "cpu")
-    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-        raise ValueError(f"num_workers must be an integer >= 0, got {num_workers!r}")
+    check_int(num_workers, "num_workers", minimum=0)
     generator = torch.Generator()
     generator.manual_seed(int(seed))
     return DataLoader(

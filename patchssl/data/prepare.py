@@ -29,7 +29,7 @@ from typing import Any, Literal
 
 from PIL import Image
 
-from patchssl._validation import atomic_write
+from patchssl._validation import atomic_write, check_int
 from patchssl.data.io import (
     IMAGE_EXTENSIONS,
     ImageReadError,
@@ -281,8 +281,7 @@ def prepare_images(
         raise ValueError(f"executor must be 'thread' or 'process', got {executor!r}")
     if workers is None:
         workers = min(16, os.cpu_count() or 1)
-    if workers < 1:
-        raise ValueError(f"workers must be >= 1, got {workers}")
+    check_int(workers, "workers")
     src_p, dst_p = Path(src), Path(dst)
     if not src_p.is_dir():
         raise FileNotFoundError(f"source folder {src_p} does not exist")

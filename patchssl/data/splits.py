@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from patchssl._validation import atomic_write
+from patchssl._validation import atomic_write, check_int
 from patchssl.data.manifest import Record
 
 __all__ = [
@@ -187,11 +187,11 @@ def grouped_kfold(
     Raises:
         ValueError: If ``n_splits < 2``, there are fewer groups than folds, or a class is
             found in fewer groups than folds (some test folds would have none of it).
+        TypeError: If ``n_splits`` is not an int.
     """
     from sklearn.model_selection import StratifiedGroupKFold
 
-    if isinstance(n_splits, bool) or not isinstance(n_splits, int) or n_splits < 2:
-        raise ValueError(f"n_splits must be an integer >= 2, got {n_splits!r}")
+    check_int(n_splits, "n_splits", minimum=2)
     y_code, g_code, counts, _ = _encode(labels, groups)
     num_groups = counts.shape[0]
     if num_groups < n_splits:

@@ -56,7 +56,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from PIL import Image
 
-from patchssl._validation import atomic_write
+from patchssl._validation import atomic_write, check_int
 
 __all__ = [
     "CervixImage",
@@ -359,8 +359,7 @@ def render_cervix(
         >>> out.image.shape, out.lesion_box is not None
         ((96, 96, 3), True)
     """
-    if isinstance(size, bool) or not isinstance(size, int | np.integer) or size < 32:
-        raise ValueError(f"size must be an integer >= 32, got {size!r}")
+    check_int(size, "size", minimum=32)
     p = params if params is not None else sample_cervix_params(rng)
     s = float(size)
     f32 = np.float32
@@ -586,8 +585,7 @@ def make_synthetic_cervix(
         ("images_per_patient", images_per_patient, 1),
         ("image_size", image_size, 32),
     ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        check_int(value, name, minimum=low)
     if not 0.0 <= positive_fraction <= 1.0:
         raise ValueError(f"positive_fraction must be in [0, 1], got {positive_fraction!r}")
     start = time.perf_counter()

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from patchssl._validation import as_pair
 from patchssl.pretext._random import random_integers, random_uniform
 
 # The defences live in patchssl.pretext.defences; these names stay importable from here.
@@ -69,15 +70,6 @@ class PretextOutput(NamedTuple):
     loss: Tensor
     logits: Tensor
     targets: Tensor
-
-
-def _pair(value: int | tuple[int, int] | list[int], what: str) -> tuple[int, int]:
-    if isinstance(value, int):
-        return (value, value)
-    pair = tuple(int(v) for v in value)
-    if len(pair) != 2:
-        raise ValueError(f"{what} must be an int or a pair of ints; got {value!r}")
-    return pair  # type: ignore[return-value]
 
 
 # --------------------------------------------------------------------------------------------
@@ -152,8 +144,8 @@ class PretextTask(nn.Module):
                 )
             tiler = default_tiler(patch_size)
         enc_patch = getattr(encoder, "patch_size", None)
-        if enc_patch is not None and _pair(enc_patch, "patch_size") != tuple(tiler.patch_size):
-            eh, ew = _pair(enc_patch, "patch_size")
+        if enc_patch is not None and as_pair(enc_patch, "patch_size") != tuple(tiler.patch_size):
+            eh, ew = as_pair(enc_patch, "patch_size")
             th, tw = tiler.patch_size
             raise ValueError(
                 f"the tiler cuts {th}x{tw} patches but the encoder was built for {eh}x{ew}; "
@@ -321,7 +313,7 @@ class PretextTask(nn.Module):
                 f"(shape {tuple(images.shape)}){hint}; convert the images or build the encoder "
                 f"with in_chans={c}"
             )
-        expected = tuple(int(v) for v in _pair(self.tiler.image_size, "image_size"))
+        expected = as_pair(self.tiler.image_size, "image_size")
         if (h, w) != expected:
             raise ValueError(
                 f"{task}: the tiler expects {expected[0]}x{expected[1]} (H x W) images; got "

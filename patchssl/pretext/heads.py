@@ -28,6 +28,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from patchssl._validation import check_int
+
 __all__ = ["PatchConcatHead", "PermutationAssignmentHead", "PooledPatchHead", "sized_from_width"]
 
 
@@ -47,12 +49,6 @@ def sized_from_width(in_dim: int) -> tuple[int, int]:
     """
     hidden = max(64, int(in_dim) // 4)
     return hidden, 2 * hidden
-
-
-def _check_positive(**values: float) -> None:
-    for name, value in values.items():
-        if isinstance(value, bool) or int(value) != value or value < 1:
-            raise ValueError(f"{name} must be a positive int; got {value!r}")
 
 
 class PatchConcatHead(nn.Module):
@@ -85,13 +81,14 @@ class PatchConcatHead(nn.Module):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        _check_positive(
-            num_patches=num_patches,
-            in_dim=in_dim,
-            num_classes=num_classes,
-            hidden_dim=hidden_dim,
-            concat_dim=concat_dim,
-        )
+        for what, value in (
+            ("num_patches", num_patches),
+            ("in_dim", in_dim),
+            ("num_classes", num_classes),
+            ("hidden_dim", hidden_dim),
+            ("concat_dim", concat_dim),
+        ):
+            check_int(value, what)
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1); got {dropout}")
         self.num_patches = int(num_patches)
@@ -138,7 +135,12 @@ class PooledPatchHead(nn.Module):
 
     def __init__(self, in_dim: int, num_classes: int, *, hidden_dim: int = 512) -> None:
         super().__init__()
-        _check_positive(in_dim=in_dim, num_classes=num_classes, hidden_dim=hidden_dim)
+        for what, value in (
+            ("in_dim", in_dim),
+            ("num_classes", num_classes),
+            ("hidden_dim", hidden_dim),
+        ):
+            check_int(value, what)
         self.per_patch = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(inplace=True))
         self.classifier = nn.Linear(hidden_dim, num_classes)
 
@@ -206,9 +208,13 @@ class PermutationAssignmentHead(nn.Module):
         default_hidden, default_concat = sized_from_width(in_dim)
         hidden_dim = default_hidden if hidden_dim is None else hidden_dim
         concat_dim = default_concat if concat_dim is None else concat_dim
-        _check_positive(
-            num_patches=num_patches, in_dim=in_dim, hidden_dim=hidden_dim, concat_dim=concat_dim
-        )
+        for what, value in (
+            ("num_patches", num_patches),
+            ("in_dim", in_dim),
+            ("hidden_dim", hidden_dim),
+            ("concat_dim", concat_dim),
+        ):
+            check_int(value, what)
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1); got {dropout}")
         perms = torch.as_tensor(permutations, dtype=torch.long)

@@ -15,11 +15,11 @@ and a plugin is imported only when it is asked for by name, so a broken plugin n
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable
 from importlib import metadata
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from patchssl._validation import did_you_mean
 from patchssl.pretext.base import PretextTask
 
 if TYPE_CHECKING:
@@ -182,8 +182,7 @@ def get_pretext_class(name: str) -> type[PretextTask]:
     if name in eps:
         return _load_entry_point(name, eps[name])
     available = sorted(set(_REGISTRY) | set(eps))
-    close = difflib.get_close_matches(str(name), available, n=3, cutoff=0.6)
-    hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    hint = did_you_mean(name, available, n=3)
     raise UnknownPretextError(
         f"unknown pretext {name!r}.{hint} Available: {', '.join(repr(a) for a in available)}"
     )
