@@ -28,6 +28,20 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+# Both are light: the engine package's names load on first use, and its config module needs
+# only dataclasses and yaml, so --help and argument errors stay free of torch.
+from patchssl import engine
+from patchssl._version import __version__
+from patchssl.engine.config import (
+    Config,
+    ConfigError,
+    apply_overrides,
+    load_config,
+    merge_dicts,
+    read_config_file,
+    set_dotted,
+)
+
 __all__ = ["build_parser", "main"]
 
 EPILOG = (
@@ -43,9 +57,6 @@ _HELP_KEY = re.compile(r"\((?:config: )?(out|[a-z_]+(?:\.[a-z_]+)+)\)")
 @functools.cache
 def _config_defaults() -> dict[str, Any]:
     """Every config key's default, by its dotted path (``{"train.epochs": 30, ...}``)."""
-    # patchssl.engine.config needs only dataclasses and yaml: help stays free of torch
-    from patchssl.engine.config import Config
-
     flat: dict[str, Any] = {}
 
     def walk(data: dict[str, Any], prefix: str) -> None:
@@ -249,8 +260,6 @@ def build_parser() -> argparse.ArgumentParser:
     Returns:
         The ``patchssl`` parser with its sub-commands.
     """
-    from patchssl._version import __version__
-
     parser = argparse.ArgumentParser(
         prog="patchssl",
         description="Self-supervised learning on image patches (jigsaw puzzles and friends) "
@@ -569,8 +578,6 @@ _FLAG_KEYS: dict[str, str] = {
 
 def _config_from_args(args: argparse.Namespace) -> Any:
     """Defaults < --config < flags < --set."""
-    from patchssl.engine.config import ConfigError, apply_overrides, load_config, set_dotted
-
     config_file = args.config
     out = getattr(args, "out", None)
     if config_file is None and getattr(args, "resume", None) and out:
@@ -620,8 +627,6 @@ def _config_from_args(args: argparse.Namespace) -> Any:
             put("eval.threshold", float(threshold))
         except ValueError:
             put("eval.threshold", threshold)
-    from patchssl.engine.config import Config
-
     try:
         config = Config.from_dict(data).mark_given(given)
     except ConfigError as err:
@@ -646,24 +651,21 @@ _ENGINE_OUTPUTS: dict[str, Callable[[Any], Any]] = {
 
 
 def _cmd_engine(args: argparse.Namespace) -> None:
-    from patchssl import engine
-
     result = getattr(engine, args.command)(_config_from_args(args))
     _done(f"outputs written to {_ENGINE_OUTPUTS[args.command](result)}")
 
 
 def _cmd_probe(args: argparse.Namespace) -> None:
-    from patchssl.engine import probe
-    from patchssl.engine.probing import GEOMETRY_KEYS
+    from patchssl.engine.probing import GEOMETRY_KEYS  # deferred: loads torch (--help stays light)
 
     # geometry flags given with a checkpoint must agree with it (they are checked, not applied)
     expect = {key: getattr(args, key) for key in GEOMETRY_KEYS if getattr(args, key) is not None}
-    result = probe(_config_from_args(args), expect=expect)
+    result = engine.probe(_config_from_args(args), expect=expect)
     _done(f"outputs written to {result.out_dir}")
 
 
 def _cmd_predict(args: argparse.Namespace) -> None:
-    import torch
+    import torch  # deferred: loads torch (--help stays light)
 
     from patchssl.engine.prediction import predict_images
 
@@ -695,8 +697,7 @@ def _cmd_predict(args: argparse.Namespace) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
-    from patchssl.engine import run_demo
-    from patchssl.engine.demo import demo_config
+    from patchssl.engine.demo import demo_config  # deferred: loads torch (--help stays light)
 
     config = demo_config(
         out=args.out or "patchssl-demo",
@@ -707,8 +708,6 @@ def _cmd_demo(args: argparse.Namespace) -> None:
         progress=not args.no_progress,
     )
     if args.config:
-        from patchssl.engine.config import Config, merge_dicts, read_config_file
-
         config = Config.from_dict(merge_dicts(config.to_dict(), read_config_file(args.config)))
         # flags given on the command line win over the file, as in every other command
         if args.out is not None:
@@ -722,14 +721,13 @@ def _cmd_demo(args: argparse.Namespace) -> None:
         if args.no_progress:
             config.train.progress = False
     if args.overrides:
-        from patchssl.engine.config import apply_overrides
-
         config = apply_overrides(config, args.overrides)
-    result = run_demo(config)
+    result = engine.run_demo(config)
     print(f"outputs written to {result.out_dir} (report: {result.report_md})")
 
 
 def _cmd_pretexts(args: argparse.Namespace) -> None:
+    # deferred: loads torch (--help stays light)
     from patchssl.pretext import get_pretext_class, list_pretexts
 
     for name in list_pretexts():
@@ -750,11 +748,9 @@ def _stat(value: Any) -> str:
 
 
 def _cmd_permutations(args: argparse.Namespace) -> None:
-    from patchssl.permutations import PermutationSet
+    from patchssl.permutations import PermutationSet, _write_default_asset  # deferred: torch
 
     if args.write_default_asset:
-        from patchssl.permutations import _write_default_asset
-
         print(_write_default_asset())
         return
     if args.action is None:
@@ -799,9 +795,8 @@ _HANDLERS: dict[str, Callable[[argparse.Namespace], None]] = {
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean "fix your input" (exit 2, no traceback)."""
-    from patchssl.checkpoint import CheckpointError
+    from patchssl.checkpoint import CheckpointError  # deferred: loads torch (--help stays light)
     from patchssl.data import ManifestError
-    from patchssl.engine.config import ConfigError
 
     errors: list[type[BaseException]] = [
         UsageError,
