@@ -30,14 +30,17 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import shutil
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from patchssl._validation import atomic_write, default_file_mode, plain
+from patchssl._version import __version__
 
 __all__ = [
     "FORMAT_VERSION",
@@ -75,8 +78,6 @@ def save_checkpoint(path: str | os.PathLike[str], payload: Mapping[str, Any]) ->
     Returns:
         The path written.
     """
-    from patchssl._version import __version__
-
     path = Path(path)
     data = dict(payload)
     data.setdefault("format", "patchssl")
@@ -101,8 +102,6 @@ def copy_checkpoint(source: str | os.PathLike[str], path: str | os.PathLike[str]
     Returns:
         The path written.
     """
-    import shutil
-
     with open(source, "rb") as src:
         return atomic_write(path, lambda handle: shutil.copyfileobj(src, handle, 1 << 24))
 
@@ -192,8 +191,6 @@ def payload_checksum(payload: Mapping[str, Any]) -> str:
 
 def _feed(digest: Any, value: Any) -> None:
     """Add ``value`` to ``digest`` (see :func:`payload_checksum`)."""
-    import numpy as np
-
     if isinstance(value, Mapping):
         digest.update(b"{")
         for key in sorted(value, key=lambda k: (type(k).__name__, str(k))):

@@ -376,6 +376,7 @@ def pil_to_tensor(image: Image.Image) -> torch.Tensor:
         Tensor of shape ``(C, H, W)``, dtype uint8, ``C`` = 3 or 1.
     """
     # torchvision's pil_to_tensor copies Pillow's buffer once and returns the (C, H, W) view.
+    # deferred: torchvision takes seconds to import; `import patchssl.data` stays quick
     from torchvision.transforms.functional import pil_to_tensor as _pil_to_tensor
 
     return _pil_to_tensor(image)
@@ -411,7 +412,7 @@ def _decode_jpeg_at_size(
                 return None  # Pillow's luma weights, not libjpeg's
             if im.getexif().get(_EXIF_ORIENTATION, 1) != 1:
                 return None
-        from torchvision.io import ImageReadMode, decode_jpeg
+        from torchvision.io import ImageReadMode, decode_jpeg  # deferred: torchvision is slow
 
         mode = ImageReadMode.RGB if channels == 3 else ImageReadMode.GRAY
         with warnings.catch_warnings():

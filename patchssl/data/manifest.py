@@ -29,6 +29,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 __all__ = [
     "BINARY_LABEL_MAP",
     "CERVIX_LABEL_MAP",
@@ -218,12 +220,7 @@ class LabelMap:
             raise FileNotFoundError(f"label map file {path} does not exist")
         text = path.read_text(encoding="utf-8")
         try:
-            if path.suffix.lower() == ".json":
-                data = json.loads(text)
-            else:
-                import yaml
-
-                data = yaml.safe_load(text)
+            data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
         except Exception as err:
             raise ManifestError(f"cannot parse label map file {path}: {err}") from err
         if isinstance(data, Mapping) and "label_map" in data:

@@ -30,6 +30,7 @@ from typing import Any, Literal
 from PIL import Image
 
 from patchssl._validation import atomic_write, check_int
+from patchssl.data.datasets import find_images
 from patchssl.data.io import (
     IMAGE_EXTENSIONS,
     ImageReadError,
@@ -267,9 +268,7 @@ def prepare_images(
             ``dst`` prepared earlier with other settings (use another ``dst`` or
             ``overwrite=True``).
     """
-    from tqdm.auto import tqdm
-
-    from patchssl.data.datasets import find_images
+    from tqdm.auto import tqdm  # deferred: a display library
 
     size = normalize_size(image_size)
     _check_resize(resize)

@@ -189,7 +189,7 @@ def grouped_kfold(
             found in fewer groups than folds (some test folds would have none of it).
         TypeError: If ``n_splits`` is not an int.
     """
-    from sklearn.model_selection import StratifiedGroupKFold
+    from sklearn.model_selection import StratifiedGroupKFold  # deferred: scikit-learn is heavy
 
     check_int(n_splits, "n_splits", minimum=2)
     y_code, g_code, counts, _ = _encode(labels, groups)

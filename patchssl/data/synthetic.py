@@ -577,7 +577,7 @@ def make_synthetic_cervix(
     Returns:
         A :class:`SyntheticDataset` with the paths and counts.
     """
-    from tqdm.auto import tqdm
+    from tqdm.auto import tqdm  # deferred: a display library
 
     for name, value, low in (
         ("num_unlabeled", num_unlabeled, 0),
