@@ -85,7 +85,7 @@ def _to_group_norm(module: nn.Module, max_groups: int) -> nn.Module:
         channels = module.num_features
         groups = math.gcd(channels, max_groups)
         if hasattr(module, "act") or hasattr(module, "drop"):
-            from timm.layers import GroupNormAct
+            from timm.layers import GroupNormAct  # deferred: timm is slow to import
 
             new: nn.Module = GroupNormAct(
                 channels, groups, eps=module.eps, affine=module.affine, apply_act=False
@@ -344,6 +344,7 @@ class SharedPatchEncoder(nn.Module):
         return path
 
     def _create_timm(self, name: str, pretrained: bool | Path) -> nn.Module:
+        # deferred: timm takes seconds to import; encoders over a plain nn.Module never need it
         import timm
         from timm.models import get_pretrained_cfg, load_state_dict
 
@@ -429,7 +430,7 @@ class SharedPatchEncoder(nn.Module):
     @staticmethod
     def _hub_error(name: str, cfg: Any, err: BaseException) -> RuntimeError:
         """The error for ``pretrained=True`` weights that could neither be downloaded nor found."""
-        from huggingface_hub import constants
+        from huggingface_hub import constants  # deferred: timm's dependency, for this message only
 
         source = getattr(cfg, "hf_hub_id", None) or getattr(cfg, "url", None) or "none"
         return RuntimeError(
@@ -441,7 +442,7 @@ class SharedPatchEncoder(nn.Module):
         )
 
     def _load_custom_weights(self, path: Path) -> None:
-        from timm.models import load_state_dict
+        from timm.models import load_state_dict  # deferred: timm is slow to import
 
         state = load_state_dict(str(path), weights_only=True)
         result = self.backbone.load_state_dict(state, strict=False)
@@ -495,11 +496,11 @@ class SharedPatchEncoder(nn.Module):
         if self.norm == "group":
             self.backbone = _to_group_norm(self.backbone, self.norm_groups)
         elif self.norm == "sync_batch":
-            from timm.layers import convert_sync_batchnorm
+            from timm.layers import convert_sync_batchnorm  # deferred: timm is slow to import
 
             self.backbone = convert_sync_batchnorm(self.backbone)
         elif self.norm == "frozen_batch":
-            from timm.layers import freeze_batch_norm_2d
+            from timm.layers import freeze_batch_norm_2d  # deferred: timm is slow to import
 
             self.backbone = freeze_batch_norm_2d(self.backbone)
 
@@ -557,7 +558,7 @@ class SharedPatchEncoder(nn.Module):
                 f"freeze=<int> needs a backbone with timm's group_matcher() to find its stages; "
                 f"{self._where} has none. Use freeze='all', or set requires_grad yourself"
             )
-        from timm.models import group_parameters
+        from timm.models import group_parameters  # deferred: timm is slow to import
 
         matcher = matcher_fn(coarse=True)
         groups = group_parameters(self.backbone, matcher)

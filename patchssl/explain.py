@@ -26,12 +26,15 @@ References:
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from patchssl.metrics import _mean_ci, _verdict, clopper_pearson_ci
 
 __all__ = [
     "HIGHLIGHT_COLOR",
@@ -463,7 +466,7 @@ def plot_embedding(
     if method == "pca":
         coords = _pca_2d(x)
     else:
-        from sklearn.manifold import TSNE
+        from sklearn.manifold import TSNE  # deferred: scikit-learn is slow to import
         from threadpoolctl import threadpool_limits
 
         perp = min(30.0, max(1.0, (m - 1) / 3.0)) if perplexity is None else float(perplexity)
@@ -580,10 +583,6 @@ def lesion_hit_rate(
         Chae et al., JIPS 2021, Fig. 4b (attention on the lesion). Clopper, Pearson, Biometrika
         26(4), 1934.
     """
-    import warnings
-
-    from patchssl.metrics import _mean_ci, _verdict, clopper_pearson_ci
-
     w = _to_numpy(weights).astype(np.float64)
     if w.ndim != 2:
         raise ValueError(f"weights must have shape (B, N); got {tuple(w.shape)}")

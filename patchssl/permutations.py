@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.resources
+import io
 import json
 import math
 import os
@@ -783,8 +784,6 @@ def _generate_projective(k: int, n: int, rng: np.random.Generator) -> np.ndarray
 
 
 def _parse_npy(data: bytes, name: str) -> np.ndarray:
-    import io
-
     try:
         array = np.load(io.BytesIO(data), allow_pickle=False)
     except Exception as err:  # truncated header/data, pickles, garbage

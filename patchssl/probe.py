@@ -50,7 +50,11 @@ import torch
 from torch import Tensor, nn
 
 from patchssl._validation import check_int, look_up
-from patchssl.metrics import PairedDifference, paired_difference
+from patchssl.checkpoint import CheckpointError, load_checkpoint
+from patchssl.classifier import INPUT_NORMS, PatchClassifier, checkpoint_input_norm
+from patchssl.data import grouped_stratified_split, make_loader
+from patchssl.metrics import PairedDifference, binary_metrics, bootstrap_ci, paired_difference
+from patchssl.pretext.base import standardize_patches
 
 __all__ = [
     "PatchEmbeddings",
@@ -93,9 +97,6 @@ def encoder_from_checkpoint(
         CheckpointError: A file that is not a patchssl checkpoint, or weights that do not fit.
         FileNotFoundError: The file does not exist.
     """
-    from patchssl.checkpoint import CheckpointError, load_checkpoint
-    from patchssl.classifier import PatchClassifier
-
     payload = dict(checkpoint) if isinstance(checkpoint, Mapping) else load_checkpoint(checkpoint)
     kind = payload.get("kind")
     if kind == "pretrain":
@@ -173,8 +174,6 @@ def _batches(
             "only with a tensor of images"
         )
     if isinstance(images, torch.utils.data.Dataset) and hasattr(images, "__len__"):
-        from patchssl.data import make_loader
-
         loader = make_loader(images, batch_size)
         return loader, len(loader)
     return images, (len(images) if hasattr(images, "__len__") else None)
@@ -229,9 +228,6 @@ def embed_images(
     Raises:
         ValueError: For an unknown ``input_norm`` or inconsistent inputs.
     """
-    from patchssl.classifier import INPUT_NORMS
-    from patchssl.pretext.base import standardize_patches
-
     look_up(input_norm, INPUT_NORMS, "input_norm")
     check_int(batch_size, "batch_size")
     device = torch.device(device) if device is not None else _device_of(encoder)
@@ -367,6 +363,7 @@ def knn_predict_proba(
 
 
 def _linear_model(max_iter: int, seed: int) -> Any:
+    # deferred: scikit-learn takes about a second to import
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
@@ -376,7 +373,7 @@ def _linear_model(max_iter: int, seed: int) -> Any:
 
 def _fit_predict(model: Any, x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray) -> tuple:
     """Fit, predict probabilities, and say whether the solver converged."""
-    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.exceptions import ConvergenceWarning  # deferred: scikit-learn is slow to import
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConvergenceWarning)
@@ -402,8 +399,6 @@ def _score_figures(
     alpha: float,
     seed: int,
 ) -> dict[str, dict[str, Any]]:
-    from patchssl.metrics import binary_metrics, bootstrap_ci
-
     point = binary_metrics(y, scores, 0.5)
     ci: dict[str, tuple[float, float]] | None = None
     if n_boot > 0:
@@ -461,8 +456,6 @@ def position_probe(
         Noroozi & Favaro, ECCV 2016 (arXiv:1603.09246). Doersch, Gupta & Efros, ICCV 2015
         (arXiv:1505.05192), Sec. 3.1 (trivial shortcuts of patch-position tasks).
     """
-    from patchssl.metrics import bootstrap_ci
-
     feats = np.asarray(features, dtype=np.float32)
     if feats.ndim != 3:
         raise ValueError(f"features must have shape (M, N, D); got {feats.shape}")
@@ -667,8 +660,6 @@ def probe_features(
         ValueError: For labels that are not binary with both classes, mismatched shapes, a
             split with a patient on both sides, or too few patients of a class to split.
     """
-    from patchssl.data import grouped_stratified_split
-
     feats = np.asarray(features, dtype=np.float32)
     if feats.ndim != 3:
         raise ValueError(f"features must have shape (M, N, D); got {feats.shape}")
@@ -817,8 +808,6 @@ def probe_encoder(
     elif isinstance(encoder_or_checkpoint, nn.Module):
         module = encoder_or_checkpoint
         if hasattr(module, "encoder") and hasattr(module, "model_config"):  # a pretext task
-            from patchssl.classifier import checkpoint_input_norm
-
             encoder, ckpt_tiler = module.encoder, module.tiler
             ckpt_norm = checkpoint_input_norm(module.model_config)
         else:

@@ -15,6 +15,7 @@ and a plugin is imported only when it is asked for by name, so a broken plugin n
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from importlib import metadata
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -223,8 +224,6 @@ def create_pretext(
 
 def _build_from_config(cls_path: str, config: dict[str, Any]) -> Any:
     module_name, _, attr = cls_path.rpartition(".")
-    import importlib
-
     cls = getattr(importlib.import_module(module_name), attr)
     from_config = getattr(cls, "from_config", None)
     return from_config(config) if callable(from_config) else cls(**config)

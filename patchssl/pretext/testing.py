@@ -22,8 +22,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from patchssl.encoder import SharedPatchEncoder
 from patchssl.pretext.base import PretextOutput, PretextTask
 from patchssl.pretext.registry import get_pretext_class, pretext_from_config
+from patchssl.tiling import PatchTiler
 
 __all__ = ["check_pretext_contract", "tiny_encoder"]
 
@@ -47,8 +49,6 @@ def tiny_encoder(
     Returns:
         A :class:`patchssl.encoder.SharedPatchEncoder`.
     """
-    from patchssl.encoder import SharedPatchEncoder
-
     if backbone is not None:
         return SharedPatchEncoder(backbone, patch_size=patch_size, in_chans=in_chans)
     cnn = nn.Sequential(
@@ -210,8 +210,6 @@ def check_pretext_contract(
         if type(rebuilt) is not task_cls:
             raise _fail(task_cls, f"its name {task.name!r} resolves to {type(rebuilt).__name__}")
     else:
-        from patchssl.tiling import PatchTiler
-
         rebuilt = task_cls(factory(), tiler=PatchTiler(**model_config["tiler"]), **config)
     rebuilt = rebuilt.to(device)
     if rebuilt.config != config:
