@@ -196,7 +196,7 @@ def test_truncated_files_raise_and_global_flag_untouched(tmp_path: Path, fmt, ex
     before = ImageFile.LOAD_TRUNCATED_IMAGES
     with pytest.raises(ImageReadError, match="cut") as info:
         load_image(path, 32)
-    assert "truncated" in info.value.reason or "broken" in info.value.reason
+    assert info.value.reason.startswith("corrupt or truncated file ("), info.value.reason
     assert ImageFile.LOAD_TRUNCATED_IMAGES is before is False
 
 

@@ -89,8 +89,14 @@ def test_best_checkpoint_and_early_stopping(tmp_path):
 
 
 def test_missing_monitor_falls_back_to_train_loss(tmp_path):
-    result = _trainer(ToyTask(), tmp_path, epochs=2).fit()
-    assert result.best_epoch is not None and (tmp_path / "best.pt").is_file()
+    result = _trainer(ToyTask(), tmp_path, epochs=3).fit()
+    with open(tmp_path / "metrics.csv") as fh:
+        losses = [float(r["train_loss"]) for r in csv.DictReader(fh)]
+    # no val_auc: the best epoch is the one of the lowest training loss that metrics.csv records
+    assert len(losses) == 3 and len(set(losses)) == 3
+    assert result.best_epoch == losses.index(min(losses))
+    assert result.best_metric == pytest.approx(min(losses))
+    assert load_checkpoint(tmp_path / "best.pt")["epoch"] == result.best_epoch
 
 
 def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_path):
@@ -230,15 +236,15 @@ def test_epoch_sums_are_kept_on_the_device_and_match(tmp_path):
     assert losses[1] == pytest.approx(losses[2], rel=1e-6)
 
 
-def test_adamw_is_fused_only_on_cuda():
-    from patchssl.engine.config import TrainConfig
-    from patchssl.engine.loop import build_optimizer
-
+def test_adamw_is_not_fused_on_the_cpu():
     opt = build_optimizer(nn.Linear(2, 2), TrainConfig())
-    assert not opt.defaults.get("fused")
-    if torch.cuda.is_available():
-        opt = build_optimizer(nn.Linear(2, 2).cuda(), TrainConfig())
-        assert opt.defaults["fused"] is True
+    assert isinstance(opt, torch.optim.AdamW) and opt.defaults["fused"] is None  # torch's default
+
+
+@pytest.mark.gpu
+def test_adamw_is_fused_on_cuda(device):
+    opt = build_optimizer(nn.Linear(2, 2).to(device), TrainConfig())
+    assert isinstance(opt, torch.optim.AdamW) and opt.defaults["fused"] is True
 
 
 def test_compile_scope(tmp_path):

@@ -47,7 +47,7 @@ def test_engine_trains_with_mixed_precision_and_checkpoints_load_on_the_cpu(
     ft = finetune(ft_config)
     assert all(math.isfinite(r["train_loss"]) for r in ft.history)
     auc = evaluate(ft_config).test.metrics["auc"]
-    assert math.isnan(auc) or 0.0 <= auc <= 1.0  # nan when the tiny test split has one class
+    assert 0.0 <= auc <= 1.0  # defined: the grouped split puts both classes in the test part
 
 
 def test_bf16_jigsaw_step_matches_fp32(device):
