@@ -229,7 +229,7 @@ def test_small_validation_splits_are_warned_about(run):
 
 
 def test_class_names_come_from_the_label_map(run, tmp_path, monkeypatch):
-    import patchssl.explain
+    import patchssl.engine.explain_run as explain_run
 
     root = run["root"]
     monkeypatch.chdir(root)
@@ -242,13 +242,13 @@ def test_class_names_come_from_the_label_map(run, tmp_path, monkeypatch):
     assert {r["predicted"] for r in result.rows if not r["error"]} <= {"low", "high"}
     # explain draws the legend and the titles with the same names
     seen = {}
-    real = patchssl.explain.plot_embedding
+    real = explain_run.plot_embedding
 
     def spy(*args, **kwargs):
         seen.update(kwargs)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(patchssl.explain, "plot_embedding", spy)
+    monkeypatch.setattr(explain_run, "plot_embedding", spy)
     out = tmp_path / "explain"
     args = ["explain", "--checkpoint", str(renamed), "--out", str(out), "--part", "all"]
     args += ["--split", "runs/finetune/split.json", "--num-images", "1", "--no-progress"]

@@ -22,6 +22,7 @@ from __future__ import annotations
 from typing import Any
 
 from patchssl._validation import plain
+from patchssl._version import __version__
 from patchssl.checkpoint import FORMAT_VERSION, CheckpointError
 from patchssl.checkpoint import check_compatible as check_transfer
 from patchssl.engine.config import ConfigError
@@ -61,8 +62,6 @@ def checkpoint_payload(kind: str, info: dict[str, Any], **state: Any) -> dict[st
     Returns:
         The payload for :func:`patchssl.checkpoint.save_checkpoint`.
     """
-    from patchssl._version import __version__
-
     return {
         "format": "patchssl",
         "format_version": FORMAT_VERSION,

@@ -8,12 +8,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 
 from patchssl._validation import atomic_write
+from patchssl.encoder import SharedPatchEncoder
 from patchssl.engine.config import Config, ConfigError, load_config, save_config
 from patchssl.engine.device import resolve_device
 from patchssl.engine.distributed import get_world_size, is_main_process, process_device
 from patchssl.engine.logging import echo
+from patchssl.tiling import PatchTiler
 
 __all__ = [
     "as_config",
@@ -65,8 +68,6 @@ def prepare_run(config: Config, *, save: bool = True) -> tuple[Path, torch.devic
             raise ConfigError(f"train.num_threads must be >= 1; got {config.train.num_threads}")
         torch.set_num_threads(config.train.num_threads)
     if config.data.max_image_pixels is not None:
-        from PIL import Image
-
         Image.MAX_IMAGE_PIXELS = int(config.data.max_image_pixels)
     device = process_device(resolve_device(config.train.device))
     out = Path(config.out)
@@ -97,8 +98,6 @@ def build_tiler(config: Config) -> Any:
     Raises:
         ConfigError: When the patches do not fit in the image (the tiler's message).
     """
-    from patchssl.tiling import PatchTiler
-
     try:
         return PatchTiler(**_tiler_kwargs(config))
     except ValueError as err:
@@ -148,8 +147,6 @@ def build_encoder(config: Config, device: torch.device) -> Any:
             ``model.norm=sync_batch`` in a multi-process run on the CPU (torch's SyncBatchNorm
             needs GPUs).
     """
-    from patchssl.encoder import SharedPatchEncoder
-
     model = config.model
     if model.norm == "sync_batch" and device.type == "cpu" and get_world_size() > 1:
         raise ConfigError(

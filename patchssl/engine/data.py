@@ -15,9 +15,28 @@ from typing import Any
 
 from torch.utils.data import DistributedSampler
 
+from patchssl.data import (
+    ImageFolderDataset,
+    LabelMap,
+    ManifestDataset,
+    ManifestError,
+    default_workers,
+    find_images,
+    find_overlap,
+    load_split,
+    make_loader,
+    map_records_to_cache,
+    read_manifest,
+    records_from_split,
+    save_split,
+    split_records,
+)
+from patchssl.data.prepare import cache_path
+from patchssl.engine.common import say, write_json
 from patchssl.engine.config import Config, ConfigError
 from patchssl.engine.distributed import get_rank, get_world_size, is_main_process
 from patchssl.engine.logging import echo
+from patchssl.engine.loop import describe_batch, per_process_batch_size
 
 __all__ = [
     "cache_dirs",
@@ -49,9 +68,6 @@ def unlabeled_dataset(config: Config, *, exclude: list[Path] | None = None) -> A
     Returns:
         The dataset (capped at ``data.max_images`` when set).
     """
-    from patchssl.data import ImageFolderDataset
-    from patchssl.data.prepare import cache_path
-
     root = Path(config.data.unlabeled or "")
     if not root.is_dir():
         raise ConfigError(f"data.unlabeled: folder not found: {root}")
@@ -82,8 +98,6 @@ def labeled_records(config: Config) -> list[Any]:
     Raises:
         ConfigError: When the manifest is missing, has unknown labels (listed) or bad columns.
     """
-    from patchssl.data import ManifestError, read_manifest
-
     if not config.data.manifest:
         raise ConfigError("labeled data needed: --data FILE.csv (data.manifest)")
     manifest = Path(config.data.manifest)
@@ -139,8 +153,6 @@ def make_split(
         ConfigError: When the saved split does not match the manifest, or a new split cannot
             be drawn (too few patients of a class).
     """
-    from patchssl.data import load_split, records_from_split, split_records
-
     d = config.data
     if d.split:
         try:
@@ -205,8 +217,6 @@ def write_split(config: Config, parts: dict[str, list[Any]], out_dir: Path) -> P
     Returns:
         The path of ``split.json``.
     """
-    from patchssl.data import save_split
-
     d = config.data
     meta = {
         "manifest": str(d.manifest),
@@ -228,8 +238,6 @@ def check_labels(config: Config, records: list[Any]) -> None:
         ConfigError: When the label map's number of classes differs from
             ``model.num_classes``, or a class has no image (listing the counts).
     """
-    from patchssl.data import LabelMap
-
     k = config.model.num_classes
     try:
         names = LabelMap.from_config(config.data.label_map).class_names
@@ -278,7 +286,6 @@ def to_cache(config: Config, records: list[Any]) -> list[Any]:
     cache = cache_dirs(config)
     if cache is None or not cache[1].is_dir() or not records:
         return records
-    from patchssl.data import map_records_to_cache
 
     root = config.data.image_root or str(Path(config.data.manifest or ".").parent)
     try:
@@ -289,8 +296,6 @@ def to_cache(config: Config, records: list[Any]) -> list[Any]:
 
 def labeled_dataset(config: Config, records: list[Any]) -> Any:
     """A :class:`patchssl.data.ManifestDataset` of ``records`` (read from the cache if any)."""
-    from patchssl.data import ManifestDataset
-
     return ManifestDataset(
         to_cache(config, records), config.data.image_size, channels=config.data.in_chans
     )
@@ -323,8 +328,6 @@ def find_eval_overlap(
     Returns:
         The :class:`patchssl.data.Overlap` list (empty when there is none).
     """
-    from patchssl.data import find_images, find_overlap, load_split
-
     d = config.data
     if not d.unlabeled or not Path(d.unlabeled).is_dir():
         return []
@@ -370,7 +373,6 @@ def write_overlap(out: Path, overlaps: list[Any]) -> None:
     """
     if not overlaps:
         return
-    from patchssl.engine.common import write_json
 
     write_json(
         Path(out) / "overlap.json",
@@ -403,10 +405,6 @@ def training_loaders(
     Returns:
         ``(loader, sampler, val_loader)``; ``val_loader`` is ``None`` without ``val_set``.
     """
-    from patchssl.data import default_workers, make_loader
-    from patchssl.engine.common import say
-    from patchssl.engine.loop import describe_batch, per_process_batch_size
-
     train_cfg = config.train
     batch_size = per_process_batch_size(train_cfg)
     say(f"batch size: {describe_batch(batch_size)}")

@@ -34,11 +34,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
+from patchssl.data import load_split, make_synthetic_cervix
 from patchssl.engine.common import say, write_json
 from patchssl.engine.config import Config, ConfigError
+from patchssl.engine.data import labeled_records, make_split
+from patchssl.engine.evaluation import evaluate
+from patchssl.engine.explain_run import explain, format_lesion
+from patchssl.engine.finetuning import finetune
 from patchssl.engine.logging import echo
+from patchssl.engine.pretraining import pretrain
+from patchssl.metrics import format_table, paired_difference
 
 __all__ = ["DEMO_SETTINGS", "DemoResult", "demo_config", "run_demo"]
 
@@ -168,14 +176,6 @@ def run_demo(config: Config | None = None) -> DemoResult:
     Returns:
         The :class:`DemoResult`.
     """
-    from patchssl.data import make_synthetic_cervix
-    from patchssl.engine.data import labeled_records, make_split
-    from patchssl.engine.evaluation import evaluate
-    from patchssl.engine.explain_run import explain, format_lesion
-    from patchssl.engine.finetuning import finetune
-    from patchssl.engine.pretraining import pretrain
-    from patchssl.metrics import format_table
-
     config = (config or demo_config()).copy()
     s = DEMO_SETTINGS["fast" if config.demo.fast else "default"]
     out = Path(config.out).resolve()
@@ -356,10 +356,6 @@ def run_demo(config: Config | None = None) -> DemoResult:
 
 def _compare(ssl: Any, scratch: Any, *, n_boot: int, alpha: float, seed: int) -> Any:
     """Paired AUC difference of two models' test predictions (matched by image path)."""
-    import numpy as np
-
-    from patchssl.metrics import paired_difference
-
     where = {path: i for i, path in enumerate(scratch.paths)}
     if sorted(where) != sorted(ssl.paths):
         raise ConfigError("the two models were not scored on the same test images")
@@ -407,8 +403,6 @@ def _verdict_sentence(c: dict[str, Any]) -> str:
 
 
 def _split_counts(path: Path) -> dict[str, list[str]]:
-    from patchssl.data import load_split
-
     try:
         return load_split(path)
     except (OSError, ValueError) as err:  # pragma: no cover - written just before

@@ -28,6 +28,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+from patchssl.engine.config import ConfigError
+from patchssl.engine.device import resolve_device
 
 if TYPE_CHECKING:
     from patchssl.engine.config import Config
@@ -96,8 +100,6 @@ def _env_int(name: str, default: int) -> int:
     try:
         return int(value)
     except ValueError as err:
-        from patchssl.engine.config import ConfigError
-
         raise ConfigError(f"environment variable {name}={value!r} is not an integer") from err
 
 
@@ -116,8 +118,6 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         ConfigError: For an unknown name, NCCL without CUDA, or a backend that this torch
             build lacks.
     """
-    from patchssl.engine.config import ConfigError
-
     name = str(backend).lower()
     if name not in BACKENDS:
         raise ConfigError(f"dist.backend must be one of {', '.join(BACKENDS)}; got '{backend}'")
@@ -149,8 +149,6 @@ def process_device(device: torch.device) -> torch.device:
         ConfigError: When an explicit CUDA index disagrees with ``LOCAL_RANK``, or the machine
             has fewer GPUs than processes.
     """
-    from patchssl.engine.config import ConfigError
-
     if device.type != "cuda" or launched_world_size() <= 1:
         return device
     local = local_rank()
@@ -190,8 +188,6 @@ def init_distributed(
     Raises:
         ConfigError: On an incomplete torchrun environment or an unusable backend.
     """
-    from patchssl.engine.config import ConfigError
-
     world = launched_world_size()
     if world <= 1 or is_distributed():
         return False
@@ -231,8 +227,6 @@ def distributed_session(config: Config) -> Iterator[bool]:
     Yields:
         Whether the run is distributed (more than one process).
     """
-    from patchssl.engine.device import resolve_device
-
     device = resolve_device(config.train.device)
     if launched_world_size() > 1:
         device = process_device(device)
@@ -380,7 +374,6 @@ def wrap_model(
     """
     if not is_distributed() or get_world_size() == 1:
         return model
-    from torch.nn.parallel import DistributedDataParallel
 
     ids = None
     if device.type == "cuda":
@@ -394,8 +387,6 @@ def wrap_model(
 
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The module inside a ``DistributedDataParallel`` (or ``torch.compile``) wrapper."""
-    from torch.nn.parallel import DataParallel, DistributedDataParallel
-
     while True:
         if isinstance(model, (DataParallel, DistributedDataParallel)):
             model = model.module

@@ -23,10 +23,16 @@ import numpy as np
 import torch
 from torch import nn
 
+from patchssl.checkpoint import CheckpointError, load_checkpoint
+from patchssl.classifier import PatchClassifier
+from patchssl.data import load_split, make_loader, records_from_split
 from patchssl.engine.common import as_config, prepare_run, say, write_json
 from patchssl.engine.config import Config, ConfigError
+from patchssl.engine.data import labeled_dataset, labeled_records
 from patchssl.engine.device import autocast_context, move_batch, resolve_amp
 from patchssl.engine.logging import SkippedFiles, echo, progress
+from patchssl.engine.settings import checkpoint_class_names, resolve_settings
+from patchssl.metrics import choose_threshold, evaluate_predictions, format_table
 
 __all__ = [
     "EvaluationResult",
@@ -169,8 +175,6 @@ def choose_val_threshold(
     Raises:
         ConfigError: For an unknown criterion.
     """
-    from patchssl.metrics import choose_threshold
-
     if isinstance(criterion, (int, float)) and not isinstance(criterion, bool):
         return float(criterion)
     if len(set(np.asarray(labels).tolist())) < 2:
@@ -221,9 +225,6 @@ def load_classifier(path: str | Path, device: torch.device) -> tuple[nn.Module, 
     Raises:
         ConfigError: When the file is missing or not a fine-tuning checkpoint.
     """
-    from patchssl.checkpoint import CheckpointError, load_checkpoint
-    from patchssl.classifier import PatchClassifier
-
     path = Path(path)
     try:
         ckpt = load_checkpoint(path, kind="finetune")
@@ -256,8 +257,6 @@ def run_config_for(config: Config, ckpt: dict[str, Any], source: str = "the chec
     Returns:
         The completed configuration.
     """
-    from patchssl.engine.settings import resolve_settings
-
     saved = ckpt.get("config") or {}
     if not config.data.manifest and saved:
         data = dict(saved.get("data") or {})
@@ -339,11 +338,6 @@ def evaluate(
         ConfigError: On a missing checkpoint or split, or a validation split without both
             classes (the threshold cannot be chosen).
     """
-    from patchssl.data import load_split, make_loader, records_from_split
-    from patchssl.engine.data import labeled_dataset, labeled_records
-    from patchssl.engine.settings import checkpoint_class_names
-    from patchssl.metrics import evaluate_predictions, format_table
-
     config = as_config(config)
     ev = config.eval
     ckpt_path = Path(ev.checkpoint) if ev.checkpoint else Path(config.out) / "best.pt"

@@ -20,9 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
+from patchssl import _optional
+from patchssl.data import load_split, make_loader, records_from_split
 from patchssl.engine.common import as_config, prepare_run, say, write_json
 from patchssl.engine.config import Config, ConfigError
+from patchssl.engine.data import labeled_dataset, labeled_records
 from patchssl.engine.device import resolve_amp
 from patchssl.engine.evaluation import (
     _split_for,
@@ -32,6 +36,7 @@ from patchssl.engine.evaluation import (
 )
 from patchssl.engine.logging import SkippedFiles
 from patchssl.engine.settings import checkpoint_class_names
+from patchssl.explain import attention_grid, draw_attention, lesion_hit_rate, plot_embedding
 
 __all__ = ["ExplainResult", "explain", "format_lesion", "lesion_boxes"]
 
@@ -153,13 +158,6 @@ def explain(config: Config | dict[str, Any] | str | Path | None) -> ExplainResul
     Without matplotlib (a dependency of patchssl, but removable), the embedding plot is
     skipped with a note and everything else is still written.
     """
-    import torch
-
-    from patchssl import _optional
-    from patchssl.data import load_split, make_loader, records_from_split
-    from patchssl.engine.data import labeled_dataset, labeled_records
-    from patchssl.explain import attention_grid, draw_attention, lesion_hit_rate, plot_embedding
-
     config = as_config(config)
     ex = config.explain
     ckpt_path = Path(ex.checkpoint) if ex.checkpoint else Path(config.out) / "best.pt"

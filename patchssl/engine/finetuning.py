@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from patchssl.checkpoint import CheckpointError, check_compatible, load_checkpoint
+from patchssl.classifier import PatchClassifier
 from patchssl.engine.checkpointing import model_entries
 from patchssl.engine.common import (
     as_config,
@@ -38,6 +40,7 @@ from patchssl.engine.common import (
     compile_encoder,
     prepare_run,
     say,
+    write_json,
 )
 from patchssl.engine.config import Config, ConfigError
 from patchssl.engine.data import (
@@ -59,6 +62,7 @@ from patchssl.engine.distributed import (
 from patchssl.engine.evaluation import choose_val_threshold, predict
 from patchssl.engine.logging import echo
 from patchssl.engine.loop import StepOutput, Trainer, TrainingResult, build_scheduler
+from patchssl.engine.pretraining import pretext_options
 from patchssl.engine.run_dir import run_folder, start_run
 from patchssl.engine.seeding import derive_seed
 from patchssl.engine.settings import (
@@ -66,6 +70,8 @@ from patchssl.engine.settings import (
     label_info,
     resolve_settings,
 )
+from patchssl.metrics import binary_metrics
+from patchssl.permutations import PermutationSet
 
 __all__ = [
     "FinetuneTask",
@@ -107,9 +113,6 @@ def build_classifier(config: Config, device: torch.device) -> tuple[nn.Module, s
         ConfigError: When the checkpoint is missing, not a pretraining checkpoint, or was made
             with another backbone, tiling, image size or permutation set than this run asks for.
     """
-    from patchssl.checkpoint import CheckpointError, check_compatible, load_checkpoint
-    from patchssl.classifier import PatchClassifier
-
     m = config.model
     torch.manual_seed(derive_seed(config.train.seed, "init"))
     kwargs: dict[str, Any] = {
@@ -175,14 +178,11 @@ def _expected_fingerprint(config: Config) -> str | None:
     """Fingerprint of the permutation set named in ``pretext.options``, if any."""
     options = config.pretext.options
     if "num_permutations" in options:
-        from patchssl.engine.pretraining import pretext_options
-
         perm_set = pretext_options(config, config.model.grid**2)["permutations"]
         return perm_set.fingerprint
     perms = options.get("permutations")
     if not isinstance(perms, str) or not perms or perms == "default":
         return None
-    from patchssl.permutations import PermutationSet
 
     try:
         return PermutationSet.load(perms).fingerprint
@@ -317,8 +317,6 @@ class FinetuneTask:
         return self._validate()
 
     def _validate(self) -> dict[str, float]:
-        from patchssl.metrics import binary_metrics
-
         pred = predict(
             self.model,
             self.val_loader,
@@ -447,8 +445,6 @@ def finetune_settings(config: Config) -> Config:
         ConfigError: On a missing or non-pretraining ``model.init``, or options that
             disagree with it.
     """
-    from patchssl.checkpoint import CheckpointError, load_checkpoint
-
     checkpoint = None
     if config.model.init:
         try:
@@ -462,8 +458,6 @@ def finetune_settings(config: Config) -> Config:
 
 def _finetune(config: Config, callbacks: Iterable[Callable[..., None]]) -> TrainingResult:
     """The body of :func:`finetune`, inside the process group (if any)."""
-    from patchssl.engine.common import write_json
-
     train_cfg = config.train
     records = labeled_records(config)
     check_labels(config, records)
@@ -568,8 +562,6 @@ def warn_small_validation(val: list[Any], num_classes: int) -> bool:
 
 def _warn_pretrain_overlap(config: Config, parts: dict[str, list[Any]], out: Path) -> None:
     """Warn when val/test images were also in the pretraining folder of ``model.init``."""
-    from patchssl.checkpoint import load_checkpoint
-
     try:
         saved = load_checkpoint(config.model.init).get("config") or {}
     except Exception:  # the checkpoint is checked properly later

@@ -61,7 +61,7 @@ def progress(
     """
     if not enabled or not is_main_process() or not stderr_is_terminal():
         return iter(iterable)
-    from tqdm.auto import tqdm
+    from tqdm.auto import tqdm  # deferred: a display library, only for a terminal
 
     return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr)
 
@@ -116,7 +116,7 @@ class MetricsLogger:
         mode = str(tensorboard).lower()
         if mode in ("true", "auto") and (mode == "true" or _optional.is_available("tensorboard")):
             _optional.require("tensorboard", extra="tensorboard", feature="TensorBoard logging")
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # deferred: optional, heavy
 
             self.writer = SummaryWriter(log_dir=str(Path(out_dir) / "tensorboard"))
 

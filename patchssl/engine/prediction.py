@@ -22,7 +22,12 @@ from typing import Any
 
 import numpy as np
 
+from patchssl.data import ManifestDataset, Record, find_images, make_loader
 from patchssl.engine.config import ConfigError
+from patchssl.engine.device import resolve_device
+from patchssl.engine.evaluation import load_classifier, predict, stored_threshold
+from patchssl.engine.settings import checkpoint_class_names, checkpoint_settings
+from patchssl.explain import draw_attention
 
 __all__ = ["PredictionResult", "predict_images"]
 
@@ -92,8 +97,6 @@ def _image_list(
     images: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], column: str
 ) -> list[Path]:
     """The image paths of a folder (recursively), a CSV (``column``) or a list."""
-    from patchssl.data import find_images
-
     if isinstance(images, (str, os.PathLike)):
         source = Path(images)
         if source.is_dir():
@@ -133,8 +136,6 @@ def _csv_images(path: Path, column: str) -> list[Path]:
 def _threshold(
     ckpt: dict[str, Any], threshold: float | None, num_classes: int
 ) -> tuple[float | None, str]:
-    from patchssl.engine.evaluation import stored_threshold
-
     if num_classes != 2:
         return None, f"none ({num_classes} classes: the most probable class is predicted)"
     if threshold is not None:
@@ -194,11 +195,6 @@ def predict_images(
         >>> result.rows[0]  # doctest: +SKIP
         {'image': 'new_images/a.png', 'CIN0/1': 0.81, 'CIN2+': 0.19, 'predicted': 'CIN0/1', ...}
     """
-    from patchssl.data import ManifestDataset, Record, make_loader
-    from patchssl.engine.device import resolve_device
-    from patchssl.engine.evaluation import load_classifier, predict
-    from patchssl.engine.settings import checkpoint_class_names, checkpoint_settings
-
     if batch_size < 1 or workers < 0:
         raise ConfigError(f"batch_size must be >= 1 and workers >= 0; got {batch_size}, {workers}")
     ckpt_path = Path(checkpoint)
@@ -251,8 +247,6 @@ def _draw(
     model: Any, dataset: Any, pred: Any, rows: list[dict[str, Any]], names: list[str], out: Path
 ) -> list[Path]:
     """One attention overlay per readable image, titled with the predicted class."""
-    from patchssl.explain import draw_attention
-
     boxes = model.tiler.centre_boxes().cpu().numpy()
     out.mkdir(parents=True, exist_ok=True)
     drawn: list[Path] = []

@@ -15,8 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from patchssl.data import prepare_images
 from patchssl.engine.common import as_config, prepare_run, say, write_json
 from patchssl.engine.config import Config, ConfigError
+from patchssl.engine.data import find_eval_overlap, labeled_records, make_split
 from patchssl.engine.run_dir import run_folder, start_run
 
 __all__ = ["PrepareResult", "next_commands", "prepare"]
@@ -71,9 +73,6 @@ def prepare(config: Config | dict[str, Any] | str | Path | None) -> PrepareResul
 
 def _prepare(config: Config) -> PrepareResult:
     """The body of :func:`prepare`, with the output folder locked."""
-    from patchssl.data import prepare_images
-    from patchssl.engine.data import find_eval_overlap, labeled_records, make_split
-
     d = config.data
     if d.unlabeled and not Path(d.unlabeled).is_dir():
         raise ConfigError(f"data.unlabeled: folder not found: {d.unlabeled}")

@@ -46,9 +46,17 @@ from patchssl.engine.device import autocast_context, move_batch, resolve_amp, re
 from patchssl.engine.distributed import distributed_session, reduce_sums, shard
 from patchssl.engine.logging import echo
 from patchssl.engine.loop import StepOutput, Trainer, TrainingResult
+from patchssl.engine.probing import PretrainProbe
 from patchssl.engine.run_dir import run_folder, start_run
 from patchssl.engine.seeding import derive_seed, make_generator
 from patchssl.engine.settings import MIN_VALIDATION_IMAGES, resolve_settings
+from patchssl.permutations import PermutationSet
+from patchssl.pretext import (
+    PretextPluginError,
+    UnknownPretextError,
+    create_pretext,
+    get_pretext_class,
+)
 
 __all__ = ["PretrainTask", "build_pretext", "pretext_options", "pretrain"]
 
@@ -67,13 +75,6 @@ def build_pretext(config: Config, device: torch.device) -> nn.Module:
         ConfigError: For an unknown pretext name, a plugin that fails to load (both name
             ``pretext.name`` and point to ``patchssl pretexts``), or invalid options.
     """
-    from patchssl.pretext import (
-        PretextPluginError,
-        UnknownPretextError,
-        create_pretext,
-        get_pretext_class,
-    )
-
     name = config.pretext.name
     listing = "`patchssl pretexts` lists the installed tasks"
     try:  # resolve the name first: a bad name is reported before any model is built
@@ -122,7 +123,6 @@ def pretext_options(config: Config, num_tiles: int) -> dict[str, Any]:
         raise ConfigError(
             "pretext.options: give either 'permutations' (a file) or 'num_permutations', not both"
         )
-    from patchssl.permutations import PermutationSet
 
     num = options.pop("num_permutations")
     method = options.pop("permutation_method", "auto")
@@ -306,8 +306,6 @@ def _pretrain(config: Config, callbacks: Iterable[Callable[..., None]]) -> Train
     amp_dtype, _ = resolve_amp(train_cfg.amp, device)
     probe = None
     if config.probe.manifest and config.probe.every:
-        from patchssl.engine.probing import PretrainProbe
-
         probe = PretrainProbe(config, device)
     task = PretrainTask(
         model, val_loader, device, amp_dtype=amp_dtype, seed=train_cfg.seed, probe=probe

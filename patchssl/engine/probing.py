@@ -25,6 +25,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from patchssl.checkpoint import CheckpointError
+from patchssl.classifier import checkpoint_input_norm
+from patchssl.data import grouped_stratified_split, load_split, make_loader, records_from_split
 from patchssl.engine.common import (
     as_config,
     build_encoder,
@@ -34,9 +37,12 @@ from patchssl.engine.common import (
     write_json,
 )
 from patchssl.engine.config import Config, ConfigError
+from patchssl.engine.data import labeled_dataset, labeled_records
 from patchssl.engine.distributed import broadcast_object, is_main_process
 from patchssl.engine.logging import SkippedFiles, echo, progress
 from patchssl.engine.seeding import derive_seed
+from patchssl.pretext import get_pretext_class
+from patchssl.probe import embed_images, encoder_from_checkpoint, probe_features
 
 __all__ = ["PretrainProbe", "ProbeRunResult", "probe"]
 
@@ -67,8 +73,6 @@ def _is_random(checkpoint: str) -> bool:
 
 def _pretext_input_norm(config: Config) -> str:
     """The input normalisation the configured pretext task would train with."""
-    from patchssl.pretext import get_pretext_class
-
     options = dict(config.pretext.options)
     if "per_patch_norm" in options:
         return "per_patch" if options["per_patch_norm"] else "encoder"
@@ -122,9 +126,6 @@ def load_probe_encoder(
     Raises:
         ConfigError: No checkpoint named, a file that cannot be read, or conflicting flags.
     """
-    from patchssl.checkpoint import CheckpointError
-    from patchssl.probe import encoder_from_checkpoint
-
     name = config.probe.checkpoint
     if not name:
         raise ConfigError(
@@ -180,10 +181,6 @@ def probe(
         ConfigError: Missing encoder or manifest, conflicting flags, labels that are not
             binary, or too few patients of a class to split.
     """
-    from patchssl.data import load_split, make_loader, records_from_split
-    from patchssl.engine.data import labeled_dataset, labeled_records
-    from patchssl.probe import embed_images, probe_features
-
     config = as_config(config)
     pc = config.probe
     out, device = prepare_run(config, save=False)
@@ -274,9 +271,6 @@ class PretrainProbe:
     """
 
     def __init__(self, config: Config, device: torch.device) -> None:
-        from patchssl.data import grouped_stratified_split, make_loader
-        from patchssl.engine.data import labeled_dataset, labeled_records
-
         pc = config.probe
         if pc.every < 0:
             raise ConfigError(f"probe.every must be >= 0 (0 = off); got {pc.every}")
@@ -335,9 +329,6 @@ class PretrainProbe:
         return {"probe_knn_auc": float(broadcast_object(auc))}
 
     def _knn_auc(self, model: nn.Module) -> float:
-        from patchssl.classifier import checkpoint_input_norm
-        from patchssl.probe import embed_images, probe_features
-
         emb = embed_images(
             model.encoder,
             self.loader,

@@ -20,7 +20,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+from patchssl.classifier import checkpoint_input_norm
+from patchssl.data import LabelMap, ManifestError
+from patchssl.data.prepare import INDEX_NAME
+from patchssl.engine.common import build_tiler, say
 from patchssl.engine.config import Config, ConfigError, get_dotted, set_dotted
+from patchssl.tiling import paper_image_size
 
 __all__ = [
     "CARRIED",
@@ -74,8 +79,6 @@ def checkpoint_settings(checkpoint: dict[str, Any], source: str = "the checkpoin
     Returns:
         ``{dotted key: value}`` for the options it records.
     """
-    from patchssl.classifier import checkpoint_input_norm
-
     model_config = checkpoint.get("model_config") or {}
     classifier = model_config.get("classifier") or {}
     encoder = model_config.get("encoder") or classifier.get("encoder") or {}
@@ -112,8 +115,6 @@ def cache_settings(cache: str | Path) -> dict[str, Any]:
     Raises:
         ConfigError: When the two folders were prepared at different settings.
     """
-    from patchssl.data.prepare import INDEX_NAME
-
     root = Path(cache)
     found: dict[str, Any] = {}
     origin: dict[str, Path] = {}
@@ -154,8 +155,6 @@ def fitting_patch_size(image_size: int, grid: int = 3) -> int:
     Returns:
         The patch side in pixels (at least 1).
     """
-    from patchssl.tiling import paper_image_size
-
     patch = max(1, image_size * 459 // (512 * grid) + 1)
     while patch > 1 and paper_image_size(patch, grid)[0] > image_size:
         patch -= 1
@@ -200,8 +199,6 @@ def resolve_settings(
         ConfigError: Listing every option on which the user, the checkpoint and the cache
             disagree.
     """
-    from patchssl.engine.common import say
-
     config = config.copy()
     sources: list[tuple[str, dict[str, Any]]] = []
     if checkpoint is not None:
@@ -250,8 +247,6 @@ def resolve_settings(
 
 def _fit_patches(config: Config) -> None:
     """Shrink the default patch size to the image size when the default does not fit."""
-    from patchssl.engine.common import build_tiler, say
-
     try:
         build_tiler(config)
         return
@@ -298,8 +293,6 @@ def label_info(config: Config) -> dict[str, Any] | None:
         ``{"class_names": [...], "label_map": {...}}``, or ``None`` when the map cannot be
         read (the manifest reader reports that).
     """
-    from patchssl.data import LabelMap, ManifestError
-
     try:
         label_map = LabelMap.from_config(config.data.label_map)
     except (ManifestError, OSError):

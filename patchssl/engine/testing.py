@@ -14,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from patchssl.data import make_synthetic_cervix
 from patchssl.engine.config import Config
 
 __all__ = ["TINY_CLI_ARGS", "make_tiny_dataset", "tiny_config"]
@@ -50,8 +51,6 @@ def make_tiny_dataset(
     Returns:
         The :class:`patchssl.data.SyntheticDataset`.
     """
-    from patchssl.data import make_synthetic_cervix
-
     return make_synthetic_cervix(
         root,
         num_unlabeled=num_unlabeled,
