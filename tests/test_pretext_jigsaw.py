@@ -64,11 +64,13 @@ def test_training_draws_from_the_active_prefix_and_eval_from_all() -> None:
 
 
 def test_curriculum_validation() -> None:
-    with pytest.raises(ValueError, match="curriculum must be None"):
+    with pytest.raises(ValueError, match=r"curriculum \(None: off; .*\) must be a positive int"):
         JigsawPretext(tiny_encoder(16), curriculum=0)
-    with pytest.raises(ValueError, match="curriculum_steps"):
+    with pytest.raises(TypeError, match="curriculum .* must be a positive int; got float 1.5"):
+        JigsawPretext(tiny_encoder(16), curriculum=1.5)
+    with pytest.raises(ValueError, match="curriculum_steps must be an int >= 0; got -1"):
         JigsawPretext(tiny_encoder(16), curriculum_steps=-1)
-    with pytest.raises(ValueError, match="head must be one of"):
+    with pytest.raises(ValueError, match="unknown head 'pooled'"):
         JigsawPretext(tiny_encoder(16), head="pooled")
 
 

@@ -21,6 +21,10 @@ from typing import Any, NamedTuple, Protocol
 import torch
 from torch import Tensor, nn
 
+# the module, not its functions: a checkpoint is written through the module's current
+# save_checkpoint/copy_checkpoint (the robustness tests replace them to simulate crashes)
+from patchssl import checkpoint as checkpoint_io
+from patchssl.engine.checkpointing import check_compatible, checkpoint_payload
 from patchssl.engine.config import Config, ConfigError, TrainConfig
 from patchssl.engine.device import (  # re-exported: they lived here before
     autocast_context,
@@ -202,7 +206,7 @@ def build_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.Optimiz
     Raises:
         ConfigError: For an optimizer other than ``adamw`` and ``sgd``.
     """
-    from timm.optim import create_optimizer_v2
+    from timm.optim import create_optimizer_v2  # deferred: timm is heavy to import
 
     name = train.optimizer.lower()
     if name not in ("adamw", "sgd"):
@@ -240,7 +244,7 @@ def _weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str
         ``[{"params": decayed, "weight_decay": weight_decay}, {"params": rest,
         "weight_decay": 0.0}]``.
     """
-    from timm.optim import param_groups_weight_decay
+    from timm.optim import param_groups_weight_decay  # deferred: timm is heavy to import
 
     decayed: list[nn.Parameter] = []
     rest: list[nn.Parameter] = []
@@ -488,8 +492,6 @@ class Trainer:
 
         The layout is :func:`patchssl.engine.checkpointing.checkpoint_payload`'s.
         """
-        from patchssl.engine.checkpointing import checkpoint_payload
-
         return checkpoint_payload(
             self.task.kind,
             self.task.checkpoint_info(),
@@ -527,13 +529,10 @@ class Trainer:
             ConfigError: When the checkpoint is missing or belongs to another model
                 (backbone, pretext task, permutation set, tiling...).
         """
-        from patchssl.checkpoint import load_checkpoint
-        from patchssl.engine.checkpointing import check_compatible
-
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"cannot resume: no checkpoint at {path}")
-        ckpt = load_checkpoint(path)
+        ckpt = checkpoint_io.load_checkpoint(path)
         info = self.task.checkpoint_info()
         check_compatible(
             ckpt,
@@ -670,18 +669,16 @@ class Trainer:
         """
         if not is_main_process() or self.best_epoch is None:
             return
-        from patchssl.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-
         current = None
         if self.best_path.is_file():
             try:
-                current = load_checkpoint(self.best_path).get("epoch")
-            except CheckpointError:
+                current = checkpoint_io.load_checkpoint(self.best_path).get("epoch")
+            except checkpoint_io.CheckpointError:
                 current = None
         if current == self.best_epoch:
             return
         if int(ckpt["epoch"]) == self.best_epoch:
-            save_checkpoint(self.best_path, ckpt)
+            checkpoint_io.save_checkpoint(self.best_path, ckpt)
             echo(
                 f"note: {self.best_path} did not hold the best epoch ({self.best_epoch + 1}) "
                 f"recorded in {source} (the run was stopped between the two writes); "
@@ -704,12 +701,10 @@ class Trainer:
         file is copied instead: nothing is serialised or hashed twice.
         """
         if is_main_process():
-            from patchssl.checkpoint import copy_checkpoint, save_checkpoint
-
             if copy_of is not None:
-                copy_checkpoint(copy_of, path)
+                checkpoint_io.copy_checkpoint(copy_of, path)
             else:
-                save_checkpoint(path, self.payload(epoch, metrics))
+                checkpoint_io.save_checkpoint(path, self.payload(epoch, metrics))
 
     def _check_finite(self, acc: _StepAccumulator, epoch: int, distributed: bool) -> None:
         """Stop on a non-finite loss among the steps accumulated so far (one host sync).

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from patchssl._validation import check_int, look_up
 from patchssl.permutations import PermutationSet
 from patchssl.pretext.base import PretextTask, random_integers
 from patchssl.pretext.defences import ImageDefences, PatchDefences
@@ -158,19 +159,10 @@ class JigsawPretext(PretextTask):
                 f"PermutationSet.generate(K, {num_patches}) or a tiler whose grid has "
                 f"{perm_set.num_tiles} cells"
             )
-        if head not in HEADS:
-            raise ValueError(f"head must be one of {HEADS}; got {head!r}")
-        if curriculum is not None and (
-            isinstance(curriculum, bool) or int(curriculum) != curriculum or curriculum < 1
-        ):
-            raise ValueError(
-                f"curriculum must be None (off) or the number of permutations to start "
-                f"with (an int >= 1); got {curriculum!r}"
-            )
-        if isinstance(curriculum_steps, bool) or int(curriculum_steps) != curriculum_steps:
-            raise ValueError(f"curriculum_steps must be an int >= 0; got {curriculum_steps!r}")
-        if curriculum_steps < 0:
-            raise ValueError(f"curriculum_steps must be an int >= 0; got {curriculum_steps!r}")
+        look_up(head, HEADS, "head")
+        if curriculum is not None:
+            check_int(curriculum, "curriculum (None: off; else the permutations to start with)")
+        check_int(curriculum_steps, "curriculum_steps", minimum=0)
         self.permutation_set = perm_set
         self.num_classes = perm_set.num_permutations
         self.curriculum = None if curriculum is None else int(curriculum)
