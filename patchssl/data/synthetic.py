@@ -213,7 +213,12 @@ def _harmonics(
 
 
 def _blur3(img: np.ndarray) -> np.ndarray:
-    """Separable [1, 2, 1] / 4 blur along the first two axes (edges replicated)."""
+    """Separable [1, 2, 1] / 4 blur along the first two axes (edges replicated).
+
+    Kept instead of ``scipy.ndimage.convolve1d`` (``mode="nearest"``): that differs by up to
+    3e-5 in float32 (measured on a 128 px image), enough to flip a rounded pixel, and a seed
+    must draw byte-identical datasets across versions.
+    """
     p = np.pad(img, ((1, 1), (1, 1), (0, 0)), mode="edge")
     v = (p[:-2] + 2.0 * p[1:-1] + p[2:]) * 0.25
     return (v[:, :-2] + 2.0 * v[:, 1:-1] + v[:, 2:]) * 0.25
