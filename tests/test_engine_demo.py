@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from patchssl.cli import main
-from patchssl.engine.demo import DEMO_SETTINGS, demo_config
+from patchssl.engine.demo import demo_config
 
 
 def test_demo_fast_end_to_end(tmp_path, capsys):
@@ -60,9 +60,27 @@ def test_demo_fast_end_to_end(tmp_path, capsys):
     assert report["seconds"]["total"] > 0
 
 
-def test_demo_config_defaults():
-    config = demo_config()
-    assert config.out == "patchssl-demo"
-    s = DEMO_SETTINGS["default"]
-    assert config.model.backbone == s["backbone"] and config.data.image_size == s["image_size"]
+def test_demo_config_builds_a_geometry_that_cuts_its_images():
+    """What the demo's configs build, not what their table says: the tiler fits the images,
+    the pretext task takes the configured permutations, and --fast is the smaller run."""
+    import torch
+
+    from patchssl.engine.common import build_tiler
+    from patchssl.engine.pretraining import build_pretext
+
+    sizes = {}
+    for fast in (False, True):
+        config = demo_config(fast=fast)
+        tiler = build_tiler(config)
+        images = torch.zeros(
+            2, 3, config.data.image_size, config.data.image_size, dtype=torch.uint8
+        )
+        patches = tiler.eval()(images).patches
+        assert patches.shape[1:3] == (9, 3)  # a 3x3 grid of RGB patches
+        task = build_pretext(config, torch.device("cpu"))
+        assert task.num_classes == config.pretext.options["num_permutations"]
+        sizes[fast] = (config.data.image_size, task.num_classes, config.train.epochs)
+    assert all(f <= d for f, d in zip(sizes[True], sizes[False], strict=True))
+    assert sizes[True] != sizes[False]
+    assert demo_config().out == "patchssl-demo"  # the folder the README's Quickstart names
     assert demo_config(fast=True, seed=3).train.seed == 3
