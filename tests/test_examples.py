@@ -72,13 +72,27 @@ def test_paper_config_builds_the_papers_pipeline() -> None:
     assert c.data.test_size == pytest.approx(0.2)
 
 
-def test_quick_config_is_small() -> None:
+def test_quick_config_trains_a_jigsaw_step_and_classifies() -> None:
+    # What the config does, not what it says: its pretext task takes a training step on its
+    # own image size (finite loss, every encoder weight gets a gradient), and its classifier,
+    # built around that encoder, gives logits for the same images.
+    import torch
+
     from patchssl.engine.config import load_config
+    from patchssl.engine.finetuning import build_classifier
+    from patchssl.engine.pretraining import build_pretext
 
     c = load_config(CONFIGS / "cpu_quick.yaml")
-    assert c.data.image_size <= 224
-    assert c.model.backbone == "resnet18"
-    assert c.train.epochs <= 10
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (2, 3, c.data.image_size, c.data.image_size), dtype=torch.uint8)
+    task = build_pretext(c, torch.device("cpu")).train()
+    loss = task(images, generator=torch.Generator().manual_seed(0)).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None for p in task.encoder.parameters() if p.requires_grad)
+    classifier, _, _ = build_classifier(c, torch.device("cpu"))
+    with torch.no_grad():
+        assert classifier.eval()(images).shape == (2, c.model.num_classes)
 
 
 # ------------------------------------------------------------------------------- end to end
