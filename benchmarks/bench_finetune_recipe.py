@@ -137,6 +137,8 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--images", type=int, default=2000, help="images seen per run")
     parser.add_argument("--test-patients", type=int, default=500)
+    parser.add_argument("--image-size", type=int, default=None, help="default: the benchmark's")
+    parser.add_argument("--patch-size", type=int, default=None, help="default: the benchmark's")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--cache", default="/tmp/bench")
@@ -154,6 +156,10 @@ def main() -> None:
     s = replace(
         Settings(), num_unlabeled=0, test_patients=args.test_patients, budgets=tuple(args.budgets)
     )
+    if args.image_size is not None:
+        s = replace(s, image_size=args.image_size)
+    if args.patch_size is not None:
+        s = replace(s, patch_size=args.patch_size)
     print(describe_machine(), flush=True)
     data = make_data(s, Path(args.cache))
     results = []

@@ -148,8 +148,8 @@ def test_finetune_recipe_trains_and_scores_in_memory(tmp_path: Path, monkeypatch
         sys,
         "argv",
         ["bench_finetune_recipe.py", "--variants", "base", "no_dropout", "--budgets", "4",
-         "--images", "16", "--test-patients", "6", "--cache", str(tmp_path / "c"),
-         "--out", str(out)],
+         "--images", "16", "--test-patients", "6", "--image-size", "96", "--patch-size", "32",
+         "--cache", str(tmp_path / "c"), "--out", str(out)],
     )  # fmt: skip
     bench_finetune_recipe.main()
     rows = json.loads(out.read_text())
@@ -157,6 +157,10 @@ def test_finetune_recipe_trains_and_scores_in_memory(tmp_path: Path, monkeypatch
     for r in rows:
         assert 0.0 <= r["auc"] <= 1.0 and 0.0 <= r["lo"] <= r["hi"] <= 1.0
         assert r["epochs"] == 2 and math.isfinite(r["train_loss_last"])  # 16 images, 8 a time
+    import numpy as np
+
+    (stack,) = (tmp_path / "c").glob("data_*/labeled_uint8.npy")
+    assert np.load(stack).shape[-2:] == (96, 96)  # --image-size reached the data
 
 
 def test_transfer_paired_table_and_budgets() -> None:
