@@ -46,7 +46,7 @@ from patchssl.engine.config import TrainConfig
 from patchssl.engine.loop import build_optimizer, build_scheduler
 from patchssl.permutations import PermutationSet
 from patchssl.pretext import JigsawPretext
-from patchssl.pretext.defences import ImageDefences, standardize_patches
+from patchssl.pretext.defences import ImageDefences, PatchDefences, standardize_patches
 from patchssl.tiling import PatchTiler
 
 PHOTOS = [
@@ -80,12 +80,15 @@ OLD = {
     "flip": False,
     "rot90": False,
 }
+# The jigsaw's default patch defences with one of them off.
+NO_PER_PATCH_NORM = PatchDefences(per_patch_norm=False, color_drop="grayscale", color_drop_prob=0.3)
+NO_COLOR_DEFENCES = PatchDefences(per_patch_norm=True, color_drop=None, channel_shift=0)
 VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any], dict[str, Any]]] = {
     "old_defaults": (OLD, {}, {}),
     "old+curriculum": ({**OLD, "curriculum": 64}, {}, {}),
     "old+sgd": (OLD, {}, {"optimizer": "sgd", "lr": 0.01}),
     "old+group_norm": (OLD, {"norm": "group"}, {}),
-    "old+no_per_patch_norm": ({**OLD, "per_patch_norm": False}, {}, {}),
+    "old+no_per_patch_norm": ({**OLD, "defences": NO_PER_PATCH_NORM}, {}, {}),
     "concat_sized": ({**OLD, "hidden_dim": None, "concat_dim": None}, {}, {}),
     "concat_sized+curriculum": (
         {**OLD, "hidden_dim": None, "concat_dim": None, "curriculum": 64},
@@ -110,8 +113,8 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any], dict[str, Any]]] = {
     "defaults+sgd": ({}, {}, {"optimizer": "sgd", "lr": 0.01}),
     "defaults+sgd0.1": ({}, {}, {"optimizer": "sgd", "lr": 0.1}),
     "defaults+group_norm": ({}, {"norm": "group"}, {}),
-    "defaults+no_color_defences": ({"color_drop": None, "channel_shift": 0}, {}, {}),
-    "defaults+no_per_patch_norm": ({"per_patch_norm": False}, {}, {}),
+    "defaults+no_color_defences": ({"defences": NO_COLOR_DEFENCES}, {}, {}),
+    "defaults+no_per_patch_norm": ({"defences": NO_PER_PATCH_NORM}, {}, {}),
     "defaults+slow_curriculum": ({"curriculum_steps": 1000}, {}, {}),
 }
 

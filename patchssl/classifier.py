@@ -612,7 +612,8 @@ def checkpoint_input_norm(model_config: Mapping[str, Any]) -> str:
     """How a pretraining checkpoint's encoder saw its input: ``"per_patch"`` or ``"encoder"``.
 
     Reads ``model_config["input_norm"]``; checkpoints written before it was recorded fall back
-    on the pretext's ``per_patch_norm`` option.
+    on the pretext's ``per_patch_norm`` option (flat, as older tasks saved it, or in its
+    ``defences`` mapping).
 
     Args:
         model_config: The checkpoint's ``model_config``.
@@ -623,7 +624,8 @@ def checkpoint_input_norm(model_config: Mapping[str, Any]) -> str:
     stored = model_config.get("input_norm")
     if stored in INPUT_NORMS:
         return str(stored)
-    per_patch = (model_config.get("pretext_kwargs") or {}).get("per_patch_norm", False)
+    kwargs = model_config.get("pretext_kwargs") or {}
+    per_patch = kwargs.get("per_patch_norm", (kwargs.get("defences") or {}).get("per_patch_norm"))
     return "per_patch" if per_patch else "encoder"
 
 

@@ -14,7 +14,7 @@ from patchssl.checkpoint import CheckpointError, save_checkpoint
 from patchssl.classifier import ClassifierOutput, PatchClassifier, TransferReport
 from patchssl.encoder import SharedPatchEncoder
 from patchssl.permutations import PermutationSet
-from patchssl.pretext import JigsawPretext, create_pretext
+from patchssl.pretext import JigsawPretext, PatchDefences, create_pretext
 from patchssl.tiling import PatchTiler, paper_image_size
 
 PATCH = 32
@@ -184,7 +184,9 @@ def test_transfer_keeps_the_encoders_input(tmp_path):
     # checkpoint must feed the encoder the same input for the same patch.
     torch.manual_seed(0)
     enc = SharedPatchEncoder("test_resnet", patch_size=PATCH)
-    task = JigsawPretext(enc, PermutationSet.generate(4, 9, seed=0), color_drop=None).eval()
+    task = JigsawPretext(
+        enc, PermutationSet.generate(4, 9, seed=0), defences=PatchDefences(per_patch_norm=True)
+    ).eval()
     assert task.model_config["input_norm"] == "per_patch"
     payload = {
         "model": task.state_dict(),

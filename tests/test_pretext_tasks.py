@@ -67,8 +67,7 @@ def test_jigsaw_target_is_the_permutation_applied(device: torch.device) -> None:
         tiler,
         hidden_dim=4,
         concat_dim=4,
-        per_patch_norm=False,
-        color_drop=None,
+        defences=PatchDefences(),
         flip=False,
         rot90=False,
     ).to(device)
@@ -131,7 +130,7 @@ def test_jigsaw_defaults_and_validation() -> None:
     with pytest.raises(TypeError, match="PermutationSet"):
         JigsawPretext(encoder, permutations=3.5)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="color_drop"):
-        JigsawPretext(encoder, color_drop="sepia")
+        JigsawPretext(encoder, defences={"color_drop": "sepia"})
 
 
 def test_jigsaw_config_carries_a_custom_set_and_rebuilds(tmp_path) -> None:
@@ -234,7 +233,9 @@ def test_defences_colour_drop_only_in_training() -> None:
 def test_per_patch_norm_reaches_the_encoder_normalised() -> None:
     tiler = PatchTiler(grid=3, patch_size=4, image_size=15)
     encoder = Recorder(in_chans=3)
-    task = JigsawPretext(encoder, PermutationSet.generate(5, 9), tiler, color_drop=None).eval()
+    task = JigsawPretext(
+        encoder, PermutationSet.generate(5, 9), tiler, defences=PatchDefences(per_patch_norm=True)
+    ).eval()
     task(torch.rand(2, 3, 15, 15), generator=g(0))
     means = encoder.seen.mean(dim=(-2, -1))
     stds = encoder.seen.std(dim=(-2, -1), unbiased=False)
@@ -269,11 +270,15 @@ def test_encoder_told_normalized_only_after_per_patch_norm(name: str) -> None:
             flags.append(normalized)
             return super().forward(patches)
 
-    task = create_pretext(name, encoder=Flagged(), tiler=tiler, per_patch_norm=True, **kwargs)
+    task = create_pretext(
+        name, encoder=Flagged(), tiler=tiler, defences=PatchDefences(per_patch_norm=True), **kwargs
+    )
     task(images, generator=g(0))
     assert flags == [True]
     # Without per-patch normalisation the encoder is called plainly.
-    task = create_pretext(name, encoder=PlainEncoder(), tiler=tiler, per_patch_norm=False, **kwargs)
+    task = create_pretext(
+        name, encoder=PlainEncoder(), tiler=tiler, defences=PatchDefences(), **kwargs
+    )
     assert torch.isfinite(task(images, generator=g(0)).loss)
 
 
@@ -348,7 +353,7 @@ def test_relative_position_target_matches_the_tiles_encoded(device: torch.device
     tiler = PatchTiler(grid=3, patch_size=4, image_size=15)
     encoder = Recorder()
     task = RelativePositionPretext(
-        encoder, tiler=tiler, anchors="all", per_patch_norm=False, color_drop=None
+        encoder, tiler=tiler, anchors="all", defences=PatchDefences()
     ).to(device)
     out = task(tile_index_images(tiler, 32).to(device), generator=g(2))
     seen = (encoder.seen[:, :, 0, 0, 0] * 255).round().long().cpu()  # (B, 2) tile indices
@@ -367,3 +372,126 @@ def test_relative_position_validation() -> None:
         RelativePositionPretext(enc, anchors="corner")
     task = RelativePositionPretext(enc, tiler=PatchTiler(grid=4, patch_size=16, image_size=72))
     assert task.anchors == "all"
+
+
+# --------------------------------------------------------------------------- defences argument
+JIGSAW_DEFENCES = {
+    "per_patch_norm": True,
+    "color_drop": "grayscale",
+    "color_drop_prob": 0.3,
+    "channel_shift": 2,
+}
+OFF_DEFENCES = {
+    "per_patch_norm": False,
+    "color_drop": None,
+    "color_drop_prob": 0.3,
+    "channel_shift": 2,
+}
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("jigsaw", JIGSAW_DEFENCES),
+        ("relative_position", JIGSAW_DEFENCES),
+        ("rotation", OFF_DEFENCES),
+    ],
+)
+def test_each_task_keeps_its_default_defences(name: str, expected: dict) -> None:
+    tiler = PatchTiler(grid=3, patch_size=4, image_size=15)
+    kwargs: dict = {"hidden_dim": 4}
+    if name == "jigsaw":
+        kwargs["permutations"] = PermutationSet.generate(5, 9, seed=0)
+    task = create_pretext(name, encoder=Recorder(), tiler=tiler, **kwargs)
+    assert task.defences.config == expected
+    assert task.config["defences"] == expected
+    assert task.model_config["input_norm"] == (
+        "per_patch" if expected["per_patch_norm"] else "encoder"
+    )
+    # A given PatchDefences is used as is; a mapping replaces only the options it names.
+    given = PatchDefences(color_drop="channel_jitter", channel_shift=1)
+    assert (
+        create_pretext(name, encoder=Recorder(), tiler=tiler, defences=given, **kwargs).defences
+        is given
+    )
+    task = create_pretext(
+        name, encoder=Recorder(), tiler=tiler, defences={"color_drop_prob": 0.9}, **kwargs
+    )
+    assert task.defences.config == {**expected, "color_drop_prob": 0.9}
+    # The saved config rebuilds the same defences.
+    rebuilt = type(task)(Recorder(), tiler=tiler, **task.config)
+    assert rebuilt.defences.config == task.defences.config
+    with pytest.raises(TypeError, match="PatchDefences, a mapping"):
+        create_pretext(name, encoder=Recorder(), tiler=tiler, defences=True, **kwargs)
+    with pytest.raises(ValueError, match=r"unknown patch defence option\(s\) \['gray'\]"):
+        create_pretext(name, encoder=Recorder(), tiler=tiler, defences={"gray": 1}, **kwargs)
+    with pytest.raises(TypeError, match="per_patch_norm"):  # the flat keyword is gone
+        create_pretext(name, encoder=Recorder(), tiler=tiler, per_patch_norm=False, **kwargs)
+
+
+def test_flat_defence_options_fold_onto_the_task_defaults() -> None:
+    folded = JigsawPretext.fold_defence_options({"per_patch_norm": False, "hidden_dim": 8})
+    assert folded["hidden_dim"] == 8 and "per_patch_norm" not in folded
+    assert folded["defences"].config == {**JIGSAW_DEFENCES, "per_patch_norm": False}
+    folded = RotationPretext.fold_defence_options(
+        {"defences": {"color_drop": "both"}, "channel_shift": 3}
+    )
+    assert folded["defences"].config == {**OFF_DEFENCES, "color_drop": "both", "channel_shift": 3}
+    assert JigsawPretext.fold_defence_options({"hidden_dim": 8}) == {"hidden_dim": 8}
+    with pytest.raises(ValueError, match="either flat or in 'defences'"):
+        JigsawPretext.fold_defence_options({"defences": PatchDefences(), "color_drop": None})
+
+
+def test_old_checkpoint_with_flat_defence_options_rebuilds() -> None:
+    from patchssl.classifier import checkpoint_input_norm
+
+    tiler = PatchTiler(grid=3, patch_size=16, image_size=54)
+    task = JigsawPretext(tiny_encoder(), PermutationSet.generate(5, 9, seed=0), tiler=tiler)
+    model_config = task.model_config
+    kwargs = dict(model_config["pretext_kwargs"])
+    kwargs.update(kwargs.pop("defences"))  # the layout before tasks took ``defences``
+    kwargs["per_patch_norm"] = False
+    kwargs["color_drop"] = "channel_jitter"
+    del model_config["input_norm"]  # older still: no recorded input_norm either
+    old = {**model_config, "pretext_kwargs": kwargs}
+    rebuilt = pretext_from_config(old, encoder=tiny_encoder())
+    assert rebuilt.defences.config == {
+        **JIGSAW_DEFENCES,
+        "per_patch_norm": False,
+        "color_drop": "channel_jitter",
+    }
+    rebuilt.load_state_dict(task.state_dict())
+    assert rebuilt.model_config["input_norm"] == "encoder"
+    assert checkpoint_input_norm(old) == "encoder"
+    assert checkpoint_input_norm({**old, "pretext_kwargs": {**kwargs, "per_patch_norm": True}}) == (
+        "per_patch"
+    )
+    new = {key: value for key, value in task.model_config.items() if key != "input_norm"}
+    assert checkpoint_input_norm(new) == "per_patch"  # the nested defences mapping
+
+
+def test_engine_reads_flat_and_nested_defence_options() -> None:
+    from patchssl.engine.config import Config, ConfigError
+    from patchssl.engine.pretraining import build_pretext
+    from patchssl.engine.probing import _pretext_input_norm
+
+    config = Config()
+    config.model.backbone, config.model.patch_size = "test_resnet", 32
+    config.pretext.options = {"num_permutations": 5, "per_patch_norm": False}
+    task = build_pretext(config, torch.device("cpu"))
+    assert task.defences.config == {**JIGSAW_DEFENCES, "per_patch_norm": False}
+    assert task.model_config["input_norm"] == "encoder" == _pretext_input_norm(config)
+    config.pretext.options = {"num_permutations": 5, "defences": {"color_drop": None}}
+    task = build_pretext(config, torch.device("cpu"))
+    assert task.defences.config == {**JIGSAW_DEFENCES, "color_drop": None}
+    assert _pretext_input_norm(config) == "per_patch"
+    config.pretext.name = "rotation"
+    config.pretext.options = {}
+    assert _pretext_input_norm(config) == "encoder"
+    config.pretext.name = "jigsaw"
+    for options in ({"defences": {"gray": 1}}, {"defences": {"gray": 1}, "per_patch_norm": True}):
+        config.pretext.options = {"num_permutations": 5, **options}
+        with pytest.raises(
+            ConfigError, match=r"pretext.*unknown patch defence option\(s\) \['gray'\]"
+        ):
+            build_pretext(config, torch.device("cpu"))

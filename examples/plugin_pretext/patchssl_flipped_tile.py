@@ -16,6 +16,7 @@ after which ``create_pretext("flipped_tile", encoder=...)`` and
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -35,7 +36,8 @@ class FlippedTilePretext(PretextTask):
         tiler: The tiler; default from the encoder's patch size (3x3 tiles).
         hidden_dim: Width of the shared per-tile layer of the head.
         concat_dim: Width of the layer after the concatenation.
-        per_patch_norm: Standardise each tile on its own.
+        defences: The per-tile shortcut defences (a ``PatchDefences``, a mapping of some of
+            its options, or ``None``: per-tile normalisation, see :meth:`default_defences`).
 
     Shape:
         - Input: ``(B, C, H, W)``.
@@ -49,11 +51,11 @@ class FlippedTilePretext(PretextTask):
         tiler: Any = None,
         hidden_dim: int = 256,
         concat_dim: int = 512,
-        per_patch_norm: bool = True,
+        defences: PatchDefences | Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(encoder, tiler=tiler)  # the base validates and builds the tiler
         self.num_classes = self.tiler.num_patches
-        self.defences = PatchDefences(per_patch_norm=per_patch_norm)
+        self.defences = self.build_defences(defences)
         self.head = PatchConcatHead(
             self.num_classes,
             encoder.out_dim,
@@ -68,8 +70,13 @@ class FlippedTilePretext(PretextTask):
         return {
             "hidden_dim": self.hidden_dim,
             "concat_dim": self.concat_dim,
-            "per_patch_norm": self.defences.per_patch_norm,
+            "defences": self.defences.config,
         }
+
+    @classmethod
+    def default_defences(cls) -> PatchDefences:
+        """Per-tile normalisation (mirroring a tile flips no brightness gradient)."""
+        return PatchDefences(per_patch_norm=True)
 
     @classmethod
     def example_kwargs(cls) -> dict[str, Any]:

@@ -105,7 +105,10 @@ def pretext_options(config: Config, num_tiles: int) -> dict[str, Any]:
     ``pretext.options`` may hold ``num_permutations`` (with optional ``permutation_method``
     and ``permutation_seed``) instead of a ``permutations`` file: the set is then generated
     with :meth:`patchssl.permutations.PermutationSet.generate` (seeded, so the same options
-    always give the same set, and the checkpoint's fingerprint matches).
+    always give the same set, and the checkpoint's fingerprint matches). The patch defence
+    options may be given flat (``per_patch_norm: false``) or as a ``defences:`` mapping; flat
+    keys are folded into one :class:`patchssl.pretext.PatchDefences` that starts from the
+    task's defaults (:meth:`patchssl.pretext.PretextTask.fold_defence_options`).
 
     Args:
         config: Run configuration.
@@ -115,6 +118,16 @@ def pretext_options(config: Config, num_tiles: int) -> dict[str, Any]:
         Keyword arguments for :func:`patchssl.pretext.create_pretext`.
     """
     options = dict(config.pretext.options)
+    try:
+        cls = get_pretext_class(config.pretext.name)
+    except (UnknownPretextError, PretextPluginError):  # build_pretext reports a bad name
+        cls = None
+    fold = getattr(cls, "fold_defence_options", None)
+    if fold is not None:  # flat per_patch_norm/color_drop/... keys into one PatchDefences
+        try:
+            options = fold(options)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"pretext.options: {err}") from err
     if "num_permutations" not in options:
         for key in _PERMUTATION_KEYS:
             options.pop(key, None)

@@ -15,7 +15,6 @@ References:
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,12 +75,15 @@ def _pretext_input_norm(config: Config) -> str:
     options = dict(config.pretext.options)
     if "per_patch_norm" in options:
         return "per_patch" if options["per_patch_norm"] else "encoder"
+    nested = options.get("defences")
+    if isinstance(nested, Mapping) and "per_patch_norm" in nested:
+        return "per_patch" if nested["per_patch_norm"] else "encoder"
     try:
         cls = get_pretext_class(config.pretext.name)
-        default = inspect.signature(cls).parameters.get("per_patch_norm")
-    except (KeyError, ImportError, TypeError, ValueError):  # an unknown or broken plugin
+        defaults = cls.default_defences()
+    except (KeyError, ImportError, TypeError, ValueError, AttributeError):  # a broken plugin
         return "encoder"
-    return "per_patch" if default is not None and default.default is True else "encoder"
+    return "per_patch" if defaults.normalizes else "encoder"
 
 
 def _geometry(encoder: nn.Module, tiler: nn.Module) -> dict[str, Any]:

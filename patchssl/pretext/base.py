@@ -27,6 +27,7 @@ References:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, ClassVar, NamedTuple
 
 import torch
@@ -209,6 +210,81 @@ class PretextTask(nn.Module):
         contributes nothing: a task that exposes ``label_smoothing`` adds it itself.
         """
         return {}
+
+    @classmethod
+    def default_defences(cls) -> PatchDefences:
+        """The patch defences the task uses when built with ``defences=None``.
+
+        The base returns :class:`PatchDefences` with every option off; a task with other
+        defaults (jigsaw: per-patch normalisation and grayscale colour dropping) overrides it.
+        """
+        return PatchDefences()
+
+    @classmethod
+    def build_defences(cls, defences: PatchDefences | Mapping[str, Any] | None) -> PatchDefences:
+        """The :class:`PatchDefences` a task's ``defences`` argument stands for.
+
+        Args:
+            defences: ``None`` (the task's :meth:`default_defences`), a
+                :class:`PatchDefences` (used as is), or a mapping of some of its options (the
+                :attr:`PatchDefences.config` form, as ``task.config`` saves it), which replace
+                those of :meth:`default_defences`.
+
+        Returns:
+            A :class:`PatchDefences`.
+
+        Raises:
+            TypeError: Anything else.
+            ValueError: An unknown option or an invalid value in a mapping.
+        """
+        if defences is None:
+            return cls.default_defences()
+        if isinstance(defences, PatchDefences):
+            return defences
+        if isinstance(defences, Mapping):
+            return cls.default_defences().updated(defences)
+        raise TypeError(
+            "defences must be a PatchDefences, a mapping of its options or None; got "
+            f"{type(defences).__name__}"
+        )
+
+    @classmethod
+    def fold_defence_options(cls, options: Mapping[str, Any]) -> dict[str, Any]:
+        """Turn the flat defence options of configs and old checkpoints into ``defences``.
+
+        ``pretext.options`` and checkpoints written before tasks took a ``defences`` argument
+        hold :attr:`PatchDefences.KEYS` (``per_patch_norm``, ``color_drop``, ...) as flat
+        keyword arguments. This folds them, and a nested ``defences`` mapping, into one
+        ``defences=PatchDefences(...)`` that starts from the task's
+        :meth:`default_defences`, so that a config naming one option keeps the task's
+        defaults for the others.
+
+        Args:
+            options: Keyword arguments for the task's constructor.
+
+        Returns:
+            A new dict: the other options unchanged, plus ``defences`` when any defence
+            option was given.
+
+        Raises:
+            ValueError: An unknown key in a nested ``defences`` mapping, an invalid value,
+                or a :class:`PatchDefences` instance together with flat keys.
+        """
+        out = dict(options)
+        flat = {key: out.pop(key) for key in PatchDefences.KEYS if key in out}
+        if not flat:
+            return out
+        nested = out.get("defences")
+        if isinstance(nested, PatchDefences):
+            raise ValueError(
+                f"give the defence options {sorted(flat)} either flat or in 'defences', not both"
+            )
+        if nested is not None and not isinstance(nested, Mapping):
+            raise ValueError(
+                f"defences must be a mapping of {list(PatchDefences.KEYS)}; got {nested!r}"
+            )
+        out["defences"] = cls.build_defences({**(nested or {}), **flat})
+        return out
 
     @classmethod
     def example_kwargs(cls) -> dict[str, Any]:

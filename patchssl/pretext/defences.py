@@ -25,7 +25,8 @@ References:
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from collections.abc import Mapping
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -304,6 +305,14 @@ class PatchDefences(nn.Module):
         Doersch, Gupta & Efros, ICCV 2015, arXiv:1505.05192 (Sec. 3.1).
     """
 
+    #: The constructor's options, as :attr:`config` lists them.
+    KEYS: ClassVar[tuple[str, ...]] = (
+        "per_patch_norm",
+        "color_drop",
+        "color_drop_prob",
+        "channel_shift",
+    )
+
     def __init__(
         self,
         *,
@@ -344,6 +353,30 @@ class PatchDefences(nn.Module):
             "color_drop_prob": self.color_drop_prob,
             "channel_shift": self.channel_shift,
         }
+
+    def extra_repr(self) -> str:
+        """The options, for ``repr``."""
+        return ", ".join(f"{k}={v!r}" for k, v in self.config.items())
+
+    def updated(self, options: Mapping[str, Any]) -> PatchDefences:
+        """A new :class:`PatchDefences` with this one's options, some of them replaced.
+
+        Args:
+            options: Some of :attr:`KEYS` (e.g. ``{"per_patch_norm": False}``); the options
+                not named keep this module's values.
+
+        Returns:
+            A new module (``eps`` kept).
+
+        Raises:
+            ValueError: An option :class:`PatchDefences` does not have, or an invalid value.
+        """
+        unknown = sorted(set(options) - set(self.KEYS))
+        if unknown:
+            raise ValueError(
+                f"unknown patch defence option(s) {unknown}; the options are {list(self.KEYS)}"
+            )
+        return PatchDefences(**{**self.config, **options}, eps=self.eps)
 
     def forward(self, patches: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
         """Apply the defences to a batch of patches.

@@ -16,6 +16,7 @@ References:
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
@@ -81,14 +82,14 @@ class JigsawPretext(PretextTask):
 
     * gap and random jitter between tiles, so that edges do not line up: the tiler's ``gap``
       and ``jitter`` (jitter in ``train()`` mode only; tiles are centred in ``eval()``);
-    * ``per_patch_norm=True`` (default): each tile's channels standardised by the tile's own
-      mean and standard deviation, so that brightness and contrast gradients across the
-      image (vignetting, uneven illumination, common in colposcopy and fundus photographs)
-      do not give away position;
-    * ``color_drop="grayscale"`` (default, probability 0.3 per tile) or ``"channel_jitter"``
-      (each colour channel shifted by up to ``channel_shift`` px) or ``"both"``: against
-      chromatic aberration, whose colour fringes point away from the lens centre. Training
-      mode only.
+    * per-tile normalisation (``defences.per_patch_norm``, on by default): each tile's
+      channels standardised by the tile's own mean and standard deviation, so that
+      brightness and contrast gradients across the image (vignetting, uneven illumination,
+      common in colposcopy and fundus photographs) do not give away position;
+    * colour dropping (``defences.color_drop``): ``"grayscale"`` (default, probability 0.3
+      per tile) or ``"channel_jitter"`` (each colour channel shifted by up to
+      ``channel_shift`` px) or ``"both"``: against chromatic aberration, whose colour
+      fringes point away from the lens centre. Training mode only.
 
     Args:
         encoder: The shared patch encoder, ``(B, N, C, h, w) -> (B, N, D)``.
@@ -101,10 +102,10 @@ class JigsawPretext(PretextTask):
         hidden_dim: Width of the shared per-tile layer.
         concat_dim: Width of the layer after the concatenation.
         dropout: Dropout before the last layer.
-        per_patch_norm: Standardise each tile on its own (see above).
-        color_drop: ``"grayscale"``, ``"channel_jitter"``, ``"both"`` or ``None``.
-        color_drop_prob: Probability that a tile is turned gray.
-        channel_shift: Largest channel shift in px for ``"channel_jitter"``.
+        defences: The per-tile shortcut defences (see above): a
+            :class:`~patchssl.pretext.PatchDefences`, a mapping of some of its options
+            (the rest keep the defaults), or ``None`` for the defaults,
+            ``PatchDefences(per_patch_norm=True, color_drop="grayscale", color_drop_prob=0.3)``.
         label_smoothing: Label smoothing of the cross-entropy.
 
     Shape:
@@ -142,10 +143,7 @@ class JigsawPretext(PretextTask):
         crop_ratio: tuple[float, float] | list[float] = (3 / 4, 4 / 3),
         flip: bool = True,
         rot90: bool = True,
-        per_patch_norm: bool = True,
-        color_drop: str | None = "grayscale",
-        color_drop_prob: float = 0.3,
-        channel_shift: int = 2,
+        defences: PatchDefences | Mapping[str, Any] | None = None,
         label_smoothing: float = 0.0,
     ) -> None:
         super().__init__(encoder, tiler=tiler, label_smoothing=label_smoothing)
@@ -173,12 +171,7 @@ class JigsawPretext(PretextTask):
         self.image_defences = ImageDefences(
             crop_scale=crop_scale, crop_ratio=crop_ratio, flip=flip, rot90=rot90
         )
-        self.defences = PatchDefences(
-            per_patch_norm=per_patch_norm,
-            color_drop=color_drop,
-            color_drop_prob=color_drop_prob,
-            channel_shift=channel_shift,
-        )
+        self.defences = self.build_defences(defences)
         width = int(encoder.out_dim)
         default_hidden, default_concat = sized_from_width(width)
         hidden_dim = default_hidden if hidden_dim is None else hidden_dim
@@ -265,8 +258,13 @@ class JigsawPretext(PretextTask):
             "curriculum": self.curriculum,
             "curriculum_steps": self.curriculum_steps,
             **self.image_defences.config,
-            **self.defences.config,
+            "defences": self.defences.config,
         }
+
+    @classmethod
+    def default_defences(cls) -> PatchDefences:
+        """Per-tile normalisation and grayscale colour dropping with probability 0.3."""
+        return PatchDefences(per_patch_norm=True, color_drop="grayscale", color_drop_prob=0.3)
 
     @classmethod
     def example_kwargs(cls) -> dict[str, Any]:

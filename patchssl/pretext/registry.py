@@ -245,7 +245,10 @@ def pretext_from_config(
         tiler: Use this tiler instead of building one from ``model_config["tiler"]``.
 
     Returns:
-        The task, with freshly initialised weights (load the state dict next).
+        The task, with freshly initialised weights (load the state dict next). Flat patch
+        defence options (``per_patch_norm``, ``color_drop``, ...), as older checkpoints hold
+        them, are folded into the task's ``defences`` by
+        :meth:`PretextTask.fold_defence_options`.
 
     Raises:
         ValueError: A required part of the config is missing.
@@ -263,6 +266,9 @@ def pretext_from_config(
         encoder = _build_from_config("patchssl.encoder.SharedPatchEncoder", dict(enc_config))
     if tiler is None and model_config.get("tiler"):
         tiler = _build_from_config("patchssl.tiling.PatchTiler", dict(model_config["tiler"]))
-    return create_pretext(
-        model_config["pretext"], encoder=encoder, tiler=tiler, **model_config["pretext_kwargs"]
-    )
+    kwargs = dict(model_config["pretext_kwargs"])
+    cls = get_pretext_class(model_config["pretext"])
+    fold = getattr(cls, "fold_defence_options", None)
+    if fold is not None:  # older checkpoints hold the patch defences as flat options
+        kwargs = fold(kwargs)
+    return create_pretext(model_config["pretext"], encoder=encoder, tiler=tiler, **kwargs)

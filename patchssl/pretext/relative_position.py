@@ -12,6 +12,7 @@ References:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -103,10 +104,10 @@ class RelativePositionPretext(PretextTask):
         hidden_dim: Width of the shared per-tile layer.
         concat_dim: Width of the layer after the concatenation.
         dropout: Dropout before the last layer.
-        per_patch_norm: Standardise each tile on its own.
-        color_drop: ``"grayscale"`` (default), ``"channel_jitter"``, ``"both"`` or ``None``.
-        color_drop_prob: Probability that a tile is turned gray.
-        channel_shift: Largest channel shift in px for ``"channel_jitter"``.
+        defences: The per-tile shortcut defences: a
+            :class:`~patchssl.pretext.PatchDefences`, a mapping of some of its options
+            (the rest keep the defaults), or ``None`` for the defaults,
+            ``PatchDefences(per_patch_norm=True, color_drop="grayscale", color_drop_prob=0.3)``.
         label_smoothing: Label smoothing of the cross-entropy.
 
     Shape:
@@ -131,10 +132,7 @@ class RelativePositionPretext(PretextTask):
         hidden_dim: int = 512,
         concat_dim: int = 1024,
         dropout: float = 0.0,
-        per_patch_norm: bool = True,
-        color_drop: str | None = "grayscale",
-        color_drop_prob: float = 0.3,
-        channel_shift: int = 2,
+        defences: PatchDefences | Mapping[str, Any] | None = None,
         label_smoothing: float = 0.0,
     ) -> None:
         super().__init__(encoder, tiler=tiler, label_smoothing=label_smoothing)
@@ -160,12 +158,7 @@ class RelativePositionPretext(PretextTask):
         self.register_buffer("anchor_table", anchor_table, persistent=False)
         self.register_buffer("neighbour_table", neighbour_table, persistent=False)
         self.register_buffer("anchor_counts", counts, persistent=False)
-        self.defences = PatchDefences(
-            per_patch_norm=per_patch_norm,
-            color_drop=color_drop,
-            color_drop_prob=color_drop_prob,
-            channel_shift=channel_shift,
-        )
+        self.defences = self.build_defences(defences)
         self.head = PatchConcatHead(
             2,
             int(encoder.out_dim),
@@ -184,8 +177,13 @@ class RelativePositionPretext(PretextTask):
             "label_smoothing": self.label_smoothing,
             "anchors": self.anchors,
             **self._head_config,
-            **self.defences.config,
+            "defences": self.defences.config,
         }
+
+    @classmethod
+    def default_defences(cls) -> PatchDefences:
+        """Per-tile normalisation and grayscale colour dropping with probability 0.3."""
+        return PatchDefences(per_patch_norm=True, color_drop="grayscale", color_drop_prob=0.3)
 
     @classmethod
     def example_kwargs(cls) -> dict[str, Any]:

@@ -28,6 +28,7 @@ References:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -93,11 +94,11 @@ class RotationPretext(PretextTask):
         tiler: The tiler (square patches); default
             :func:`patchssl.pretext.default_tiler` for the encoder's patch size.
         hidden_dim: Width of the shared per-tile layer.
-        per_patch_norm: Standardise each tile on its own (default False: brightness
-            gradients do not reveal rotation once tiles are pooled).
-        color_drop: ``None`` (default), ``"grayscale"``, ``"channel_jitter"`` or ``"both"``.
-        color_drop_prob: Probability that a tile is turned gray.
-        channel_shift: Largest channel shift in px for ``"channel_jitter"``.
+        defences: The per-tile shortcut defences: a
+            :class:`~patchssl.pretext.PatchDefences`, a mapping of some of its options
+            (the rest keep the defaults), or ``None`` for the defaults, every defence off
+            (``PatchDefences()``: brightness gradients do not reveal rotation once tiles are
+            pooled).
         label_smoothing: Label smoothing of the cross-entropy.
 
     Shape:
@@ -118,10 +119,7 @@ class RotationPretext(PretextTask):
         *,
         tiler: PatchTiler | None = None,
         hidden_dim: int = 512,
-        per_patch_norm: bool = False,
-        color_drop: str | None = None,
-        color_drop_prob: float = 0.3,
-        channel_shift: int = 2,
+        defences: PatchDefences | Mapping[str, Any] | None = None,
         label_smoothing: float = 0.0,
     ) -> None:
         super().__init__(encoder, tiler=tiler, label_smoothing=label_smoothing)
@@ -133,12 +131,7 @@ class RotationPretext(PretextTask):
             )
         self.num_classes = 4
         self.register_buffer("rotation_maps", _rotation_maps(h), persistent=False)
-        self.defences = PatchDefences(
-            per_patch_norm=per_patch_norm,
-            color_drop=color_drop,
-            color_drop_prob=color_drop_prob,
-            channel_shift=channel_shift,
-        )
+        self.defences = self.build_defences(defences)
         self.head = PooledPatchHead(int(encoder.out_dim), 4, hidden_dim=hidden_dim)
         self.hidden_dim = hidden_dim
 
@@ -149,8 +142,13 @@ class RotationPretext(PretextTask):
             **super().config,
             "label_smoothing": self.label_smoothing,
             "hidden_dim": self.hidden_dim,
-            **self.defences.config,
+            "defences": self.defences.config,
         }
+
+    @classmethod
+    def default_defences(cls) -> PatchDefences:
+        """Every defence off: brightness gradients do not reveal rotation once tiles are pooled."""
+        return PatchDefences()
 
     @classmethod
     def example_kwargs(cls) -> dict[str, Any]:
