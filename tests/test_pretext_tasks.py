@@ -495,3 +495,18 @@ def test_engine_reads_flat_and_nested_defence_options() -> None:
             ConfigError, match=r"pretext.*unknown patch defence option\(s\) \['gray'\]"
         ):
             build_pretext(config, torch.device("cpu"))
+
+
+def test_resume_accepts_a_checkpoint_with_flat_defence_options() -> None:
+    from patchssl.engine.checkpointing import check_compatible
+    from patchssl.engine.config import ConfigError
+
+    tiler = PatchTiler(grid=3, patch_size=16, image_size=54)
+    task = JigsawPretext(tiny_encoder(), PermutationSet.generate(5, 9, seed=0), tiler=tiler)
+    kwargs = dict(task.model_config["pretext_kwargs"])
+    kwargs.update(kwargs.pop("defences"))  # the layout before tasks took ``defences``
+    old = {"kind": "pretrain", "model_config": {**task.model_config, "pretext_kwargs": kwargs}}
+    check_compatible(old, kind="pretrain", model_config=task.model_config, fingerprint=None)
+    kwargs["per_patch_norm"] = False  # a checkpoint of another recipe is still refused
+    with pytest.raises(ConfigError, match=r"pretext_kwargs\.defences\.per_patch_norm"):
+        check_compatible(old, kind="pretrain", model_config=task.model_config, fingerprint=None)

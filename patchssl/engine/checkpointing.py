@@ -26,6 +26,7 @@ from patchssl._version import __version__
 from patchssl.checkpoint import FORMAT_VERSION, CheckpointError
 from patchssl.checkpoint import check_compatible as check_transfer
 from patchssl.engine.config import ConfigError
+from patchssl.pretext import PatchDefences, PretextPluginError, get_pretext_class
 
 __all__ = ["check_compatible", "checkpoint_payload", "config_differences", "model_entries"]
 
@@ -146,7 +147,7 @@ def check_compatible(
         check_transfer(checkpoint, source=source, permutations_fingerprint=fingerprint)
     except CheckpointError as err:
         problems.append(str(err))
-    saved_model = checkpoint.get("model_config") or {}
+    saved_model = _current_layout(checkpoint.get("model_config") or {})
     keys = sections if sections is not None else tuple(model_config)
     for key in keys:
         if key in saved_model and key in model_config:
@@ -161,3 +162,23 @@ def check_compatible(
         raise ConfigError(
             f"cannot {action} {source}: it does not match this run:\n  - {listing}\n{hint}"
         )
+
+
+def _current_layout(model_config: dict[str, Any]) -> dict[str, Any]:
+    """``model_config`` with flat patch defence options (older checkpoints) nested as today."""
+    kwargs = model_config.get("pretext_kwargs")
+    if not isinstance(kwargs, dict) or not any(key in kwargs for key in PatchDefences.KEYS):
+        return model_config
+    try:
+        cls = get_pretext_class(str(model_config.get("pretext")))
+    except (KeyError, PretextPluginError):  # the pretext name is compared (and reported) anyway
+        return model_config
+    fold = getattr(cls, "fold_defence_options", None)
+    if fold is None:
+        return model_config
+    try:
+        folded = fold(kwargs)
+    except (TypeError, ValueError):  # leave it as saved: the differences are then listed
+        return model_config
+    folded["defences"] = folded["defences"].config
+    return {**model_config, "pretext_kwargs": folded}
