@@ -236,14 +236,31 @@ def split_records(
     """
     labels = np.array([r.label for r in records])
     groups = [r.patient for r in records]
+    if val_size > 0 and val_size + test_size >= 1.0:
+        raise ValueError(f"val_size + test_size must be below 1, got {val_size} + {test_size}")
     train, test = grouped_stratified_split(labels, groups, test_size=test_size, seed=seed)
+    val_fraction = val_size / (1.0 - test_size) if val_size > 0 else 0.0
+    return _parts(records, labels, groups, train, test, val_fraction, seed + 1)
+
+
+def _parts(
+    records: Sequence[Record],
+    labels: np.ndarray,
+    groups: list[str],
+    train: np.ndarray,
+    test: np.ndarray,
+    val_fraction: float,
+    seed: int,
+) -> dict[str, list[Record]]:
+    """The records of one split: ``{"train", "test"}``, plus ``"val"`` when asked.
+
+    The validation part, a ``val_fraction`` of ``train``'s records (0: none), is carved out of
+    ``train`` by patient with :func:`grouped_stratified_split`.
+    """
     parts = {"train": [records[i] for i in train], "test": [records[i] for i in test]}
-    if val_size > 0:
-        if val_size + test_size >= 1.0:
-            raise ValueError(f"val_size + test_size must be below 1, got {val_size} + {test_size}")
-        rel = val_size / (1.0 - test_size)
+    if val_fraction > 0:
         sub_tr, sub_val = grouped_stratified_split(
-            labels[train], [groups[i] for i in train], test_size=rel, seed=seed + 1
+            labels[train], [groups[i] for i in train], test_size=val_fraction, seed=seed
         )
         parts = {
             "train": [records[train[i]] for i in sub_tr],
@@ -285,20 +302,10 @@ def kfold_records(
         raise ValueError(f"val_size must be a fraction in [0, 1), got {val_size!r}")
     labels = np.array([r.label for r in records])
     groups = [r.patient for r in records]
-    folds = []
-    for train, test in grouped_kfold(labels, groups, n_splits=n_splits, seed=seed):
-        parts = {"train": [records[i] for i in train], "test": [records[i] for i in test]}
-        if val_size > 0:
-            sub_tr, sub_val = grouped_stratified_split(
-                labels[train], [groups[i] for i in train], test_size=val_size, seed=seed + 1
-            )
-            parts = {
-                "train": [records[train[i]] for i in sub_tr],
-                "val": [records[train[i]] for i in sub_val],
-                "test": parts["test"],
-            }
-        folds.append(parts)
-    return folds
+    return [
+        _parts(records, labels, groups, train, test, float(val_size), seed + 1)
+        for train, test in grouped_kfold(labels, groups, n_splits=n_splits, seed=seed)
+    ]
 
 
 def sample_patients(
