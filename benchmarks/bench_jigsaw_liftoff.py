@@ -116,6 +116,23 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any], dict[str, Any]]] = {
     "defaults+no_color_defences": ({"defences": NO_COLOR_DEFENCES}, {}, {}),
     "defaults+no_per_patch_norm": ({"defences": NO_PER_PATCH_NORM}, {}, {}),
     "defaults+slow_curriculum": ({"curriculum_steps": 1000}, {}, {}),
+    # The tiling: "_tiler" holds PatchTiler options; images are resampled to its image_size.
+    # 128 px: cells of 42 px, 10 px of room around each 32 px tile (jittered in training);
+    # 104 px: cells of 34 px, 2 px of room; 96 px: tiles edge to edge, no gap, no jitter.
+    "defaults+no_jitter": ({"_tiler": {"jitter": 0}}, {}, {}),
+    "defaults+small_gap": ({"_tiler": {"image_size": 104}}, {}, {}),
+    "defaults+no_gap": ({"_tiler": {"image_size": 96}}, {}, {}),
+    "no_image_defences+no_gap": (
+        {"flip": False, "rot90": False, "_tiler": {"image_size": 96}},
+        {},
+        {},
+    ),
+    "defaults+no_gap+no_per_patch_norm": (
+        {"_tiler": {"image_size": 96}, "defences": NO_PER_PATCH_NORM},
+        {},
+        {},
+    ),
+    "flip_only+small_gap": ({"rot90": False, "_tiler": {"image_size": 104}}, {}, {}),
 }
 
 
@@ -221,8 +238,20 @@ def build(variant: str, num_permutations: int, seed: int, device: str = "cpu") -
         if num_permutations == 1000
         else PermutationSet.generate(num_permutations, 9, seed=0)
     )
-    tiler = PatchTiler(grid=3, patch_size=PATCH, image_size=IMAGE)
+    task_kw = dict(task_kw)
+    tiler = PatchTiler(
+        grid=3, patch_size=PATCH, **{"image_size": IMAGE, **task_kw.pop("_tiler", {})}
+    )
     return JigsawPretext(encoder, perms, tiler, **task_kw).to(device)
+
+
+def fit_size(task: JigsawPretext, images: torch.Tensor) -> torch.Tensor:
+    """``images`` (uint8, ``IMAGE`` px) resampled to the size the task's tiler cuts."""
+    size = task.tiler.image_size
+    if tuple(images.shape[-2:]) == tuple(size):
+        return images
+    out = F.interpolate(images.float(), size=size, mode="bilinear", antialias=True)
+    return out.round().clamp(0, 255).to(torch.uint8)
 
 
 @torch.no_grad()
@@ -230,7 +259,7 @@ def puzzle_accuracy(task: JigsawPretext, images: torch.Tensor) -> float:
     task.eval()
     g = torch.Generator(images.device).manual_seed(7)
     hits = [
-        task.predict(images[i : i + 64], generator=g)
+        task.predict(fit_size(task, images[i : i + 64]), generator=g)
         for i in range(0, len(images), 64)  # centred tiles, all K permutations
     ]
     task.train()
@@ -256,7 +285,7 @@ def train(
     log, losses, start = [], [], time.perf_counter()
     task.train()
     for step in range(1, steps + 1):
-        out = task(data.batch(batch, g).to(device), generator=g_task)
+        out = task(fit_size(task, data.batch(batch, g).to(device)), generator=g_task)
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         optimizer.step()

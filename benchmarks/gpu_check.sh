@@ -10,8 +10,10 @@
 # paper geometry with epochs of 10,000 images (does the loop's gap to the step shrink with the
 # epoch's length: a per-epoch refill of the loader, or a per-step cost?); `liftoff`, the jigsaw
 # lift-off levers on real photographs (bench_jigsaw_liftoff.py, every lever at the 300 steps of
-# the goal, then the library's defaults and two levers for 3,000 steps), and `recipe`, the
-# from-scratch fine-tuning recipes of bench_finetune_recipe.py on the transfer benchmark's data.
+# the goal, then the best of them for 3,000 steps), `recipe`, the from-scratch fine-tuning recipes
+# of bench_finetune_recipe.py on the transfer benchmark's data, and `transfer`, the transfer
+# benchmark (bench_transfer.py) at 192 px images and 64 px patches for the two smallest label
+# budgets: the linear probe first, then the attention rows from scratch and pretrained.
 #
 #   bash benchmarks/gpu_check.sh [WORKDIR]        # default WORKDIR: benchmarks/results/gpu
 #   DRY=1 bash benchmarks/gpu_check.sh /tmp/dry   # every command on the CPU in --quick mode
@@ -28,6 +30,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 WORK="${1:-benchmarks/results/gpu}"
 PYTHON="${PYTHON:-python3}"
+TRANSFER_ROWS_LIMIT="${TRANSFER_ROWS_LIMIT:-100}"
 PARTS="${PARTS:-env engine_paper engine_paper_compiled step_paper engine_small step_small decode tests}"
 mkdir -p "$WORK"
 LOG="$WORK/gpu_check.log"
@@ -47,9 +50,11 @@ if [[ "${DRY:-0}" == "1" ]]; then
     STEP_PAPER=(--geometries tiny --batches 2 --ratio-batch 2 --ratio-variants fp32)
     STEP_SMALL=("${STEP_PAPER[@]}")
     DECODE=(--count 2 --original-size 640 424 --repeats 1)
-    LIFTOFF_SWEEP=(--variants defaults defaults+sgd --steps 4 --log-every 2)
-    LIFTOFF_LONG=(--variants defaults --steps 4 --log-every 2)
+    LIFTOFF_SWEEP=(--variants defaults+no_gap defaults+small_gap --steps 4 --log-every 2)
+    LIFTOFF_LONG=(--steps 4 --log-every 2)
     RECIPE=(--variants base --budgets 8 --images 32 --test-patients 20)
+    TRANSFER=(--threads 2 --image-size 96 --patch-size 32 --num-unlabeled 32 --test-patients 10
+        --budgets 8 --pretrain-epochs 1 --finetune-images 16 --n-boot 20)
 else
     DEV=(--device cuda)
     DEVICE=(--device cuda)
@@ -62,15 +67,16 @@ else
     STEP_SMALL=(--geometries small --modes pretrain --batches 128 --sweep bf16-cl --compare ""
         --ratio-batch 128 --ratio-variants bf16-cl --workers 8 --repeats 3 --min-time 0.3)
     DECODE=(--count 8 --repeats 3 --gpu-batch 64)
-    LIFTOFF_SWEEP=(--variants defaults no_curriculum no_image_defences defaults+sgd
-        defaults+sgd0.1 defaults+lr3e-3 defaults+lr3e-4 defaults+group_norm
-        defaults+no_color_defences defaults+no_per_patch_norm defaults+slow_curriculum
-        assignment+sgd old_defaults old+sgd old+group_norm concat_sized+curriculum
-        --steps 300 --log-every 100)
-    LIFTOFF_LONG=(--variants defaults no_image_defences defaults+sgd0.1 --steps 3000
-        --log-every 250)
+    # The tiling levers (gap and jitter between tiles) and the image-level defences not yet
+    # measured on a GPU; the earlier sweep's levers are listed in docs/benchmarks.md.
+    LIFTOFF_SWEEP=(--variants defaults+no_gap no_image_defences+no_gap defaults+small_gap
+        flip_only+small_gap defaults+no_jitter defaults+no_gap+no_per_patch_norm
+        defaults+flip_only defaults+crop --steps 300 --log-every 100)
+    LIFTOFF_LONG=(--steps 3000 --log-every 250)
     RECIPE=(--variants base encoder_norm lr3e-4 no_dropout pooled_head group_norm
         --budgets 8 32 128 --images 4000 --test-patients 500)
+    # The transfer benchmark at 192 px images and 64 px patches, the two smallest budgets.
+    TRANSFER=(--threads 0 --image-size 192 --patch-size 64 --budgets 8 16 --pretrain-epochs 20)
 fi
 
 # The lift-off photographs from a cache file where one was prepared (scikit-image not needed).
@@ -154,12 +160,43 @@ for p in $PARTS; do
     liftoff) # evidence: which lever gets the 1,000-way puzzle off chance on photographs
         part liftoff_sweep 110 "$PYTHON" benchmarks/bench_jigsaw_liftoff.py "${DEVICE[@]}" \
             "${LIFTOFF_SWEEP[@]}" "${PHOTO_ARGS[@]}" --out "$WORK/liftoff_sweep.json"
-        part liftoff_long 90 "$PYTHON" benchmarks/bench_jigsaw_liftoff.py "${DEVICE[@]}" \
-            "${LIFTOFF_LONG[@]}" "${PHOTO_ARGS[@]}" --out "$WORK/liftoff_long.json"
+        # the sweep's best lever (held-out accuracy, then training loss below chance) for longer
+        best=$("$PYTHON" - "$WORK/liftoff_sweep.json" <<'EOF'
+import json, math, sys
+try:
+    runs = json.load(open(sys.argv[1]))
+except (OSError, ValueError):
+    sys.exit(0)
+def score(item):
+    last = item[1]["log"][-1]
+    return (last["held_out_acc"], math.log(last["active"]) - last["loss"])
+levers = [(k, v) for k, v in runs.items() if isinstance(v, dict) and v.get("log")]
+if levers:
+    print(max(levers, key=score)[0])
+EOF
+)
+        if [[ -n "$best" ]]; then
+            part liftoff_long 90 "$PYTHON" benchmarks/bench_jigsaw_liftoff.py "${DEVICE[@]}" \
+                --variants "$best" "${LIFTOFF_LONG[@]}" "${PHOTO_ARGS[@]}" \
+                --out "$WORK/liftoff_long.json"
+        fi
         ;;
     recipe) # evidence: can fine-tuning from scratch learn the synthetic task, and how
         part recipe 120 "$PYTHON" benchmarks/bench_finetune_recipe.py "${DEVICE[@]}" \
             "${RECIPE[@]}" --cache "${TMPDIR:-/tmp}/patchssl-recipe-cache" --out "$WORK/recipe.json"
+        ;;
+    transfer) # evidence: the probe, then +AL against +SSL+AL, at 192 px / 64 px patches
+        part transfer_probe 150 "$PYTHON" benchmarks/bench_transfer.py "${TRANSFER[@]}" \
+            --seeds 0 1 2 --rows \
+            --cache "${TMPDIR:-/tmp}/patchssl-transfer-cache" --out "$WORK/transfer_probe"
+        # one seed more at a time (the runs are cached): a part cut off keeps the seeds done
+        for seeds in "0" "0 1" "0 1 2"; do
+            # shellcheck disable=SC2086
+            part "transfer_rows_s${seeds// /}" "$TRANSFER_ROWS_LIMIT" "$PYTHON" \
+                benchmarks/bench_transfer.py "${TRANSFER[@]}" --seeds $seeds --rows al ssl_al \
+                --no-probe --cache "${TMPDIR:-/tmp}/patchssl-transfer-cache" \
+                --out "$WORK/transfer_rows_s${seeds// /}"
+        done
         ;;
     tests) # separately and last: the suite on the GPU
         if [[ "${DRY:-0}" == "1" ]]; then
