@@ -12,8 +12,10 @@ patch positions). One jigsaw pretraining on unlabeled images, then for every lab
 
 each fine-tuned with :func:`patchssl.engine.finetune` (so ``--set train.encoder_lr_scale=0.1``
 and the like measure the library's options) and scored on one held-out test set of patients
-never seen in training. Beside them, a linear probe: logistic regression on the mean-pooled
-frozen patch features of the jigsaw encoder against those of a randomly initialised one.
+never seen in training. Beside them, a linear probe: logistic regression on the pooled frozen
+patch features (``--probe-pool``: their mean, their maximum or their concatenation) of the jigsaw
+encoder against those of a randomly initialised one. A lesion covers one or two of the nine
+patches, so a mean dilutes it; the maximum keeps the strongest patch's response.
 
 Every comparison is a paired difference on the same test images with a 95% interval from a
 bootstrap that resamples test patients (:func:`patchssl.metrics.bootstrap_samples` with the
@@ -112,6 +114,9 @@ class Settings:
         lr: Peak learning rate of fine-tuning.
         overrides: Extra config overrides for fine-tuning (``section.key=value``).
         n_boot: Bootstrap resamples.
+        probe_pool: How the probe pools the nine patch features of an image
+            (:func:`patchssl.probe.pool_patch_features`): ``mean``, ``max`` (per feature) or
+            ``concat``.
     """
 
     image_size: int = 128
@@ -136,6 +141,7 @@ class Settings:
     lr: float = 1e-3
     overrides: tuple[str, ...] = field(default_factory=tuple)
     n_boot: int = 1000
+    probe_pool: str = "mean"
 
 
 #: ``--quick``: one seed, two budgets, a short pretraining; 8 fine-tunings of 1,024 images each
@@ -387,20 +393,25 @@ def _device(config: Any) -> Any:
 def probe_features(
     s: Settings, data: Data, checkpoint: Path | None, cache: Path, threads: int
 ) -> np.ndarray:
-    """Mean-pooled frozen patch features (n, D) of every labeled image (cached)."""
+    """Pooled frozen patch features of every labeled image (``s.probe_pool``; cached).
+
+    Returns:
+        ``(n, D)`` for ``mean`` and ``max``, ``(n, N * D)`` for ``concat``.
+    """
     import torch
 
     from patchssl.engine.finetuning import build_classifier
     from patchssl.pretext.base import standardize_patches
+    from patchssl.probe import pool_patch_features
 
     c = base_config(s, data, threads)
     c.model.init = str(checkpoint) if checkpoint is not None else None
     c.model.attention = "none"
     c.train.seed = 0
     key = _key(c.to_dict()["model"], str(checkpoint), data.images.shape)
-    path = cache / f"features_{s.pretext if checkpoint else 'random'}_{key}.npy"
+    path = cache / f"patch_features_{s.pretext if checkpoint else 'random'}_{key}.npy"
     if path.is_file():
-        return np.load(path)
+        return pool_patch_features(np.load(path), s.probe_pool)
     model, _, _ = build_classifier(c, torch.device("cpu"))
     model.eval()
     feats = []
@@ -413,10 +424,10 @@ def probe_features(
                 )
             else:
                 encoded = model.encoder(patches)
-            feats.append(encoded.mean(dim=1).float().numpy())
-    out = np.concatenate(feats)
+            feats.append(encoded.float().numpy())
+    out = np.concatenate(feats)  # (n, N, D): every patch, pooled below
     np.save(path, out)
-    return out
+    return pool_patch_features(out, s.probe_pool)
 
 
 def linear_probe(feats: np.ndarray, data: Data, budget: int, seed: int) -> np.ndarray:
@@ -653,7 +664,8 @@ def markdown(payload: dict[str, Any]) -> str:
     if payload.get("probe_auc"):
         lines += [
             "",
-            "Linear probe (logistic regression on mean-pooled frozen patch features; AUC):",
+            "Linear probe (logistic regression on frozen patch features pooled by "
+            f"{payload['settings'].get('probe_pool', 'mean')}; AUC):",
             "",
             "| budget | features | AUC | 95% CI | seeds min-max |",
             "|---:|---|---:|---|---|",
@@ -753,6 +765,8 @@ def build_parser() -> argparse.ArgumentParser:
             kind = int if f.name in ("budgets", "seeds") else str
             # --rows with no name: the probe alone
             p.add_argument(name, nargs="*" if f.name == "rows" else "+", type=kind, default=None)
+        elif f.name == "probe_pool":
+            p.add_argument(name, choices=("mean", "max", "concat"), default=None)
         else:
             kind = {"int": int, "float": float, "str": str}[str(f.type)]
             p.add_argument(name, type=kind, default=None)

@@ -347,8 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
         "frozen-feature probes: did pretraining help?",
         "Embed the labeled images with a frozen encoder (a pretraining checkpoint, or 'none' "
         "for a randomly initialised encoder of the given geometry: the baseline) and fit a "
-        "linear (logistic regression) and a kNN probe on mean-pooled and on concatenated patch "
-        "features, on a patient-grouped split. Reports AUC and accuracy with bootstrap "
+        "linear (logistic regression) and a kNN probe on mean-pooled, max-pooled and concatenated "
+        "patch features, on a patient-grouped split. Reports AUC and accuracy with bootstrap "
         "intervals that resample patients, and how well a patch's grid position can be read "
         "from its features. Writes probe.json and probe.md in --out.",
     )

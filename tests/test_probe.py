@@ -28,6 +28,7 @@ from patchssl.probe import (
     embed_images,
     encoder_from_checkpoint,
     knn_predict_proba,
+    pool_patch_features,
     position_probe,
     probe_encoder,
     probe_features,
@@ -97,7 +98,12 @@ def test_probe_figures_equal_sklearn_fitted_directly_on_the_same_features():
     result = probe_features(feats, labels, groups, test_size=0.3, seed=3, n_boot=50)
     train, test = grouped_stratified_split(labels, groups, test_size=0.3, seed=3)
     np.testing.assert_array_equal(result.test_index, test)
-    pooled = {"mean": feats.mean(axis=1), "concat": feats.reshape(len(feats), -1)}
+    pooled = {
+        "mean": feats.mean(axis=1),
+        "max": feats.max(axis=1),
+        "concat": feats.reshape(len(feats), -1),
+    }
+    assert set(pooled) == {p for _, p in result.scores}
     for pooling, x in pooled.items():
         models = {
             "linear": make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000)),
@@ -114,6 +120,26 @@ def test_probe_figures_equal_sklearn_fitted_directly_on_the_same_features():
             assert lo <= figures["auc"]["value"] <= hi
     # the class signal is there: the mean-pooled linear probe finds it
     assert result.get("linear") > 0.8
+
+
+def test_max_pooling_keeps_a_finding_on_one_patch_that_the_mean_dilutes():
+    # positives differ from negatives on one patch of nine, at a random place
+    rng = np.random.default_rng(0)
+    m, n, d = 200, 9, 8
+    feats = rng.normal(size=(m, n, d)).astype(np.float32)
+    labels = np.arange(m) % 2
+    where = rng.integers(n, size=m)
+    feats[labels == 1, where[labels == 1], 0] += 4.0
+    mean, top = pool_patch_features(feats, "mean"), pool_patch_features(feats, "max")
+    assert mean.shape == top.shape == (m, d)
+    assert pool_patch_features(feats, "concat").shape == (m, n * d)
+    np.testing.assert_array_equal(top, feats.max(axis=1))
+    result = probe_features(feats, labels, None, seed=0, n_boot=0, position=False)
+    assert result.get("linear", "max") > result.get("linear", "mean") + 0.1
+    with pytest.raises(ValueError, match="unknown pooling 'median'"):
+        pool_patch_features(feats, "median")
+    with pytest.raises(ValueError, match=r"shape \(M, N, D\)"):
+        pool_patch_features(feats[0], "max")
 
 
 @pytest.mark.parametrize("seed", range(5))

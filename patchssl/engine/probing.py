@@ -166,7 +166,7 @@ def probe(
     """Probe a frozen encoder on a labeled manifest; write ``probe.json`` and ``probe.md``.
 
     The labeled images (``data.manifest``, with the ``data`` columns and label map) are
-    embedded once; linear and kNN probes on mean-pooled and concatenated features, and the
+    embedded once; linear and kNN probes on mean-, max-pooled and concatenated features, and the
     position diagnostic, are fitted on a patient-grouped split: ``data.split`` when given
     (its train and val parts fit, its test part tests), else one drawn with
     ``probe.test_size`` and ``train.seed``. Intervals: ``eval.n_boot`` resamples of patients,
