@@ -186,9 +186,11 @@ EOF
             "${RECIPE[@]}" --cache "${TMPDIR:-/tmp}/patchssl-recipe-cache" --out "$WORK/recipe.json"
         ;;
     transfer) # evidence: the probe, then +AL against +SSL+AL, at 192 px / 64 px patches
-        part transfer_probe 150 "$PYTHON" benchmarks/bench_transfer.py "${TRANSFER[@]}" \
-            --seeds 0 1 2 --rows \
-            --cache "${TMPDIR:-/tmp}/patchssl-transfer-cache" --out "$WORK/transfer_probe"
+        for pool in mean max; do  # the pretraining and the patch features are cached
+            part "transfer_probe_$pool" 150 "$PYTHON" benchmarks/bench_transfer.py \
+                "${TRANSFER[@]}" --seeds 0 1 2 --rows --probe-pool "$pool" \
+                --cache "${TMPDIR:-/tmp}/patchssl-transfer-cache" --out "$WORK/transfer_probe_$pool"
+        done
         # one seed more at a time (the runs are cached): a part cut off keeps the seeds done
         for seeds in "0" "0 1" "0 1 2"; do
             # shellcheck disable=SC2086

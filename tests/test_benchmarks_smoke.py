@@ -230,5 +230,9 @@ def test_gpu_check_dry_mode_runs_every_python_command_on_the_cpu(tmp_path: Path)
     assert json.loads((work / "throughput_paper.json").read_text())["results"]
     assert json.loads((work / "dataloading.json").read_text())["results"]
     sweep = json.loads((work / "liftoff_sweep.json").read_text())
-    assert [r["step"] for r in sweep["defaults+sgd"]["log"]] == [2, 4]
+    assert [r["step"] for r in sweep["defaults+small_gap"]["log"]] == [2, 4]
+    # the sweep's best lever goes on to the long run
+    long_run = json.loads((work / "liftoff_long.json").read_text())
+    (longer,) = [k for k, v in long_run.items() if isinstance(v, dict) and "log" in v]
+    assert longer in ("defaults+no_gap", "defaults+small_gap")
     assert json.loads((work / "recipe.json").read_text())[0]["variant"] == "base"
