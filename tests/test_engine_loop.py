@@ -417,6 +417,19 @@ def test_an_error_in_training_leaves_the_pending_checkpoint_written(tmp_path, mo
     assert not list(tmp_path.glob("*.tmp"))
 
 
+def test_an_interrupt_leaves_the_pending_checkpoint_written(tmp_path, monkeypatch):
+    _slow_saves(monkeypatch, delay=0.5)
+
+    def interrupt(trainer, epoch, row):  # Ctrl-C right after the first checkpoint is taken
+        raise KeyboardInterrupt
+
+    trainer = _trainer(ToyTask(), tmp_path, epochs=3, async_checkpoint=True, callbacks=[interrupt])
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 0
+    assert load_checkpoint(tmp_path / "best.pt")["epoch"] == 0
+
+
 def test_a_failed_async_write_does_not_replace_the_error_that_ends_the_run(
     tmp_path, monkeypatch, capsys
 ):

@@ -313,11 +313,6 @@ class CheckpointWriter:
         self._pending: tuple[Future[None], Path] | None = None
         self._error: BaseException | None = None
 
-    @property
-    def pending(self) -> bool:
-        """Whether a write was submitted and has not been waited for."""
-        return self._pending is not None
-
     def submit(
         self,
         path: str | os.PathLike[str],

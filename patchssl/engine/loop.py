@@ -897,11 +897,11 @@ class Trainer:
     def fit(self) -> TrainingResult:
         """Train from ``start_epoch`` to ``train.epochs``, with checkpoints and early stopping.
 
-        Returns:
-            The :class:`TrainingResult`.
-
         It returns or raises only once every checkpoint it took is written, also those
         written in the background (``train.async_checkpoint``).
+
+        Returns:
+            The :class:`TrainingResult`.
 
         Raises:
             NonFiniteLossError: On a non-finite loss (``last.pt`` keeps the last good epoch).
