@@ -13,11 +13,14 @@ epoch. This script runs both and reports their ratio, in one run:
    and ``channels_last``, and the engine's own defaults otherwise (AdamW, fused on CUDA;
    loader workers from the cores, pinned memory on CUDA, validation on 5% held out,
    ``last.pt``/``best.pt`` every epoch);
-3. after each epoch (a callback, once its checkpoints are written), runs the benchmark step
+3. after each epoch (a callback, once its checkpoints are taken), runs the benchmark step
    (``bench_throughput``'s task on uint8 images already on the device, with the engine's
    optimizer: :func:`reference_step`) in the same process, for as many steps as an epoch
    has: each epoch is bracketed by two step timings, so that a change of load on a shared
-   machine hits both sides of its ratio;
+   machine hits both sides of its ratio. With ``train.async_checkpoint`` (``auto``: on
+   CUDA) the epoch's ``last.pt``/``best.pt`` are still being written in the background
+   then; the callback waits for them after its step timing, and that wait is counted in
+   the engine's next epoch (see below);
 4. reports the median over the epochs after the first (worker start-up and compilation
    are left out) of the ratios engine / step.
 
@@ -28,6 +31,14 @@ training loop alone, as ``metrics.csv`` reports it: loader and steps, without va
 and checkpoints). ``epoch_fixed_s`` is the difference: what validation, checkpoints and
 logging cost per epoch, whatever the epoch's size (the benchmark's epochs are short; a real
 one of 44,031 images spreads it over 600 times more steps).
+
+What a checkpoint costs the engine: written in the training thread
+(``--async-checkpoint false``), all of it. Written in the background, the engine's epoch
+ends once the payload is copied to CPU memory; the write then runs during the callback's
+step timing, as it would during the next epoch's training, and whatever of it outlasts
+that timing (``write_wait_s``, per epoch) is counted in the engine's next epoch, as the
+engine would wait for it there. The write's host work overlaps the step timing rather than
+the engine's own steps, so a run where it slows the step shows in ``step_samples``.
 
 Usage:
     python benchmarks/bench_engine.py --device cpu                  # small geometry, fp32
@@ -116,6 +127,7 @@ def engine_config(args: argparse.Namespace, geom: Any, data_dir: Path, cache: Pa
         "progress": False,
         "tensorboard": "false",
         "num_threads": args.threads,
+        "async_checkpoint": args.async_checkpoint,
     }
     return {
         "out": str(args.work / f"run_{args.compile}_{time.strftime('%H%M%S')}"),
@@ -155,9 +167,11 @@ def reference_step(geom: Any, variant: Any, batch: int, device: torch.device, tr
 def child(config_path: str, result_path: str) -> None:
     """Run :func:`patchssl.engine.pretrain`, timing the benchmark step between its epochs.
 
-    After each epoch's checkpoints (a callback), the benchmark step runs as many steps as
-    an epoch has, in this same process: every epoch is bracketed by two step timings, so a
-    change of load on the machine hits both sides of each ratio.
+    After each epoch's checkpoints are taken (a callback), the benchmark step runs as many
+    steps as an epoch has, in this same process: every epoch is bracketed by two step
+    timings, so a change of load on the machine hits both sides of each ratio. A checkpoint
+    still being written in the background is then waited for, after ``resume``: inside the
+    engine's next epoch.
     """
     import bench_throughput as bt
 
@@ -192,8 +206,15 @@ def child(config_path: str, result_path: str) -> None:
             state["step"]()
         sync(device)
         resumed = time.perf_counter()
+        # a write still running is waited for inside the engine's next epoch (counted there)
+        trainer.wait_for_checkpoints()
         marks.append(
-            {"end": end, "resume": resumed, "step_images_per_s": steps * batch / (resumed - t0)}
+            {
+                "end": end,
+                "resume": resumed,
+                "step_images_per_s": steps * batch / (resumed - t0),
+                "write_wait_s": time.perf_counter() - resumed,
+            }
         )
 
     start = time.perf_counter()
@@ -248,6 +269,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--workers", type=int, default=None, help="data.workers (default: the engine's choice)"
     )
+    parser.add_argument(
+        "--async-checkpoint",
+        default="auto",
+        choices=("auto", "true", "false"),
+        help="train.async_checkpoint: write checkpoints in the background (auto: on CUDA)",
+    )
     parser.add_argument("--timeout", type=float, default=None, help="engine run limit (s)")
     parser.add_argument("--workdir", default=None, help="where data and run go (default: tmp)")
     parser.add_argument("--child", nargs=2, default=None, help=argparse.SUPPRESS)
@@ -298,6 +325,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         "batch": batch,
         "variant": variant.name,
         "compile": args.compile,
+        "async_checkpoint": args.async_checkpoint,
         "device": str(device),
         "epochs": epochs,
     }
@@ -333,6 +361,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             loop_samples=loop_rates,
             epoch_wall_s=epoch_s,
             epoch_loop_s=[r["epoch_time_s"] for r in history],
+            write_wait_s=[m["write_wait_s"] for m in marks],
             # Validation, checkpoints and logging: a fixed cost per epoch, whatever its size.
             epoch_fixed_s=statistics.median(
                 w - r["epoch_time_s"] for w, r in zip(epoch_s, history[1:])

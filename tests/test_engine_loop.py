@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import csv
+import errno
 import json
+import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -11,8 +14,10 @@ import torch
 from torch import nn
 from torch.utils.data import DistributedSampler
 
+from patchssl import checkpoint as checkpoint_io
 from patchssl.checkpoint import load_checkpoint
-from patchssl.engine.config import Config, ConfigError, TrainConfig
+from patchssl.engine.checkpointing import resolve_async_checkpoint, snapshot_payload
+from patchssl.engine.config import Config, ConfigError, TrainConfig, load_config
 from patchssl.engine.loop import NonFiniteLossError, StepOutput, Trainer, build_optimizer
 
 
@@ -62,13 +67,14 @@ def _trainer(task: ToyTask, tmp_path, epochs: int = 5, patience: int = 0, monito
     config.train.progress = False
     config.train.tensorboard = "false"
     config.train.lr = 0.01
+    config.train.async_checkpoint = kw.pop("async_checkpoint", "auto")
     loader = kw.pop("loader", _loader())
     return Trainer(
         task,
         config,
         loader,
         DistributedSampler(range(12), num_replicas=1, rank=0),
-        torch.device("cpu"),
+        kw.pop("device", torch.device("cpu")),
         monitor=monitor,
         **kw,
     )
@@ -259,3 +265,216 @@ def test_compile_scope(tmp_path):
     assert other[0]._compiled_call_impl is not None and other._compiled_call_impl is None
     with pytest.raises(ConfigError, match="compile_scope"):
         compile_encoder(other[0], None, model=other, scope="everything")
+
+
+# -- checkpoints written in the background (train.async_checkpoint) ---------------------------
+def _slow_saves(monkeypatch, delay: float = 0.2, then=None) -> None:
+    """Make every ``save_checkpoint`` sleep first (training goes on meanwhile), then write.
+
+    ``then(path)`` runs after each write (in the thread that wrote).
+    """
+    real = checkpoint_io.save_checkpoint
+
+    def slow(path, payload):
+        time.sleep(delay)
+        written = real(path, payload)
+        if then is not None:
+            then(written)
+        return written
+
+    monkeypatch.setattr(checkpoint_io, "save_checkpoint", slow)
+
+
+def _assert_same(a: Any, b: Any, where: str = "checkpoint") -> None:
+    """Equal nested payloads: same keys, types, tensors (dtype and values), ``_metadata``."""
+    assert type(a) is type(b), where
+    if isinstance(a, dict):
+        assert list(a) == list(b), where
+        assert getattr(a, "_metadata", None) == getattr(b, "_metadata", None), where
+        for key in a:
+            _assert_same(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same(x, y, f"{where}[{i}]")
+    elif torch.is_tensor(a):
+        assert a.dtype == b.dtype and torch.equal(a, b), where
+    else:
+        assert a == b, where
+
+
+def _content(path: Path) -> dict[str, Any]:
+    """A checkpoint without what differs between two runs of the same seed: timings, paths."""
+    ckpt = load_checkpoint(path)
+    assert ckpt["metrics"] is ckpt["trainer"]["history"][-1]  # one row, stored once
+    for row in ckpt["trainer"]["history"]:
+        del row["epoch_time_s"], row["images_per_s"]
+    del ckpt["config"]["out"]
+    del ckpt["config"]["train"]["async_checkpoint"]
+    return ckpt
+
+
+def test_async_checkpoints_hold_what_synchronous_ones_do(tmp_path, monkeypatch):
+    _slow_saves(monkeypatch, delay=0.1)
+    files = {}
+    for mode in (False, True):
+        task = ToyTask(val_metrics=[0.5, 0.7, 0.6, 0.65])  # best: epoch 1 of 0..3
+        out = tmp_path / f"async_{mode}"
+        result = _trainer(task, out, epochs=4, async_checkpoint=mode).fit()
+        assert result.best_epoch == 1
+        files[mode] = {name: _content(out / name) for name in ("last.pt", "best.pt")}
+    assert (files[True]["last.pt"]["epoch"], files[True]["best.pt"]["epoch"]) == (3, 1)
+    for name in ("last.pt", "best.pt"):
+        _assert_same(files[True][name], files[False][name], name)
+
+
+def _files_and_live_state(tmp_path, monkeypatch, device, mode: bool) -> dict[str, Any]:
+    """What each epoch's checkpoint file holds, and what the trainer held as it was taken."""
+    saved: dict[int, Any] = {}
+    live: dict[int, Any] = {}
+
+    def keep_file(path):
+        ckpt = load_checkpoint(path)
+        saved[ckpt["epoch"]] = {"model": ckpt["model"], "optimizer": ckpt["optimizer"]}
+
+    def keep_live(trainer, epoch, row):  # called once the epoch's checkpoint is taken
+        state = {"model": trainer.model.state_dict(), "optimizer": trainer.optimizer.state_dict()}
+        live[epoch] = snapshot_payload(state)
+
+    # each write waits while the next epoch trains and changes the weights in place
+    _slow_saves(monkeypatch, delay=0.2, then=keep_file)
+    task = ToyTask()
+    task.model.to(device)
+    out = tmp_path / f"async_{mode}"
+    _trainer(task, out, epochs=3, async_checkpoint=mode, device=device, callbacks=[keep_live]).fit()
+    return {"saved": saved, "live": live}
+
+
+def test_an_async_checkpoint_holds_the_state_at_the_end_of_its_epoch(tmp_path, monkeypatch, device):
+    modes = (False, True)
+    runs = {mode: _files_and_live_state(tmp_path, monkeypatch, device, mode) for mode in modes}
+    for mode, run in runs.items():
+        assert sorted(run["saved"]) == sorted(run["live"]) == [0, 1, 2], mode
+        for epoch in range(3):
+            _assert_same(run["saved"][epoch], run["live"][epoch], f"epoch {epoch}, {mode}")
+    first, second = runs[True]["live"][0]["model"], runs[True]["live"][1]["model"]
+    assert not torch.equal(first["weight"], second["weight"])  # training did change them
+    if device.type == "cpu":  # a CPU run repeats exactly
+        _assert_same(runs[True]["saved"], runs[False]["saved"], "async against sync")
+
+
+def test_a_callback_waits_for_the_checkpoint_of_its_epoch(tmp_path, monkeypatch):
+    _slow_saves(monkeypatch, delay=0.2)
+    seen = []
+
+    def read(trainer, epoch, row):
+        trainer.wait_for_checkpoints()
+        seen.append(load_checkpoint(trainer.last_path)["epoch"])
+
+    _trainer(ToyTask(), tmp_path, epochs=3, async_checkpoint=True, callbacks=[read]).fit()
+    assert seen == [0, 1, 2]
+
+
+def test_a_failed_async_write_stops_fit_naming_the_file_and_keeps_the_last_good_one(
+    tmp_path, monkeypatch
+):
+    real_save, real_torch_save = checkpoint_io.save_checkpoint, checkpoint_io.torch.save
+    calls = []
+
+    def full_disk(obj, handle):  # half a file, then the disk is full
+        handle.write(b"half a checkpoint")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def save(path, payload):
+        calls.append(Path(path).name)
+        if len(calls) == 2:  # the second epoch's last.pt
+            checkpoint_io.torch.save = full_disk
+        try:
+            return real_save(path, payload)
+        finally:
+            checkpoint_io.torch.save = real_torch_save
+
+    monkeypatch.setattr(checkpoint_io, "save_checkpoint", save)
+    trainer = _trainer(ToyTask(), tmp_path, epochs=4, async_checkpoint=True)
+    with pytest.raises(OSError, match="No space left on device") as info:
+        trainer.fit()
+    assert str(tmp_path / "last.pt") in str(info.value)
+    assert calls == ["last.pt", "last.pt"]  # the run stopped at the next epoch's end
+    last = load_checkpoint(tmp_path / "last.pt")  # whole, and its checksum holds
+    assert last["epoch"] == 0
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_an_error_in_training_leaves_the_pending_checkpoint_written(tmp_path, monkeypatch):
+    _slow_saves(monkeypatch, delay=0.5)
+    task = ToyTask(nan_at_step=5)  # 3 steps per epoch: epoch 1 is clean, epoch 2 step 2 is NaN
+    trainer = _trainer(task, tmp_path, epochs=3, async_checkpoint=True)
+    with pytest.raises(NonFiniteLossError, match="The last good checkpoint is kept at"):
+        trainer.fit()
+    last = load_checkpoint(tmp_path / "last.pt")  # written by the time fit raised
+    assert last["epoch"] == 0 and last["trainer"]["best_epoch"] == 0
+    _assert_same(load_checkpoint(tmp_path / "best.pt")["model"], last["model"])
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_an_interrupt_leaves_the_pending_checkpoint_written(tmp_path, monkeypatch):
+    _slow_saves(monkeypatch, delay=0.5)
+
+    def interrupt(trainer, epoch, row):  # Ctrl-C right after the first checkpoint is taken
+        raise KeyboardInterrupt
+
+    trainer = _trainer(ToyTask(), tmp_path, epochs=3, async_checkpoint=True, callbacks=[interrupt])
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 0
+    assert load_checkpoint(tmp_path / "best.pt")["epoch"] == 0
+
+
+def test_a_failed_async_write_does_not_replace_the_error_that_ends_the_run(
+    tmp_path, monkeypatch, capsys
+):
+    def fail(path, payload):
+        time.sleep(0.2)  # still writing when the NaN is met
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(checkpoint_io, "save_checkpoint", fail)
+    trainer = _trainer(ToyTask(nan_at_step=5), tmp_path, epochs=3, async_checkpoint=True)
+    with pytest.raises(NonFiniteLossError, match="epoch 2, step 2"):
+        trainer.fit()
+    err = capsys.readouterr().err
+    assert "could not be written" in err and str(tmp_path / "last.pt") in err
+
+
+def test_async_checkpoint_setting():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_async_checkpoint("auto", cuda) and not resolve_async_checkpoint("auto", cpu)
+    assert resolve_async_checkpoint(True, cpu) and resolve_async_checkpoint("TRUE", cpu)
+    assert not resolve_async_checkpoint(False, cuda) and not resolve_async_checkpoint("false", cuda)
+    assert load_config(overrides=["train.async_checkpoint=true"]).train.async_checkpoint is True
+    assert Config().train.async_checkpoint == "auto"
+    config = load_config(overrides=["train.async_checkpoint=sometimes"])
+    with pytest.raises(ConfigError, match="train.async_checkpoint must be auto, true or false"):
+        resolve_async_checkpoint(config.train.async_checkpoint, cpu)
+
+
+def test_a_bad_async_checkpoint_setting_is_refused_before_training(tmp_path):
+    task = ToyTask()
+    with pytest.raises(ConfigError, match="got 'sometimes'"):
+        _trainer(task, tmp_path, async_checkpoint="sometimes")
+    assert task.steps == 0 and not list(tmp_path.iterdir())
+
+
+def test_a_snapshot_does_not_follow_the_live_tensors():
+    model = nn.BatchNorm1d(3)
+    payload = {"model": model.state_dict(), "rows": [{"loss": 1.0}], "pair": (1, torch.ones(2))}
+    snapshot = snapshot_payload(payload)
+    with torch.no_grad():
+        model.weight.add_(1.0)  # in place, as an optimizer step
+    payload["rows"].append({"loss": 0.5})
+    payload["pair"][1].zero_()
+    assert torch.equal(snapshot["model"]["weight"], torch.ones(3))
+    assert snapshot["model"]._metadata == payload["model"]._metadata  # load_state_dict reads it
+    assert snapshot["rows"] == [{"loss": 1.0}] and torch.equal(snapshot["pair"][1], torch.ones(2))
+    shared = torch.zeros(2)
+    again = snapshot_payload({"a": shared, "b": [shared], "row": payload["rows"][0]})
+    assert again["a"] is again["b"][0] and again["a"] is not shared  # shared once, as saved

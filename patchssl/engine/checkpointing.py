@@ -15,20 +15,45 @@ Two checks exist on purpose, and they compare different things:
   the checkpoint's kind and its whole ``model_config`` are compared (except run-time switches
   such as ``channels_last``), and every difference is listed at once. The permutation set,
   the one check both share, is delegated to the public function.
+
+:class:`CheckpointWriter` writes the engine's ``last.pt`` and ``best.pt``, in a background
+thread when ``train.async_checkpoint`` asks for it (:func:`resolve_async_checkpoint`), so that
+serialising, hashing and syncing a checkpoint overlap the next epoch's training.
 """
 
 from __future__ import annotations
 
+import copy
+import os
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_for
+from pathlib import Path
 from typing import Any
 
+import torch
+
+# the module, not its functions: a write goes through its current save_checkpoint and
+# copy_checkpoint (the robustness tests replace them to simulate crashes)
+from patchssl import checkpoint as checkpoint_io
 from patchssl._validation import plain
 from patchssl._version import __version__
 from patchssl.checkpoint import FORMAT_VERSION, CheckpointError
 from patchssl.checkpoint import check_compatible as check_transfer
 from patchssl.engine.config import ConfigError
+from patchssl.engine.logging import echo
 from patchssl.pretext import PatchDefences, PretextPluginError, get_pretext_class
 
-__all__ = ["check_compatible", "checkpoint_payload", "config_differences", "model_entries"]
+__all__ = [
+    "CheckpointWriter",
+    "check_compatible",
+    "checkpoint_payload",
+    "config_differences",
+    "model_entries",
+    "resolve_async_checkpoint",
+    "snapshot_payload",
+    "write_checkpoint",
+]
 
 # Keys that describe run-time behaviour rather than the weights' meaning; they may change on resume.
 _IGNORED = {"pretrained", "channels_last", "grad_checkpointing", "freeze", "jitter"}
@@ -182,3 +207,185 @@ def _current_layout(model_config: dict[str, Any]) -> dict[str, Any]:
         return model_config
     folded["defences"] = folded["defences"].config
     return {**model_config, "pretext_kwargs": folded}
+
+
+def resolve_async_checkpoint(value: bool | str, device: torch.device) -> bool:
+    """Whether ``train.async_checkpoint`` writes checkpoints in the background on ``device``.
+
+    Args:
+        value: ``auto`` (in the background on an accelerator, where the device would
+            otherwise sit idle while the host writes; in the training thread on the CPU),
+            ``true`` or ``false``.
+        device: The training device.
+
+    Returns:
+        ``True`` to write in a background thread.
+
+    Raises:
+        ConfigError: On any other value.
+    """
+    text = str(value).strip().lower()
+    if text == "auto":
+        return device.type != "cpu"
+    if text in ("true", "false"):
+        return text == "true"
+    raise ConfigError(
+        f"train.async_checkpoint must be auto, true or false; got {value!r} (auto writes "
+        "checkpoints in a background thread on a GPU and in the training thread on the CPU)"
+    )
+
+
+def snapshot_payload(payload: Any) -> Any:
+    """A copy of a checkpoint payload that later training cannot change.
+
+    :func:`copy.deepcopy`, with every tensor found in nested dicts, lists and tuples copied
+    to CPU memory (a CPU tensor is cloned too: the optimizer updates parameters in place),
+    keeping its dtype, shape and strides. Like ``deepcopy``, it keeps containers' types and
+    attributes (a ``state_dict``'s ``_metadata``) and what the payload shares (the epoch's
+    metrics are also the last row of the history). Distinct tensors that are views of one
+    memory are copied separately (they load with the same values).
+
+    Args:
+        payload: A checkpoint payload (:func:`checkpoint_payload`) or any part of one.
+
+    Returns:
+        The snapshot, to write with :func:`patchssl.checkpoint.save_checkpoint`.
+    """
+    memo: dict[int, Any] = {}
+    for tensor in _tensors(payload):
+        if id(tensor) not in memo:
+            memo[id(tensor)] = tensor.detach().to("cpu", copy=True)
+    return copy.deepcopy(payload, memo)
+
+
+def _tensors(value: Any) -> Iterator[torch.Tensor]:
+    """The tensors in nested dicts, lists and tuples."""
+    if torch.is_tensor(value):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _tensors(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _tensors(item)
+
+
+def write_checkpoint(
+    path: str | os.PathLike[str],
+    payload: dict[str, Any],
+    best: str | os.PathLike[str] | None = None,
+) -> None:
+    """Write ``payload`` to ``path`` and, if asked, copy that file to ``best``.
+
+    Both go through :mod:`patchssl.checkpoint` (atomic, with a checksum); the copy of the
+    same epoch's file serialises and hashes nothing again.
+
+    Args:
+        path: The checkpoint (``last.pt``).
+        payload: Its payload.
+        best: Where to copy it (``best.pt``), or ``None``.
+    """
+    checkpoint_io.save_checkpoint(path, payload)
+    if best is not None:
+        checkpoint_io.copy_checkpoint(path, best)
+
+
+class CheckpointWriter:
+    """Writes a run's checkpoints, in one background thread or in the caller's.
+
+    In the background, at most one write is in flight: :meth:`submit` first waits for the
+    write before it, then takes a snapshot of the payload in CPU memory
+    (:func:`snapshot_payload`), so that training may go on changing the live tensors, and
+    hands it to a worker thread that runs :func:`write_checkpoint` (serialising, hashing,
+    syncing, renaming) while the caller goes on. A write that failed is raised in the
+    caller's thread by the next :meth:`submit`, :meth:`wait` or :meth:`close`, with the
+    file named in its message (an ``OSError`` gets the checkpoint as its ``filename`` when
+    it has none; any other exception a note). Otherwise :meth:`submit` writes at once.
+
+    Args:
+        background: Write in a worker thread (``train.async_checkpoint``,
+            :func:`resolve_async_checkpoint`).
+    """
+
+    def __init__(self, background: bool) -> None:
+        self.background = background
+        self._executor: ThreadPoolExecutor | None = None
+        self._pending: tuple[Future[None], Path] | None = None
+        self._error: BaseException | None = None
+
+    def submit(
+        self,
+        path: str | os.PathLike[str],
+        payload: dict[str, Any],
+        best: str | os.PathLike[str] | None = None,
+    ) -> None:
+        """Write ``payload`` to ``path`` (and copy it to ``best``), after the write before.
+
+        Args:
+            path: The checkpoint (``last.pt``).
+            payload: Its payload; in the background, it is copied before this returns.
+            best: Where to copy the file once written (``best.pt``), or ``None``.
+
+        Raises:
+            BaseException: The error of the previous write, if it failed (nothing new is
+                written then); in the caller's thread, that of this write.
+        """
+        self.wait()
+        if not self.background:
+            write_checkpoint(path, payload, best)
+            return
+        snapshot = snapshot_payload(payload)
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="patchssl-checkpoint")
+        future = self._executor.submit(write_checkpoint, path, snapshot, best)
+        self._pending = (future, Path(path))
+
+    def wait(self, *, raise_errors: bool = True) -> None:
+        """Block until the write in flight (if any) is on disk.
+
+        Args:
+            raise_errors: Raise the error of a failed write (once). With ``False`` it is
+                kept for the next call that raises.
+
+        Raises:
+            BaseException: The error of the write, naming its file.
+        """
+        if self._pending is not None:
+            future, path = self._pending
+            wait_for([future])  # an interrupt here leaves the write pending (and running)
+            self._pending = None
+            error = future.exception()
+            if error is not None:
+                self._error = _name_file(error, path)
+        if raise_errors and self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def close(self, error: BaseException | None = None) -> None:
+        """Wait for the write in flight, then stop the worker thread.
+
+        Args:
+            error: The exception that is ending the run, if any: a failed write does not
+                replace it, it is reported in a warning instead.
+
+        Raises:
+            BaseException: Without ``error``, the error of a failed write.
+        """
+        try:
+            self.wait(raise_errors=error is None)
+        finally:
+            if self._executor is not None:
+                self._executor.shutdown()
+                self._executor = None
+        failed, self._error = self._error, None
+        if failed is not None:
+            echo(f"warning: a checkpoint could not be written either: {failed}", err=True)
+
+
+def _name_file(error: BaseException, path: Path) -> BaseException:
+    """``error`` of a background write, with ``path`` named in its message."""
+    if isinstance(error, OSError) and error.errno is not None and error.filename is None:
+        error.filename = str(path)  # "[Errno 28] No space left on device: '.../last.pt'"
+    elif isinstance(error, Exception) and hasattr(error, "add_note"):  # Python >= 3.11
+        error.add_note(f"while writing the checkpoint {path} in the background")
+    return error

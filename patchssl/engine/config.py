@@ -233,6 +233,11 @@ class TrainConfig:
         max_steps_per_epoch: Stop each epoch after this many steps (quick trials).
         progress: Show progress bars.
         tensorboard: ``auto`` (when installed), ``true`` or ``false``.
+        async_checkpoint: Write each epoch's ``last.pt``/``best.pt`` in a background thread
+            while the next epoch trains (the tensors are first copied to CPU memory, so the
+            files hold the end of their epoch): ``auto`` (default: on a GPU or another
+            accelerator, not on the CPU), ``true`` or ``false``. A failed write stops the run
+            at the next epoch's end; the run ends only once its checkpoints are written.
         num_threads: CPU threads for torch (``null`` = torch's default).
         resume: Continue the run in ``out`` from its ``last.pt`` (or from the given file).
         overwrite: Start afresh in an ``out`` that already holds a run, removing its
@@ -268,6 +273,7 @@ class TrainConfig:
     max_steps_per_epoch: int | None = None
     progress: bool = True
     tensorboard: bool | str = "auto"
+    async_checkpoint: bool | str = "auto"
     num_threads: int | None = None
     resume: bool | str = False
     overwrite: bool = False

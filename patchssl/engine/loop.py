@@ -24,7 +24,12 @@ from torch import Tensor, nn
 # the module, not its functions: a checkpoint is written through the module's current
 # save_checkpoint/copy_checkpoint (the robustness tests replace them to simulate crashes)
 from patchssl import checkpoint as checkpoint_io
-from patchssl.engine.checkpointing import check_compatible, checkpoint_payload
+from patchssl.engine.checkpointing import (
+    CheckpointWriter,
+    check_compatible,
+    checkpoint_payload,
+    resolve_async_checkpoint,
+)
 from patchssl.engine.config import Config, ConfigError, TrainConfig
 from patchssl.engine.device import (  # re-exported: they lived here before
     autocast_context,
@@ -398,7 +403,10 @@ class Trainer:
             best value replaces ``best.pt`` when its ``val_loss`` is lower.
         out_dir: Run folder (default: ``config.out``).
         callbacks: Called as ``callback(trainer, epoch, row)`` after each epoch's checkpoint
-            is written (a place for custom logging or for stopping the run by raising).
+            is taken (a place for custom logging or for stopping the run by raising). With
+            ``train.async_checkpoint`` (the default on a GPU), ``last.pt`` and ``best.pt`` may
+            still be being written then: a callback that reads them calls
+            :meth:`wait_for_checkpoints` first.
     """
 
     def __init__(
@@ -478,6 +486,10 @@ class Trainer:
         #: steps between two checks are already applied when one is caught (the run stops
         #: and nothing of the epoch is saved, so no checkpoint holds their weights).
         self.check_every = 1 if device.type == "cpu" else 32
+        # last.pt/best.pt, written in a background thread with train.async_checkpoint
+        self._checkpoints = CheckpointWriter(
+            resolve_async_checkpoint(self.train.async_checkpoint, device)
+        )
 
     # ----------------------------------------------------------------------------- checkpoints
     def _generators(self) -> dict[str, torch.Generator]:
@@ -516,6 +528,18 @@ class Trainer:
             },
         )
 
+    def wait_for_checkpoints(self) -> None:
+        """Block until the checkpoints submitted so far are written (``last.pt``, ``best.pt``).
+
+        With ``train.async_checkpoint`` an epoch's checkpoints are written in a background
+        thread while the next epoch trains; a callback that reads them calls this first.
+        :meth:`fit` returns (or raises) only once they are written.
+
+        Raises:
+            OSError: Or any other error of a write that failed, naming its file.
+        """
+        self._checkpoints.wait()
+
     def resume_from(self, path: str | Path) -> None:
         """Load ``last.pt`` (or ``path``) and continue after its epoch.
 
@@ -530,6 +554,7 @@ class Trainer:
                 (backbone, pretext task, permutation set, tiling...).
         """
         path = Path(path)
+        self.wait_for_checkpoints()
         if not path.is_file():
             raise ConfigError(f"cannot resume: no checkpoint at {path}")
         ckpt = checkpoint_io.load_checkpoint(path)
@@ -692,19 +717,16 @@ class Trainer:
             err=True,
         )
 
-    def _save(
-        self, path: Path, epoch: int, metrics: dict[str, Any], copy_of: Path | None = None
-    ) -> None:
-        """Write the checkpoint of ``epoch`` to ``path`` (on the main process).
+    def _save(self, epoch: int, metrics: dict[str, Any], *, best: bool) -> None:
+        """Write ``last.pt`` of ``epoch`` and, when ``best``, copy it to ``best.pt`` (main process).
 
-        With ``copy_of`` (a checkpoint of the same epoch and payload, written just before), its
-        file is copied instead: nothing is serialised or hashed twice.
+        The copy has the same payload: nothing is serialised or hashed twice. With
+        ``train.async_checkpoint`` both are written in the background (the payload is copied
+        to CPU memory first); the write before is waited for.
         """
         if is_main_process():
-            if copy_of is not None:
-                checkpoint_io.copy_checkpoint(copy_of, path)
-            else:
-                checkpoint_io.save_checkpoint(path, self.payload(epoch, metrics))
+            best_path = self.best_path if best else None
+            self._checkpoints.submit(self.last_path, self.payload(epoch, metrics), best_path)
 
     def _check_finite(self, acc: _StepAccumulator, epoch: int, distributed: bool) -> None:
         """Stop on a non-finite loss among the steps accumulated so far (one host sync).
@@ -716,6 +738,7 @@ class Trainer:
         # all processes stop together (one leaving alone would hang the others)
         if not (any_process(bad is not None) if distributed else bad is not None):
             return
+        self._checkpoints.wait(raise_errors=False)  # the message says whether last.pt exists
         if bad is not None:
             value, index, step = bad
             where = f"epoch {epoch + 1}, step {index + 1} of the epoch (global step {step + 1})"
@@ -874,11 +897,15 @@ class Trainer:
     def fit(self) -> TrainingResult:
         """Train from ``start_epoch`` to ``train.epochs``, with checkpoints and early stopping.
 
+        It returns or raises only once every checkpoint it took is written, also those
+        written in the background (``train.async_checkpoint``).
+
         Returns:
             The :class:`TrainingResult`.
 
         Raises:
             NonFiniteLossError: On a non-finite loss (``last.pt`` keeps the last good epoch).
+            OSError: When a checkpoint cannot be written (full disk...), naming the file.
         """
         if is_main_process():
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -904,6 +931,7 @@ class Trainer:
                     self._gather_skipped()
                 row["step"] = self.global_step
                 row["skipped"] = len(self.skipped)
+                self._checkpoints.wait()  # the epoch before: its last.pt, for the checks' messages
                 self.check_finite(epoch, row)  # nothing non-finite is ever checkpointed
                 monitored = row.get(self.monitor)
                 if monitored is None:
@@ -923,9 +951,7 @@ class Trainer:
                     self.bad_epochs += 1
                 self.history.append(row)
                 logger.log(row, step=self.global_step)
-                self._save(self.last_path, epoch, row)
-                if improved:  # the same payload: copy the file, no second serialisation
-                    self._save(self.best_path, epoch, row, copy_of=self.last_path)
+                self._save(epoch, row, best=improved)
                 echo(_format_row(row, self.train.epochs, improved))
                 self.skipped.report(f"epoch {epoch + 1}")
                 for callback in self.callbacks:
@@ -938,9 +964,13 @@ class Trainer:
                     )
                     stopped_early = True
                     break
+        except BaseException as err:
+            self._checkpoints.close(err)  # the write taken is finished; err is not replaced
+            raise
         finally:
             logger.close()
             self.skipped.write()
+        self._checkpoints.close()  # returns once every checkpoint is written
         return TrainingResult(
             out_dir=self.out_dir,
             last_checkpoint=self.last_path,
