@@ -6,11 +6,13 @@
 # parts' budgets sum to 530 s), and writes its log and result file as it goes, so a part that
 # is killed keeps what it measured and cannot take the others with it.
 #
-# Parts not in the default PARTS (name them to run them): `engine_paper_long`, the engine at the
+# Parts not in the default PARTS (name them to run them): `engine_paper_sync`, the engine at the
+# paper geometry with its checkpoints written in the training thread (train.async_checkpoint
+# false; the default writes them in the background on a GPU); `engine_paper_long`, the engine at the
 # paper geometry with epochs of 10,000 images (does the loop's gap to the step shrink with the
 # epoch's length: a per-epoch refill of the loader, or a per-step cost?); `liftoff`, the jigsaw
 # lift-off levers on real photographs (bench_jigsaw_liftoff.py, every lever at the 300 steps of
-# the goal, then the best of them for 3,000 steps), `recipe`, the from-scratch fine-tuning recipes
+# the goal, then the best of them for 2,000 steps), `recipe`, the from-scratch fine-tuning recipes
 # of bench_finetune_recipe.py on the transfer benchmark's data, and `transfer`, the transfer
 # benchmark (bench_transfer.py) at 192 px images and 64 px patches for the two smallest label
 # budgets: the linear probe first, then the attention rows from scratch and pretrained.
@@ -72,7 +74,7 @@ else
     LIFTOFF_SWEEP=(--variants defaults+no_gap no_image_defences+no_gap defaults+small_gap
         flip_only+small_gap defaults+no_jitter defaults+no_gap+no_per_patch_norm
         defaults+flip_only defaults+crop --steps 300 --log-every 100)
-    LIFTOFF_LONG=(--steps 3000 --log-every 250)
+    LIFTOFF_LONG=(--steps 2000 --log-every 250)
     RECIPE=(--variants base encoder_norm lr3e-4 no_dropout pooled_head group_norm
         --budgets 8 32 128 --images 4000 --test-patients 500)
     # The transfer benchmark at 192 px images and 64 px patches, the two smallest budgets.
@@ -131,6 +133,11 @@ for p in $PARTS; do
     engine_paper) # the headline: patchssl pretrain end to end against the step, eager
         part engine_paper 100 "$PYTHON" benchmarks/bench_engine.py "${DEV[@]}" "${ENGINE_PAPER[@]}" \
             --workdir "$WORK/e2e_paper" --out "$WORK/engine_paper.json"
+        ;;
+    engine_paper_sync) # the same with the checkpoints written in the training thread
+        part engine_paper_sync 100 "$PYTHON" benchmarks/bench_engine.py "${DEV[@]}" \
+            "${ENGINE_PAPER[@]}" --async-checkpoint false --workdir "$WORK/e2e_paper" \
+            --out "$WORK/engine_paper_sync.json"
         ;;
     engine_paper_compiled) # the same with train.compile (whole pretext task)
         part engine_paper_compiled 130 "$PYTHON" benchmarks/bench_engine.py "${DEV[@]}" \
