@@ -363,6 +363,7 @@ def run_row(
         saved = np.load(result_file)
         return {"probs": saved["probs"], "weights": saved["weights"], "seconds": 0.0}
     out.mkdir(parents=True, exist_ok=True)
+    c.train.resume = (out / "last.pt").is_file()  # a run cut off before its scores goes on
     test = [data.records[i].path for i in data.test_index]
     c.data.split = str(save_split(out / "split_in.json", {"train": train, "val": [], "test": test}))
     c.out = str(out)
