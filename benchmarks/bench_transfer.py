@@ -270,7 +270,7 @@ def base_config(s: Settings, data: Data, threads: int) -> Any:
     c.data.manifest = str(data.manifest)
     c.data.label_map = "cervix"
     c.data.image_size = s.image_size
-    c.data.workers = 0
+    c.data.workers = 0 if threads else None  # on a GPU: the engine's loader workers
     c.model.backbone = s.backbone
     c.model.patch_size = s.patch_size
     c.model.input_norm = s.input_norm
