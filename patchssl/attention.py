@@ -6,6 +6,9 @@ References:
 
     Ilse, Tomczak, Welling. "Attention-based Deep Multiple Instance Learning." ICML 2018,
     arXiv:1802.04712.
+
+    Grandvalet, Bengio. "Semi-supervised Learning by Entropy Minimization." NeurIPS 2004
+    (Advances in Neural Information Processing Systems 17, 2005).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from torch import Tensor, nn
 
 from patchssl._validation import check_int, look_up
 
-__all__ = ["ATTENTION_MODES", "PatchAttention"]
+__all__ = ["ATTENTION_MODES", "PatchAttention", "weight_entropy"]
 
 #: The weighting rules :class:`PatchAttention` offers.
 ATTENTION_MODES: tuple[str, ...] = ("sigmoid", "softmax", "gated")
@@ -36,6 +39,58 @@ def _check_temperature(value: object, name: str) -> float:
             f"weights); got {value!r}"
         )
     return float(value)
+
+
+def _check_entropy_weight(value: object, name: str) -> float:
+    """``value`` as a float if it is a finite number >= 0, else a ``ValueError`` naming ``name``."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value < 0
+    ):
+        raise ValueError(
+            f"{name} must be a finite number >= 0 (0 = no entropy penalty, e.g. 0.1 pushes the "
+            f"attention towards fewer patches); got {value!r}"
+        )
+    return float(value)
+
+
+def weight_entropy(weights: Tensor) -> Tensor:
+    r"""Normalised entropy of each image's patch weights, in [0, 1].
+
+    The weights are clipped at 0 and divided by their sum, ``p_n = a_n / sum_m a_m`` (sigmoid
+    weights do not sum to 1), and
+
+        H = -sum_n p_n log p_n / log N,
+
+    with ``0 log 0 = 0``: 1 when all ``N`` weights are equal, 0 when one patch holds all the
+    weight. An image whose weights are all 0 counts as uniform (``H = 1``); with ``N = 1``
+    ``H = 0``. Differentiable (the entropy penalty of :class:`PatchAttention` minimises it);
+    :func:`patchssl.explain.lesion_hit_rate` reports its mean as ``weight_entropy``.
+
+    Args:
+        weights: ``(B, N)`` attention weights (any non-negative values).
+
+    Returns:
+        ``(B,)`` normalised entropies, in the dtype of ``weights``.
+
+    Example:
+        >>> weight_entropy(torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]]))
+        tensor([1., 0.])
+    """
+    if weights.ndim != 2:
+        raise ValueError(f"expected weights of shape (B, N); got {tuple(weights.shape)}")
+    n = weights.shape[1]
+    if n <= 1:
+        return weights.new_zeros(weights.shape[0])
+    a = weights.clamp_min(0)
+    total = a.sum(dim=1, keepdim=True)
+    tiny = torch.finfo(a.dtype).tiny
+    p = torch.where(total > 0, a / total.clamp_min(tiny), torch.full_like(a, 1.0 / n))
+    # p * log(p) with 0 log 0 = 0 and a finite gradient at p = 0.
+    entropy = -(p * p.clamp_min(tiny).log()).sum(dim=1)
+    return entropy / math.log(n)
 
 
 class PatchAttention(nn.Module):
@@ -75,6 +130,17 @@ class PatchAttention(nn.Module):
     patches win only through training (the order of the weights of one image is the order of
     its scores for any ``T``).
 
+    ``entropy_weight`` ``lambda >= 0`` adds an entropy penalty for training (entropy
+    minimisation, Grandvalet & Bengio 2005): every forward in training mode stores
+
+        aux_loss = lambda * mean_b H(a_b),
+
+    ``H`` the normalised entropy of :func:`weight_entropy` (the weights divided by their sum),
+    in :attr:`aux_loss`, which the training loop adds to the loss. Minimising it pushes the
+    weight onto fewer patches. :attr:`aux_loss` is ``None`` with ``lambda = 0`` (the default)
+    and in evaluation mode. Being computed inside ``forward``, it works unchanged under
+    ``DistributedDataParallel`` and ``torch.compile``.
+
     Args:
         dim: feature width ``D``.
         num_patches: patches per image ``N`` (the grid's cells); checked at every forward.
@@ -82,6 +148,12 @@ class PatchAttention(nn.Module):
         hidden_dim: width of ``V`` (and ``U``) in the softmax modes; unused by ``"sigmoid"``.
         position_bias: learn ``c_n``; default ``True`` for ``"sigmoid"``, ``False`` otherwise.
         temperature: ``T > 0`` dividing the scores (1 = no change).
+        entropy_weight: ``lambda >= 0`` of the entropy penalty (0 = off).
+
+    Attributes:
+        aux_loss: The penalty ``lambda * mean_b H(a_b)`` (a scalar tensor) of the last forward
+            in training mode; ``None`` when ``entropy_weight`` is 0 or after a forward in
+            evaluation mode.
 
     Shape:
         - Input: ``(B, N, D)``.
@@ -91,7 +163,9 @@ class PatchAttention(nn.Module):
         Chae et al., "Attentive Transfer Learning via Self-supervised Learning for Cervical
         Dysplasia Diagnosis", JIPS 2021. Ilse, Tomczak & Welling, "Attention-based Deep
         Multiple Instance Learning", ICML 2018. Hinton, Vinyals & Dean, "Distilling the
-        Knowledge in a Neural Network", arXiv:1503.02531, 2015 (the temperature).
+        Knowledge in a Neural Network", arXiv:1503.02531, 2015 (the temperature). Grandvalet
+        & Bengio, "Semi-supervised Learning by Entropy Minimization", NeurIPS 2004 (published
+        2005; the entropy penalty).
 
     Example:
         >>> att = PatchAttention(512, 9, mode="softmax")
@@ -109,6 +183,7 @@ class PatchAttention(nn.Module):
         *,
         position_bias: bool | None = None,
         temperature: float = 1.0,
+        entropy_weight: float = 0.0,
     ) -> None:
         super().__init__()
         for what, value in (("dim", dim), ("num_patches", num_patches), ("hidden_dim", hidden_dim)):
@@ -120,6 +195,8 @@ class PatchAttention(nn.Module):
         self.mode = mode
         self.hidden_dim = hidden_dim
         self.temperature = float(temperature)
+        self.entropy_weight = _check_entropy_weight(entropy_weight, "entropy_weight")
+        self.aux_loss: Tensor | None = None
         self.position_bias = mode == "sigmoid" if position_bias is None else bool(position_bias)
         if mode == "sigmoid":
             self.score = nn.Linear(dim, 1)
@@ -172,11 +249,16 @@ class PatchAttention(nn.Module):
         Returns:
             ``(reweighted, weights)``: ``(B, N, D)`` features ``a_n * h_n`` and ``(B, N)``
             weights (in (0, 1) for ``"sigmoid"``; summing to 1 over N for the softmax modes).
+            In training mode with ``entropy_weight > 0`` it also sets :attr:`aux_loss`.
         """
         scores = self.logits(features)
         if self.temperature != 1.0:
             scores = scores / self.temperature
         weights = torch.sigmoid(scores) if self.mode == "sigmoid" else scores.softmax(dim=1)
+        if self.training and self.entropy_weight > 0:
+            self.aux_loss = self.entropy_weight * weight_entropy(weights.float()).mean()
+        else:
+            self.aux_loss = None
         return features * weights.unsqueeze(-1), weights
 
     @property
@@ -189,11 +271,13 @@ class PatchAttention(nn.Module):
             "hidden_dim": self.hidden_dim,
             "position_bias": self.position_bias,
             "temperature": self.temperature,
+            "entropy_weight": self.entropy_weight,
         }
 
     def extra_repr(self) -> str:
         """Mode, width, patch count and whether the position bias is learned."""
         return (
             f"mode={self.mode!r}, dim={self.dim}, num_patches={self.num_patches}, "
-            f"position_bias={self.position_bias}, temperature={self.temperature}"
+            f"position_bias={self.position_bias}, temperature={self.temperature}, "
+            f"entropy_weight={self.entropy_weight}"
         )

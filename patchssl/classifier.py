@@ -28,7 +28,12 @@ import torch
 from torch import Tensor, nn
 
 from patchssl._validation import as_pair, check_int, look_up
-from patchssl.attention import ATTENTION_MODES, PatchAttention, _check_temperature
+from patchssl.attention import (
+    ATTENTION_MODES,
+    PatchAttention,
+    _check_entropy_weight,
+    _check_temperature,
+)
 from patchssl.checkpoint import CheckpointError, load_checkpoint
 from patchssl.encoder import SharedPatchEncoder
 from patchssl.pretext.base import standardize_patches
@@ -145,6 +150,10 @@ class PatchClassifier(nn.Module):
         attention_temperature: ``T > 0`` dividing the attention scores before the sigmoid or
             softmax (1: the paper's gate; below 1, sharper weights). See
             :class:`~patchssl.attention.PatchAttention`.
+        attention_entropy: ``lambda >= 0`` of the entropy penalty on the attention weights in
+            training (0: off): the attention's ``entropy_weight``, whose term
+            :attr:`aux_loss` returns (see :class:`~patchssl.attention.PatchAttention`).
+            Ignored with ``attention=None`` (the weights are constant).
         jitter_in_training: Let the tiler jitter patches in training mode (default ``False``:
             centre placement always; evaluation mode never jitters).
         input_norm: How each patch is normalised before the encoder: ``"encoder"`` (the
@@ -191,6 +200,7 @@ class PatchClassifier(nn.Module):
         dropout: float = 0.5,
         attention_hidden_dim: int = 128,
         attention_temperature: float = 1.0,
+        attention_entropy: float = 0.0,
         jitter_in_training: bool = False,
         input_norm: str = "encoder",
     ) -> None:
@@ -234,6 +244,7 @@ class PatchClassifier(nn.Module):
         self.attention_temperature = _check_temperature(
             attention_temperature, "attention_temperature"
         )
+        self.attention_entropy = _check_entropy_weight(attention_entropy, "attention_entropy")
         self.jitter_in_training = bool(jitter_in_training)
         self.input_norm = input_norm
         self.transfer_report = None
@@ -246,6 +257,7 @@ class PatchClassifier(nn.Module):
                 attention,
                 attention_hidden_dim,
                 temperature=attention_temperature,
+                entropy_weight=self.attention_entropy,
             )
             if attention is not None
             else None
@@ -317,6 +329,15 @@ class PatchClassifier(nn.Module):
             weights = features.new_ones(features.shape[:2])
         pooled = features.flatten(1) if self.head == "concat" else features.sum(dim=1)
         return self.fc(self.dropout(pooled)), weights, pooled
+
+    @property
+    def aux_loss(self) -> Tensor | None:
+        """The attention's entropy penalty of the last forward in training mode (a scalar).
+
+        ``None`` without attention, with ``attention_entropy=0`` or after a forward in
+        evaluation mode. A training loop adds it to the loss (the fine-tuning engine does).
+        """
+        return None if self.attention is None else self.attention.aux_loss
 
     def forward_head(self, features: Tensor, pre_logits: bool = False) -> Tensor:
         """Attention, pooling and the last layer, as timm's ``forward_head``.
@@ -399,6 +420,7 @@ class PatchClassifier(nn.Module):
             "dropout": self.dropout_p,
             "attention_hidden_dim": self.attention_hidden_dim,
             "attention_temperature": self.attention_temperature,
+            "attention_entropy": self.attention_entropy,
             "jitter_in_training": self.jitter_in_training,
             "input_norm": self.input_norm,
         }

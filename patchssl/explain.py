@@ -543,8 +543,9 @@ def lesion_hit_rate(
 
     ``selectivity`` says whether the gate chooses at all: the mean over all images of the
     highest minus the lowest weight (``weight_range``; 0 for a flat gate), and the mean
-    normalised entropy of the weights divided by their sum (``weight_entropy``: 1 when they are
-    all equal, 0 when one patch holds all the weight).
+    normalised entropy of the weights divided by their sum (``weight_entropy``, computed by
+    :func:`patchssl.attention.weight_entropy`: 1 when they are all equal, 0 when one patch
+    holds all the weight).
 
     Ties: when several patches share an image's highest weight within ``tie_tolerance`` (a
     saturated sigmoid gate gives 1.0 everywhere), the first maximum would be an arbitrary
@@ -637,15 +638,15 @@ def lesion_hit_rate(
     if n_patch == 0 or n_img == 0:
         return out
 
-    # Selectivity of the gate over every image.
-    p = np.clip(w, 0.0, None)
-    total = p.sum(axis=1, keepdims=True)
-    p = np.where(total > 0, p / np.where(total > 0, total, 1.0), 1.0 / n_patch)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        entropy = -np.sum(np.where(p > 0, p * np.log(p), 0.0), axis=1)
+    # Selectivity of the gate over every image (the entropy: the training penalty's helper).
+    import torch
+
+    from patchssl.attention import weight_entropy
+
+    entropy = float(weight_entropy(torch.from_numpy(np.ascontiguousarray(w))).mean())
     out["selectivity"] = {
         "weight_range": float((w.max(axis=1) - w.min(axis=1)).mean()),
-        "weight_entropy": float((entropy / math.log(n_patch)).mean()) if n_patch > 1 else nan,
+        "weight_entropy": entropy if n_patch > 1 else nan,
     }
 
     # Top patches, with ties: each image scores the share of its tied top patches on the lesion.

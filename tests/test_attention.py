@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from patchssl.attention import ATTENTION_MODES, PatchAttention
+from patchssl.attention import ATTENTION_MODES, PatchAttention, weight_entropy
 
 B, N, D = 3, 9, 16
 
@@ -162,3 +162,92 @@ def test_temperature_one_is_the_default_rule_and_round_trips():
 def test_bad_temperature_is_refused(bad):
     with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
         PatchAttention(D, N, temperature=bad)
+
+
+# ---------------------------------------------------------------- entropy penalty
+
+
+def _hand_entropy(row: list[float]) -> float:
+    """Normalised entropy of one image's weights divided by their sum, written out."""
+    total = sum(row)
+    p = [a / total for a in row]
+    return -sum(q * math.log(q) for q in p if q > 0) / math.log(len(row))
+
+
+def test_weight_entropy_matches_a_hand_computation():
+    rows = [
+        [0.9, 0.1, 0.5, 0.5],
+        [0.25, 0.25, 0.25, 0.25],
+        [1.0, 0.0, 0.0, 0.0],
+        [0.7, 0.2, 0.0, 0.1],
+    ]
+    got = weight_entropy(torch.tensor(rows, dtype=torch.float64))
+    torch.testing.assert_close(
+        got, torch.tensor([_hand_entropy(r) for r in rows], dtype=torch.float64)
+    )
+    assert got[1] == pytest.approx(1.0) and got[2] == 0.0
+    # all-zero weights count as uniform, one patch has no entropy, and negatives are clipped
+    assert weight_entropy(torch.zeros(1, 4)).item() == pytest.approx(1.0)
+    assert weight_entropy(torch.ones(2, 1)).tolist() == [0.0, 0.0]
+    torch.testing.assert_close(
+        weight_entropy(torch.tensor([[-1.0, 2.0, 2.0]])),
+        weight_entropy(torch.tensor([[0.0, 1.0, 1.0]])),
+    )
+    with pytest.raises(ValueError, match=r"\(B, N\)"):
+        weight_entropy(torch.ones(9))
+
+
+def test_weight_entropy_has_finite_gradients_at_zero_weights():
+    w = torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.5, 0.0]], requires_grad=True)
+    weight_entropy(w).sum().backward()
+    assert torch.isfinite(w.grad).all()
+
+
+@pytest.mark.parametrize("mode", ATTENTION_MODES)
+def test_entropy_penalty_is_lambda_times_the_mean_entropy(mode):
+    feats = _features(torch.device("cpu"))
+    att = PatchAttention(D, N, mode, hidden_dim=4, entropy_weight=0.3).train()
+    _, weights = att(feats)
+    rows = weights.detach().double().tolist()
+    expected = 0.3 * sum(_hand_entropy(r) for r in rows) / len(rows)
+    assert att.aux_loss is not None and att.aux_loss.ndim == 0
+    assert att.aux_loss.item() == pytest.approx(expected, rel=1e-5)
+    # it is differentiable in the attention's parameters: minimising it sharpens the weights
+    att.aux_loss.backward()
+    assert att.score.weight.grad is not None and att.score.weight.grad.abs().sum() > 0
+
+
+def test_entropy_penalty_is_none_when_off_or_in_eval():
+    feats = _features(torch.device("cpu"))
+    off = PatchAttention(D, N, entropy_weight=0.0).train()
+    off(feats)
+    assert off.aux_loss is None
+    on = PatchAttention(D, N, entropy_weight=1.0).train()
+    on(feats)
+    assert on.aux_loss is not None
+    on.eval()
+    with torch.no_grad():
+        on(feats)
+    assert on.aux_loss is None  # evaluation clears the term of the last training forward
+
+
+def test_entropy_penalty_survives_torch_compile():
+    feats = _features(torch.device("cpu"))
+    att = PatchAttention(D, N, "softmax", hidden_dim=4, entropy_weight=0.5).train()
+    att(feats)
+    eager = att.aux_loss.detach().clone()
+    att.aux_loss = None
+    compiled = torch.compile(att, backend="eager", fullgraph=False)
+    compiled(feats)
+    assert att.aux_loss is not None
+    torch.testing.assert_close(att.aux_loss.detach(), eager)
+
+
+def test_entropy_weight_round_trips_and_bad_values_are_refused():
+    att = PatchAttention(D, N, entropy_weight=0.25)
+    again = PatchAttention(**att.config)
+    assert again.entropy_weight == 0.25 and "entropy_weight=0.25" in repr(again)
+    assert PatchAttention(D, N).entropy_weight == 0.0
+    for bad in (-0.1, float("inf"), float("nan"), True, "0.1"):
+        with pytest.raises(ValueError, match="entropy_weight must be a finite number >= 0"):
+            PatchAttention(D, N, entropy_weight=bad)

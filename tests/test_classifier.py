@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from patchssl.attention import weight_entropy
 from patchssl.checkpoint import CheckpointError, save_checkpoint
 from patchssl.classifier import ClassifierOutput, PatchClassifier, TransferReport
 from patchssl.encoder import SharedPatchEncoder
@@ -266,6 +267,33 @@ def test_attention_temperature_reaches_the_gate_and_round_trips(encoder):
     for bad in (0, -1.0, float("nan"), "0.5", True):
         with pytest.raises(ValueError, match="attention_temperature must be a finite number > 0"):
             PatchClassifier(encoder, tiler=_tiler(), attention=None, attention_temperature=bad)
+
+
+def test_attention_entropy_reaches_the_gate_and_round_trips(encoder):
+    clf = PatchClassifier(encoder, tiler=_tiler(), hidden_dim=8, attention_entropy=0.5)
+    assert clf.attention.entropy_weight == 0.5 and clf.aux_loss is None
+    images = _images()
+    out = clf.train().forward_with_attention(images)
+    expected = 0.5 * weight_entropy(out.weights.detach()).mean()
+    torch.testing.assert_close(clf.aux_loss.detach(), expected)
+    clf.train()(images)  # the plain forward sets it too (the training loop's call)
+    assert clf.aux_loss is not None
+    with torch.no_grad():
+        clf.eval()(images)
+    assert clf.aux_loss is None
+    config = json.loads(json.dumps(clf.config))
+    assert config["attention_entropy"] == 0.5
+    assert PatchClassifier.from_config(config).attention.entropy_weight == 0.5
+    # a config written before the option existed rebuilds with the penalty off
+    del config["attention_entropy"]
+    assert PatchClassifier.from_config(config).attention_entropy == 0.0
+    # no attention: nothing to penalise
+    none = PatchClassifier(encoder, tiler=_tiler(), attention=None, attention_entropy=0.5)
+    none.train()(images)
+    assert none.aux_loss is None
+    for bad in (-1.0, float("nan"), "0.5", True):
+        with pytest.raises(ValueError, match="attention_entropy must be a finite number >= 0"):
+            PatchClassifier(encoder, tiler=_tiler(), attention=None, attention_entropy=bad)
 
 
 # ---------------------------------------------------------------- transfer

@@ -148,6 +148,10 @@ class ModelConfig:
             ``gated`` or ``none``.
         attention_temperature: Divides the attention scores before the sigmoid or softmax
             (1: the paper's gate; below 1, sharper weights).
+        attention_entropy: Weight ``lambda >= 0`` of an entropy penalty on the attention
+            weights during fine-tuning (the loss adds ``lambda`` times their mean normalised
+            entropy, pushing the weight onto fewer patches; entropy minimisation, Grandvalet &
+            Bengio 2005). 0 (the default) turns it off.
         head: Classifier head: ``concat`` (per-patch layers, concatenated; the paper) or
             ``pooled``.
         dropout: Dropout probability before the final layer (default 0.5; 0 turns it off).
@@ -169,6 +173,7 @@ class ModelConfig:
     norm: str = "batch"
     attention: str = "sigmoid"
     attention_temperature: float = 1.0
+    attention_entropy: float = 0.0
     head: str = "concat"
     dropout: float = 0.5
     num_classes: int = 2

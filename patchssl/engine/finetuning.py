@@ -119,6 +119,7 @@ def build_classifier(config: Config, device: torch.device) -> tuple[nn.Module, s
         "head": m.head,
         "dropout": m.dropout,
         "attention_temperature": m.attention_temperature,
+        "attention_entropy": m.attention_entropy,
     }
     if m.input_norm != "auto":
         kwargs["input_norm"] = m.input_norm
@@ -301,6 +302,9 @@ class FinetuneTask:
         logits = self.train_model(images, generator=generator)
         labels = batch["label"]
         loss = self.loss(logits, labels)
+        aux = getattr(self.model, "aux_loss", None)  # the attention's entropy penalty, if on
+        if aux is not None:
+            loss = loss + aux.float()
         correct = (logits.detach().argmax(-1) == labels).sum()
         return StepOutput(loss, int(labels.shape[0]), correct)
 
