@@ -151,7 +151,7 @@ class ModelConfig:
         attention_entropy: Weight ``lambda >= 0`` of an entropy penalty on the attention
             weights during fine-tuning (the loss adds ``lambda`` times their mean normalised
             entropy, pushing the weight onto fewer patches; entropy minimisation, Grandvalet &
-            Bengio 2005). 0 (the default) turns it off.
+            Bengio 2005; the logged ``train_loss`` includes it). 0 (the default) turns it off.
         head: Classifier head: ``concat`` (per-patch layers, concatenated; the paper) or
             ``pooled``.
         dropout: Dropout probability before the final layer (default 0.5; 0 turns it off).

@@ -291,7 +291,11 @@ class FinetuneTask:
         return F.cross_entropy(logits.float(), labels, weight=self.weight)
 
     def step(self, batch: dict[str, Any], generator: torch.Generator | None) -> StepOutput:
-        """One step on ``batch["image"]`` (B, C, H, W) uint8 and ``batch["label"]`` (B,)."""
+        """One step on ``batch["image"]`` (B, C, H, W) uint8 and ``batch["label"]`` (B,).
+
+        The loss is the cross-entropy plus the model's ``aux_loss`` when it has one (the
+        attention's entropy penalty, ``model.attention_entropy``), computed in the forward.
+        """
         images = batch["image"]
         if self.augment == "flip":
             images = random_flips(images, generator)
