@@ -340,10 +340,11 @@ def test_attention_entropy_penalty_sharpens_the_weights(data, tmp_path):
         config = tiny_config(data, tmp_path / str(lam), epochs=3)
         config.model.attention_entropy = lam
         # near-uniform weights are where the entropy is flattest (zero gradient at the
-        # maximum): a few steps need a large step size to move away from it
-        config.train.lr = 0.05
+        # maximum): a few steps need a larger step size to move away from it (not so large
+        # that the gate saturates at 1 everywhere, which is flat again)
+        config.train.lr = 0.01
         result = finetune(config)
         ckpt = load_checkpoint(result.last_checkpoint)
         assert ckpt["model_config"]["classifier"]["attention_entropy"] == lam  # rebuilds
         entropies[lam] = _mean_weight_entropy(result.last_checkpoint, data)
-    assert entropies[10.0] < entropies[0.0] - 0.01, entropies
+    assert entropies[10.0] < entropies[0.0] - 0.1, entropies
