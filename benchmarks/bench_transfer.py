@@ -167,6 +167,44 @@ def _key(*parts: Any) -> str:
     return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
+def _changed(config: dict[str, Any], *sections: str) -> dict[str, Any]:
+    """The entries of ``config``'s ``sections`` that differ from the library's defaults.
+
+    A cache key built from these stays the same when the library gains an option (with a
+    default that changes nothing), and ignores where a run runs (device, threads).
+    """
+    from patchssl.engine.config import Config
+
+    defaults = Config().to_dict()
+    out: dict[str, Any] = {}
+    for name in sections:
+        if not isinstance(config[name], dict):  # "out": where, not what
+            continue
+        section = {
+            k: v
+            for k, v in config[name].items()
+            if v != defaults[name].get(k, object()) and k not in ("device", "num_threads")
+        }
+        out[name] = section
+    return out
+
+
+def _generator_fingerprint(image_size: int) -> str:
+    """What the synthetic generator draws for fixed seeds: a changed generator draws new data.
+
+    The pixels of two rendered images (one with a lesion) and the parameters of a few drawn
+    patients, so that edits to the generator's comments or argument checks keep the cache.
+    """
+    from patchssl.data.synthetic import render_cervix, sample_cervix_params
+
+    digest = hashlib.sha1()
+    rng = np.random.default_rng(DATA_SEED)
+    for lesion in (False, True):
+        digest.update(render_cervix(rng, image_size, lesion=lesion).image.tobytes())
+    digest.update(repr([sample_cervix_params(rng) for _ in range(4)]).encode())
+    return digest.hexdigest()
+
+
 # ------------------------------------------------------------------------------------ data
 @dataclass
 class Data:
@@ -190,9 +228,7 @@ def make_data(s: Settings, cache: Path) -> Data:
 
     pool_size = math.ceil(1.25 * max(s.budgets)) + 4  # room for 40% +- chance per class
     n_patients = s.test_patients + pool_size
-    import patchssl.data.synthetic as generator
-
-    source = Path(generator.__file__).read_bytes()  # a changed generator draws new data
+    source = _generator_fingerprint(s.image_size)  # a changed generator draws new data
     key = _key(s.image_size, s.num_unlabeled, n_patients, s.images_per_patient, DATA_SEED, source)
     root = cache / f"data_{key}"
     done = root / "done.json"
@@ -296,7 +332,7 @@ def pretrain_checkpoint(s: Settings, data: Data, cache: Path, threads: int) -> P
     c.train.epochs = s.pretrain_epochs
     c.train.class_weights = "none"
     c.train.seed = 0
-    key = _key(c.to_dict()["model"], c.to_dict()["pretext"], str(data.root), s.pretrain_epochs)
+    key = _key(_changed(c.to_dict(), "model", "pretext"), str(data.root), s.pretrain_epochs)
     out = cache / f"pretrain_{key}"
     done = out / "done.json"
     if done.is_file():
@@ -356,7 +392,8 @@ def run_row(
     patients = budget_patients(data, budget, seed)
     train = [data.records[i].path for p in patients for i in data.pool[p]]
     c.train.epochs = _epochs(s, len(train))
-    key = _key(_portable(c.to_dict()), budget, sorted(patients))
+    config = c.to_dict()
+    key = _key(_changed(config, *config), budget, sorted(patients))
     out = cache / "runs" / f"{row}_b{budget}_s{seed}_{key}"
     result_file = out / "test_scores.npz"
     if result_file.is_file():
@@ -377,12 +414,6 @@ def run_row(
     for name in ("last.pt", "best.pt"):  # the scores are what the benchmark keeps
         (out / name).unlink(missing_ok=True)
     return {"probs": probs, "weights": weights, "seconds": seconds}
-
-
-def _portable(config: dict[str, Any]) -> dict[str, Any]:
-    """The run's configuration without where it runs (device, threads): the cache key."""
-    train = {k: v for k, v in config["train"].items() if k not in ("device", "num_threads")}
-    return {**config, "train": train}
 
 
 def _device(config: Any) -> Any:
@@ -409,7 +440,7 @@ def probe_features(
     c.model.init = str(checkpoint) if checkpoint is not None else None
     c.model.attention = "none"
     c.train.seed = 0
-    key = _key(c.to_dict()["model"], str(checkpoint), data.images.shape)
+    key = _key(_changed(c.to_dict(), "model"), str(checkpoint), data.images.shape)
     path = cache / f"patch_features_{s.pretext if checkpoint else 'random'}_{key}.npy"
     if path.is_file():
         return pool_patch_features(np.load(path), s.probe_pool)
