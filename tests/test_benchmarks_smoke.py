@@ -138,6 +138,32 @@ def test_transfer_probe_alone_with_another_pretext(tmp_path: Path) -> None:
                              "crop_scale=[0.5,1.0]"])  # fmt: skip
 
 
+def test_transfer_cache_keys_ignore_defaults_device_and_threads() -> None:
+    import bench_transfer
+
+    from patchssl.engine.config import Config
+
+    base = Config().to_dict()
+    assert bench_transfer._changed(base, *base) == {
+        k: {} for k, v in base.items() if isinstance(v, dict)
+    }
+    moved = Config()
+    moved.train.device, moved.train.num_threads = "cuda", 7
+    assert bench_transfer._changed(moved.to_dict(), *base) == bench_transfer._changed(base, *base)
+    changed = Config()
+    changed.model.attention_temperature = 0.5
+    assert bench_transfer._changed(changed.to_dict(), "model") == {
+        "model": {"attention_temperature": 0.5}
+    }
+    # the data key follows what the generator draws, at each image size
+    first = bench_transfer._generator_fingerprint(64)
+    assert (
+        first
+        == bench_transfer._generator_fingerprint(64)
+        != bench_transfer._generator_fingerprint(96)
+    )
+
+
 def test_finetune_recipe_trains_and_scores_in_memory(tmp_path: Path, monkeypatch) -> None:
     import sys
 
