@@ -284,38 +284,38 @@ def test_bad_schedule_options(data, tmp_path, key, value, message):
         finetune(config)
 
 
-def test_model_attention_temperature_reaches_the_classifier(data, pretrained, tmp_path):
+@pytest.mark.parametrize(
+    ("key", "value", "attribute", "bad", "invalid", "message"),
+    [
+        ("attention_temperature", 0.5, "temperature", "warm", 0.0, "attention_temperature"),
+        (
+            "attention_entropy",
+            0.2,
+            "entropy_weight",
+            "strong",
+            -0.1,
+            "attention_entropy must be a finite number >= 0",
+        ),
+    ],
+)
+def test_model_attention_options_reach_the_classifier(
+    data, pretrained, tmp_path, key, value, attribute, bad, invalid, message
+):
     import torch
 
     from patchssl.engine.config import apply_overrides
     from patchssl.engine.finetuning import build_classifier
 
-    config = apply_overrides(tiny_config(data, tmp_path), ["model.attention_temperature=0.5"])
+    config = apply_overrides(tiny_config(data, tmp_path), [f"model.{key}={value}"])
     scratch, _, _ = build_classifier(config, torch.device("cpu"))
-    assert scratch.attention.temperature == 0.5
+    assert getattr(scratch.attention, attribute) == value
     config.model.init = str(pretrained.best_checkpoint)
     transferred, _, _ = build_classifier(config, torch.device("cpu"))
-    assert transferred.attention.temperature == 0.5
+    assert getattr(transferred.attention, attribute) == value
     with pytest.raises(ConfigError):
-        apply_overrides(config, ["model.attention_temperature=warm"])
-
-
-def test_model_attention_entropy_reaches_the_classifier(data, pretrained, tmp_path):
-    import torch
-
-    from patchssl.engine.config import apply_overrides
-    from patchssl.engine.finetuning import build_classifier
-
-    config = apply_overrides(tiny_config(data, tmp_path), ["model.attention_entropy=0.2"])
-    scratch, _, _ = build_classifier(config, torch.device("cpu"))
-    assert scratch.attention.entropy_weight == 0.2
-    config.model.init = str(pretrained.best_checkpoint)
-    transferred, _, _ = build_classifier(config, torch.device("cpu"))
-    assert transferred.attention.entropy_weight == 0.2
-    with pytest.raises(ConfigError):
-        apply_overrides(config, ["model.attention_entropy=strong"])
-    config.model.attention_entropy = -0.1
-    with pytest.raises(ConfigError, match="attention_entropy must be a finite number >= 0"):
+        apply_overrides(config, [f"model.{key}={bad}"])
+    setattr(config.model, key, invalid)
+    with pytest.raises((ConfigError, ValueError), match=message):
         build_classifier(config, torch.device("cpu"))
 
 
