@@ -538,7 +538,7 @@ class ProbeResult:
 
     Attributes:
         scores: ``{(method, pooling): {"auc": {"value", "ci"}, "accuracy": {...}}}`` with
-            method ``"linear"``/``"knn"`` and pooling ``"mean"``/``"concat"``.
+            method ``"linear"``/``"knn"`` and pooling ``"mean"``/``"max"``/``"concat"``.
         position: The :func:`position_probe` result, or ``None``.
         counts: ``images``, ``patients``, ``positives``, ``train_images``, ``test_images``,
             ``train_patients``, ``test_patients``, ``num_patches``, ``feature_dim``.
@@ -571,16 +571,18 @@ class ProbeResult:
         """The JSON layout of ``probe.json``.
 
         ``linear`` and ``knn`` at the top level use mean-pooled features (``"pooling":
-        "mean"``); ``concat`` holds the same two for concatenated features; every figure is
-        ``{"value": x, "ci": [lo, hi]}`` (``ci`` ``null`` without bootstrap).
+        "mean"``); ``max`` and ``concat`` hold the same two for max-pooled and concatenated
+        features; every figure is ``{"value": x, "ci": [lo, hi]}`` (``ci`` ``null`` without
+        bootstrap).
         """
         out: dict[str, Any] = {"pooling": "mean"}
         for method in METHODS:
             if (method, "mean") in self.scores:
                 out[method] = self.scores[(method, "mean")]
-        concat = {m: self.scores[(m, "concat")] for m in METHODS if (m, "concat") in self.scores}
-        if concat:
-            out["concat"] = concat
+        for pooling in POOLINGS[1:]:
+            found = {m: self.scores[(m, pooling)] for m in METHODS if (m, pooling) in self.scores}
+            if found:
+                out[pooling] = found
         if self.position is not None:
             out["position"] = self.position
         out["counts"] = dict(self.counts)
@@ -898,7 +900,7 @@ def compare_probes(
         a: The probe of one encoder (e.g. the pretrained one).
         b: The probe of the other (e.g. a random initialisation of the same geometry).
         method: ``"linear"`` or ``"knn"``.
-        pooling: ``"mean"`` or ``"concat"``.
+        pooling: ``"mean"``, ``"max"`` or ``"concat"``.
         metric: ``"auc"`` or ``"accuracy"``.
         n_boot: Bootstrap resamples.
         alpha: 1 - confidence level.

@@ -303,7 +303,10 @@ def test_probe_command_end_to_end_writes_probe_json(data, pretrained, tmp_path):
     assert proc.returncode == 0, proc.stderr
     report = json.loads((out / "probe.json").read_text())
     assert report["pooling"] == "mean"
-    figures = [report["linear"], report["knn"], report["concat"]["linear"], report["concat"]["knn"]]
+    figures = [report["linear"], report["knn"]]
+    figures += [
+        report[pooling][method] for pooling in ("max", "concat") for method in ("linear", "knn")
+    ]
     for probe in figures:
         assert set(probe) == {"auc", "accuracy"}
         for fig in probe.values():
