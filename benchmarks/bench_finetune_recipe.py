@@ -55,6 +55,28 @@ VARIANTS: dict[str, list[str]] = {
     "no_flip": ["train.augment=none"],
     "group_norm": ["model.norm=group"],
     "sgd": ["train.optimizer=sgd", "train.lr=0.01"],
+    # The attention and the head (the base variant has no attention and the concat head).
+    "sigmoid": ["model.attention=sigmoid"],
+    "pooled_softmax": ["model.head=pooled", "model.attention=softmax"],
+    "pooled_gated": ["model.head=pooled", "model.attention=gated"],
+    # ... with ImageNet-normalised input instead of per-patch standardisation.
+    "encoder_norm+sigmoid": ["model.input_norm=encoder", "model.attention=sigmoid"],
+    "encoder_norm+pooled": ["model.input_norm=encoder", "model.head=pooled"],
+    "encoder_norm+pooled_sigmoid": [
+        "model.input_norm=encoder",
+        "model.head=pooled",
+        "model.attention=sigmoid",
+    ],
+    "encoder_norm+pooled_softmax": [
+        "model.input_norm=encoder",
+        "model.head=pooled",
+        "model.attention=softmax",
+    ],
+    "encoder_norm+pooled_gated": [
+        "model.input_norm=encoder",
+        "model.head=pooled",
+        "model.attention=gated",
+    ],
 }
 
 

@@ -252,8 +252,9 @@ def make_data(s: Settings, cache: Path) -> Data:
         stack = np.stack(
             [np.asarray(Image.open(r.path).convert("RGB")).transpose(2, 0, 1) for r in records]
         )
-        np.save(arrays.with_suffix(".tmp.npy"), stack)
-        os.replace(arrays.with_suffix(".tmp.npy"), arrays)
+        tmp = arrays.with_suffix(f".{os.getpid()}.tmp.npy")  # processes sharing the cache
+        np.save(tmp, stack)
+        os.replace(tmp, arrays)
     images = np.load(arrays)
     # Patients P000.. in manifest order: the first test_patients are the test set.
     patients = sorted({r.patient for r in records})
@@ -324,6 +325,19 @@ def base_config(s: Settings, data: Data, threads: int) -> Any:
     return c
 
 
+#: ``model`` options that only the classifier reads: they do not key the pretraining.
+CLASSIFIER_ONLY = (
+    "attention",
+    "attention_temperature",
+    "attention_entropy",
+    "head",
+    "dropout",
+    "num_classes",
+    "init",
+    "input_norm",
+)
+
+
 def pretrain_checkpoint(s: Settings, data: Data, cache: Path, threads: int) -> Path:
     """Pretrain the pretext task once per setting (cached; an interrupted run resumes)."""
     from patchssl.engine import pretrain
@@ -332,7 +346,10 @@ def pretrain_checkpoint(s: Settings, data: Data, cache: Path, threads: int) -> P
     c.train.epochs = s.pretrain_epochs
     c.train.class_weights = "none"
     c.train.seed = 0
-    key = _key(_changed(c.to_dict(), "model", "pretext"), str(data.root), s.pretrain_epochs)
+    changed = _changed(c.to_dict(), "model", "pretext")
+    for name in CLASSIFIER_ONLY:  # options the pretraining does not read
+        changed.get("model", {}).pop(name, None)
+    key = _key(changed, str(data.root), s.pretrain_epochs)
     out = cache / f"pretrain_{key}"
     done = out / "done.json"
     if done.is_file():
@@ -372,7 +389,7 @@ def run_row(
     row: str,
     budget: int,
     seed: int,
-    checkpoint: Path,
+    checkpoint: Path | None,
     cache: Path,
     threads: int,
 ) -> dict[str, Any]:
@@ -836,7 +853,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     data = make_data(s, cache)
-    checkpoint = pretrain_checkpoint(s, data, cache, args.threads)
+    # Pretrain only for what uses it: the rows from the pretrained encoder, or the probe.
+    needs_pretraining = not args.no_probe or any(ROWS[row][0] for row in s.rows)
+    checkpoint = pretrain_checkpoint(s, data, cache, args.threads) if needs_pretraining else None
 
     scores: dict[tuple[str, int, int], np.ndarray] = {}
     weights: dict[tuple[str, int, int], np.ndarray] = {}
@@ -862,7 +881,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "machine": describe_machine(),
         "test_images": len(recs),
         "test_positives": int(labels.sum()),
-        "pretrain_checkpoint": str(checkpoint),
+        "pretrain_checkpoint": None if checkpoint is None else str(checkpoint),
         "auc": aucs,
         "diffs": diffs,
     }
