@@ -138,6 +138,23 @@ def test_transfer_probe_alone_with_another_pretext(tmp_path: Path) -> None:
                              "crop_scale=[0.5,1.0]"])  # fmt: skip
 
 
+def test_transfer_pretrains_only_for_what_uses_it(tmp_path: Path) -> None:
+    import bench_transfer
+
+    args = [*_MICRO, "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "out")]
+    scratch = bench_transfer.main([*args, "--rows", "al", "--no-probe"])
+    assert scratch["pretrain_checkpoint"] is None
+    assert not list((tmp_path / "cache").glob("pretrain_*"))
+    probe = bench_transfer.main([*args, "--rows"])  # the probe needs the pretraining
+    assert probe["pretrain_checkpoint"] is not None
+    # Options that only the classifier reads do not pretrain again.
+    classifier_only = [*args, "--rows", "--input-norm", "encoder", "--attention", "softmax",
+                       "--set", "model.head=pooled", "model.dropout=0.1"]  # fmt: skip
+    again = bench_transfer.main(classifier_only)
+    assert again["pretrain_checkpoint"] == probe["pretrain_checkpoint"]
+    assert len(list((tmp_path / "cache").glob("pretrain_*"))) == 1
+
+
 def test_transfer_cache_keys_ignore_defaults_device_and_threads() -> None:
     import bench_transfer
 
