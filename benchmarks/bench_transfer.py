@@ -574,6 +574,60 @@ def paired_table(
     return aucs, diffs
 
 
+def top_patch_hits(
+    weights: np.ndarray, data: Data, boxes: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Whether each positive test image's top-weighted patch, and its middle patch, hit the lesion.
+
+    Args:
+        weights: ``(n_test, N)`` attention weights.
+        data: The benchmark data (lesion boxes and labels of the test images).
+        boxes: Patch boxes (N, 4).
+
+    Returns:
+        ``(top, middle, patients, counted)``: float hit vectors of the top-weighted and the
+        middle patch, and the patient of each, over the positive test images with a lesion
+        box; ``counted`` marks those images among all test images.
+    """
+    recs = [data.records[i] for i in data.test_index]
+    labels = np.array([r.label for r in recs])
+    lesions = np.array(
+        [
+            [float(r.extra.get(f"lesion_{k}") or "nan") for k in ("x0", "y0", "x1", "y1")]
+            for r in recs
+        ]
+    )
+    counted = (labels == 1) & np.isfinite(lesions).all(axis=1)
+    n = boxes.shape[0]
+    ix = np.minimum(boxes[None, :, 2], lesions[:, None, 2]) - np.maximum(
+        boxes[None, :, 0], lesions[:, None, 0]
+    )
+    iy = np.minimum(boxes[None, :, 3], lesions[:, None, 3]) - np.maximum(
+        boxes[None, :, 1], lesions[:, None, 1]
+    )
+    overlap = (np.nan_to_num(ix) > 0) & (np.nan_to_num(iy) > 0)
+    top = overlap[np.arange(len(recs)), np.argmax(weights, axis=1)]
+    patients = np.array([r.patient for r in recs])
+    return (
+        top[counted].astype(float),
+        overlap[counted, n // 2].astype(float),
+        patients[counted],
+        counted,
+    )
+
+
+def patient_multiplicities(patients: np.ndarray, n_boot: int, seed: int = 54321) -> np.ndarray:
+    """How often each image is drawn in each of ``n_boot`` patient resamples: ``(n_boot, m)``.
+
+    Every comparison that uses the same ``seed`` resamples the same patients, so differences
+    of means taken with these weights are paired.
+    """
+    uniq, inv = np.unique(patients, return_inverse=True)
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, len(uniq), size=(n_boot, len(uniq)))
+    return np.stack([np.bincount(d, minlength=len(uniq)) for d in draws])[:, inv]
+
+
 def localisation(
     weights: dict[tuple[str, int, int], np.ndarray],
     data: Data,
@@ -602,24 +656,7 @@ def localisation(
             for r in recs
         ]
     )
-    counted = (labels == 1) & np.isfinite(lesions).all(axis=1)
-    n = boxes.shape[0]
-    middle = np.zeros((len(recs), n))
-    middle[:, n // 2] = 1.0
-    ix = np.minimum(boxes[None, :, 2], lesions[:, None, 2]) - np.maximum(
-        boxes[None, :, 0], lesions[:, None, 0]
-    )
-    iy = np.minimum(boxes[None, :, 3], lesions[:, None, 3]) - np.maximum(
-        boxes[None, :, 1], lesions[:, None, 1]
-    )
-    overlap = np.nan_to_num(ix) > 0
-    overlap &= np.nan_to_num(iy) > 0
-    mid_hit = overlap[:, n // 2]
-    patients = np.array([r.patient for r in recs])[counted]
-    uniq, inv = np.unique(patients, return_inverse=True)
-    rng = np.random.default_rng(54321)
-    draws = rng.integers(0, len(uniq), size=(n_boot, len(uniq)))
-    mult = np.stack([np.bincount(d, minlength=len(uniq)) for d in draws])[:, inv]  # (n_boot, m)
+    mult = None
     out = []
     keys = sorted({(r, b) for r, b, _ in weights})
     for row, b in keys:
@@ -627,30 +664,30 @@ def localisation(
         for (r2, b2, _k), w in sorted(weights.items()):
             if (r2, b2) != (row, b):
                 continue
+            counted = np.isfinite(lesions).all(axis=1) & (labels == 1)
             res = lesion_hit_rate(boxes, w, np.where(counted[:, None], lesions, np.nan), labels)
-            top = np.argmax(w, axis=1)
-            hit = overlap[np.arange(len(recs)), top][counted].astype(float)
-            d = hit - mid_hit[counted]
-            diffs.append((mult @ d) / mult.sum(axis=1))
+            hit, mid_hit, patients, _ = top_patch_hits(w, data, boxes)
+            if mult is None:
+                mult = patient_multiplicities(patients, n_boot)
+            diffs.append((mult @ (hit - mid_hit)) / mult.sum(axis=1))
             spread = float(np.mean(w.max(axis=1) - w.min(axis=1)))
-            per_seed.append((res["hit_rate"], res["chance"], spread))
+            per_seed.append((res["hit_rate"], res["chance"], spread, float(mid_hit.mean())))
         boot = np.mean(diffs, axis=0)
         lo, hi = np.percentile(boot, [2.5, 97.5])
+        middle = per_seed[0][3]
         out.append(
             {
                 "row": row,
                 "budget": b,
                 "seeds": len(per_seed),
                 "top_patch_hit": float(np.mean([p[0] for p in per_seed])),
-                "middle_patch_hit": float(mid_hit[counted].mean()),
+                "middle_patch_hit": middle,
                 "chance": float(np.mean([p[1] for p in per_seed])),
-                "diff_vs_middle": float(
-                    np.mean([p[0] for p in per_seed]) - mid_hit[counted].mean()
-                ),
+                "diff_vs_middle": float(np.mean([p[0] for p in per_seed]) - middle),
                 "ci_low": float(lo),
                 "ci_high": float(hi),
                 "weight_spread": float(np.mean([p[2] for p in per_seed])),
-                "positives": int(counted.sum()),
+                "positives": len(mid_hit),
             }
         )
     return out

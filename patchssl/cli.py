@@ -396,7 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--attention",
         choices=["sigmoid", "softmax", "gated", "none"],
-        help="patch attention (model.attention; the paper: sigmoid)",
+        help="patch attention (model.attention; default softmax, the paper: sigmoid)",
     )
     _add_options(p, *_LABEL_OPTIONS, *_GEOMETRY_OPTIONS, *_TRAINING_OPTIONS, *_DEVICE_OPTIONS)
 

@@ -104,7 +104,7 @@ def test_timm_model_contract(encoder):
         logits = clf.forward_head(feats)
         torch.testing.assert_close(logits, clf(images))
         pooled = clf.forward_head(feats, pre_logits=True)
-        assert pooled.shape == (2, 32)
+        assert pooled.shape == (2, 8)  # the default pooled head: hidden_dim
         torch.testing.assert_close(clf.get_classifier()(pooled), logits)
     assert clf.get_classifier() is clf.fc
     clf.reset_classifier(5)
@@ -119,13 +119,18 @@ def test_timm_model_contract(encoder):
     assert isinstance(out, ClassifierOutput)
 
 
-def test_backward_reaches_encoder_and_head(encoder):
-    clf = PatchClassifier(encoder, tiler=_tiler(), hidden_dim=8).train()
+@pytest.mark.parametrize("attention", ["sigmoid", "softmax"])
+def test_backward_reaches_encoder_attention_and_head(encoder, attention):
+    clf = PatchClassifier(encoder, attention=attention, tiler=_tiler(), hidden_dim=8).train()
     clf.zero_grad()
     logits = clf(_images())
     nn.functional.cross_entropy(logits, torch.tensor([0, 1])).backward()
-    for name in ("encoder.backbone.conv1.0.weight", "patch_fc.0.weight", "attention.pos_bias"):
-        grad = dict(clf.named_parameters())[name].grad
+    params = dict(clf.named_parameters())
+    names = ["encoder.backbone.conv1.0.weight", "patch_fc.0.weight", "fc.weight"]
+    names += [n for n in params if n.startswith("attention.")]  # every attention parameter
+    assert any(n.startswith("attention.") for n in names)
+    for name in names:
+        grad = params[name].grad
         assert grad is not None and grad.abs().sum() > 0, name
 
 
@@ -248,9 +253,10 @@ def test_config_round_trip(encoder):
 
 
 def test_attention_temperature_reaches_the_gate_and_round_trips(encoder):
-    clf = PatchClassifier(encoder, tiler=_tiler(), hidden_dim=8, attention_temperature=0.25)
+    kw = dict(attention="sigmoid", tiler=_tiler(), hidden_dim=8)
+    clf = PatchClassifier(encoder, **kw, attention_temperature=0.25)
     assert clf.attention.temperature == 0.25
-    plain = PatchClassifier(encoder, tiler=_tiler(), hidden_dim=8)
+    plain = PatchClassifier(encoder, **kw)
     plain.load_state_dict(clf.state_dict())
     images = _images()
     with torch.no_grad():

@@ -194,7 +194,6 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         labeled_from = "synthetic cervix-like images"
     config.model.backbone = args.backbone
     config.model.patch_size = args.patch_size
-    config.model.attention = "sigmoid"
     config.pretext.options = {"num_permutations": args.num_permutations}
     config.train.seed = args.seed
     config.train.num_threads = args.threads

@@ -125,7 +125,6 @@ def demo_config(
     config.model.backbone = s["backbone"]
     config.model.patch_size = s["patch_size"]
     config.model.gap = s["gap"]
-    config.model.attention = "sigmoid"
     config.pretext.name = "jigsaw"
     # 1000 permutations: the paper's count, i.e. the shipped max-Hamming set
     perms = s["num_permutations"]
