@@ -155,6 +155,28 @@ def test_transfer_pretrains_only_for_what_uses_it(tmp_path: Path) -> None:
     assert len(list((tmp_path / "cache").glob("pretrain_*"))) == 1
 
 
+def test_compare_transfer_pairs_one_row_under_two_settings(tmp_path: Path) -> None:
+    import compare_transfer
+
+    shared = [*_MICRO, "--cache", str(tmp_path / "cache")]
+    args = ["--row", "al", "--a", "--attention softmax", "--b",
+            "--attention sigmoid --set model.head=concat", "--name-a", "mil", "--name-b",
+            "paper", "--out", str(tmp_path / "cmp.json"), "--", *shared]  # fmt: skip
+    payload = compare_transfer.main(args)
+    assert [r["row"] for r in payload["auc"]] == ["mil", "paper"]
+    assert [d["pair"] for d in payload["diffs"]] == ["mil - paper"]
+    (hits,) = payload["hit_diffs"]
+    assert hits["diff"] == pytest.approx(hits["hit_mil"] - hits["hit_paper"])
+    assert hits["ci_low"] <= hits["ci_high"]
+    assert {r["row"] for r in payload["localisation"]} == {"mil", "paper"}
+    assert json.loads((tmp_path / "cmp.json").read_text())["diffs"] == payload["diffs"]
+    # the two settings trained two runs, which a second call finds in the cache
+    assert len(list((tmp_path / "cache" / "runs").iterdir())) == 2
+    assert compare_transfer.main(args)["auc"] == payload["auc"]
+    with pytest.raises(SystemExit, match="budgets"):
+        compare_transfer.main(["--row", "al", "--a", "--budgets 3", "--", *shared])
+
+
 def test_transfer_cache_keys_ignore_defaults_device_and_threads() -> None:
     import bench_transfer
 
