@@ -96,7 +96,11 @@ class Settings:
         budgets: Label budgets (labeled training patients).
         seeds: Seeds of the budget draw and of fine-tuning.
         rows: Rows of the ablation (keys of :data:`ROWS`).
-        attention: Attention of the ``al`` rows.
+        attention: Attention of the ``al`` rows (the paper's ``sigmoid``; the library's default
+            is ``softmax``).
+        head: Classifier head of every row (the paper's ``concat``; the library's default is
+            ``pooled``). ``--attention softmax --head pooled`` measures the library's default
+            classifier.
         input_norm: How every row (and the probe) normalises patches before the encoder:
             ``per_patch`` (each patch standardised on its own, as the jigsaw pretraining
             does), ``encoder`` or ``auto`` (the library's default: the checkpoint's for the SSL
@@ -129,6 +133,7 @@ class Settings:
     seeds: tuple[int, ...] = (0, 1, 2)
     rows: tuple[str, ...] = ("scratch", "ssl", "al", "ssl_al")
     attention: str = "sigmoid"
+    head: str = "concat"
     input_norm: str = "per_patch"
     pretext: str = "jigsaw"
     pretext_options: tuple[str, ...] = ()
@@ -311,6 +316,7 @@ def base_config(s: Settings, data: Data, threads: int) -> Any:
     c.model.backbone = s.backbone
     c.model.patch_size = s.patch_size
     c.model.input_norm = s.input_norm
+    c.model.head = s.head
     c.pretext.name = s.pretext
     c.pretext.options = {"num_permutations": s.num_permutations} if s.pretext == "jigsaw" else {}
     if s.pretext_options:
@@ -716,6 +722,8 @@ def markdown(payload: dict[str, Any]) -> str:
         f"Command: `{payload['command']}`",
         "",
         f"{s['image_size']} px images, 3x3 patches of {s['patch_size']} px, {s['backbone']}; "
+        f"classifier: {s.get('attention', 'sigmoid')} attention (the al rows), "
+        f"{s.get('head', 'concat')} head, {s['input_norm']} input; "
         f"{_pretext_text(s)} pretraining {s['pretrain_epochs']} epochs on "
         f"{s['num_unlabeled']} unlabeled images; test set "
         f"{payload['test_images']} images of {s['test_patients']} patients never seen in "
