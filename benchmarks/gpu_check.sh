@@ -80,6 +80,11 @@ else
     # The transfer benchmark at 192 px images and 64 px patches, the two smallest budgets.
     TRANSFER=(--threads 0 --image-size 192 --patch-size 64 --budgets 8 16 --pretrain-epochs 20)
 fi
+# The transfer part measures the library's default classifier (softmax attention pooling) on
+# ImageNet-normalised input, from a jigsaw that keeps each tile's brightness and colour
+# (docs/benchmarks.md, "The classifier that finds the lesion").
+TRANSFER+=(--attention softmax --head pooled --input-norm encoder
+    --pretext-options per_patch_norm=false)
 
 # The lift-off photographs from a cache file where one was prepared (scikit-image not needed).
 PHOTO_ARGS=()
