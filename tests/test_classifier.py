@@ -464,3 +464,47 @@ def test_custom_encoder_needs_to_be_passed(tmp_path):
     )
     clf = PatchClassifier.from_pretrained(payload, encoder=fresh, hidden_dim=8)
     torch.testing.assert_close(clf.encoder.backbone[1].running_mean, net[1].running_mean)
+
+
+def _bags(n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Images of 3x3 cells of 32 px: a tinted noisy background; positives hold one bright
+    12 px square in a random cell (the finding). Returns images, labels and finding cells."""
+    base = torch.rand(n, 3, 1, 1, generator=gen) * 80 + 90
+    images = base + torch.randn(n, 3, 96, 96, generator=gen) * 12
+    labels = torch.randint(0, 2, (n,), generator=gen)
+    cells = torch.randint(0, 9, (n,), generator=gen)
+    for i in range(n):
+        if labels[i]:
+            r, c = divmod(int(cells[i]), 3)
+            y, x = 32 * r + 10, 32 * c + 10
+            images[i, :, y : y + 12, x : x + 12] = 235.0
+    return images.clamp(0, 255).to(torch.uint8), labels, cells
+
+
+def test_default_classifier_learns_to_point_its_attention_at_the_finding() -> None:
+    # The default classifier (softmax attention pooling) learns a finding that can lie in any
+    # cell and puts its top weight on that cell: the weights follow the tiler's row-major
+    # cells and select by content. A behaviour test on an easy task, not a benchmark figure
+    # (docs/benchmarks.md compares the classifiers).
+    torch.manual_seed(0)
+    encoder = SharedPatchEncoder("test_resnet", patch_size=32)
+    tiler = PatchTiler(grid=(3, 3), patch_size=32, image_size=96, gap=0, jitter=0)
+    clf = PatchClassifier(encoder, tiler=tiler, hidden_dim=16, dropout=0.0)
+    assert clf.attention_mode == "softmax" and clf.head == "pooled"
+    gen = torch.Generator().manual_seed(0)
+    opt = torch.optim.AdamW(clf.parameters(), lr=3e-3)
+    clf.train()
+    for _ in range(120):
+        images, labels, _ = _bags(32, gen)
+        loss = nn.functional.cross_entropy(clf(images), labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    images, labels, cells = _bags(128, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out = clf.eval().forward_with_attention(images)
+    pos = labels == 1
+    accuracy = (out.logits.argmax(1) == labels).float().mean().item()
+    pointed = (out.weights[pos].argmax(1) == cells[pos]).float().mean().item()
+    assert accuracy > 0.9, accuracy
+    assert pointed > 0.8, pointed  # chance: 1/9
