@@ -580,46 +580,32 @@ def paired_table(
     return aucs, diffs
 
 
-def top_patch_hits(
-    weights: np.ndarray, data: Data, boxes: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Whether each positive test image's top-weighted patch, and its middle patch, hit the lesion.
+def top_patch_hits(weights: np.ndarray, data: Data, boxes: np.ndarray) -> dict[str, Any]:
+    """:func:`patchssl.explain.lesion_hit_rate` of one run on the test images, per image.
 
     Args:
         weights: ``(n_test, N)`` attention weights.
-        data: The benchmark data (lesion boxes and labels of the test images).
+        data: The benchmark data (lesion boxes, labels and patients of the test images).
         boxes: Patch boxes (N, 4).
 
     Returns:
-        ``(top, middle, patients, counted)``: float hit vectors of the top-weighted and the
-        middle patch, and the patient of each, over the positive test images with a lesion
-        box; ``counted`` marks those images among all test images.
+        ``lesion_hit_rate``'s dict without intervals, with ``per_image`` (the top and the
+        middle patch's hit on each positive test image with a lesion box) and ``patients``
+        (the patient of each of those images).
     """
+    from patchssl.explain import lesion_hit_rate
+
     recs = [data.records[i] for i in data.test_index]
-    labels = np.array([r.label for r in recs])
     lesions = np.array(
         [
             [float(r.extra.get(f"lesion_{k}") or "nan") for k in ("x0", "y0", "x1", "y1")]
             for r in recs
         ]
     )
-    counted = (labels == 1) & np.isfinite(lesions).all(axis=1)
-    n = boxes.shape[0]
-    ix = np.minimum(boxes[None, :, 2], lesions[:, None, 2]) - np.maximum(
-        boxes[None, :, 0], lesions[:, None, 0]
-    )
-    iy = np.minimum(boxes[None, :, 3], lesions[:, None, 3]) - np.maximum(
-        boxes[None, :, 1], lesions[:, None, 1]
-    )
-    overlap = (np.nan_to_num(ix) > 0) & (np.nan_to_num(iy) > 0)
-    top = overlap[np.arange(len(recs)), np.argmax(weights, axis=1)]
-    patients = np.array([r.patient for r in recs])
-    return (
-        top[counted].astype(float),
-        overlap[counted, n // 2].astype(float),
-        patients[counted],
-        counted,
-    )
+    labels = np.array([r.label for r in recs])
+    res = lesion_hit_rate(boxes, weights, lesions, labels, n_boot=0, per_image=True)
+    res["patients"] = np.array([r.patient for r in recs])[res["per_image"]["counted"]]
+    return res
 
 
 def patient_multiplicities(patients: np.ndarray, n_boot: int, seed: int = 54321) -> np.ndarray:
@@ -652,16 +638,6 @@ def localisation(
         One dict per (row, budget): hit rates averaged over seeds and the interval of the
         difference to the middle-patch prior.
     """
-    from patchssl.explain import lesion_hit_rate
-
-    recs = [data.records[i] for i in data.test_index]
-    labels = np.array([r.label for r in recs])
-    lesions = np.array(
-        [
-            [float(r.extra.get(f"lesion_{k}") or "nan") for k in ("x0", "y0", "x1", "y1")]
-            for r in recs
-        ]
-    )
     mult = None
     out = []
     keys = sorted({(r, b) for r, b, _ in weights})
@@ -670,14 +646,13 @@ def localisation(
         for (r2, b2, _k), w in sorted(weights.items()):
             if (r2, b2) != (row, b):
                 continue
-            counted = np.isfinite(lesions).all(axis=1) & (labels == 1)
-            res = lesion_hit_rate(boxes, w, np.where(counted[:, None], lesions, np.nan), labels)
-            hit, mid_hit, patients, _ = top_patch_hits(w, data, boxes)
+            res = top_patch_hits(w, data, boxes)
+            hit, mid_hit = res["per_image"]["hit"], res["per_image"]["centre_patch"]
             if mult is None:
-                mult = patient_multiplicities(patients, n_boot)
+                mult = patient_multiplicities(res["patients"], n_boot)
             diffs.append((mult @ (hit - mid_hit)) / mult.sum(axis=1))
-            spread = float(np.mean(w.max(axis=1) - w.min(axis=1)))
-            per_seed.append((res["hit_rate"], res["chance"], spread, float(mid_hit.mean())))
+            spread = res["selectivity"]["weight_range"]
+            per_seed.append((res["hit_rate"], res["chance"], spread, res["centre_patch_rate"]))
         boot = np.mean(diffs, axis=0)
         lo, hi = np.percentile(boot, [2.5, 97.5])
         middle = per_seed[0][3]

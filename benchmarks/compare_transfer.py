@@ -74,10 +74,10 @@ def hit_differences(
         for seed in seeds:
             hits = {}
             for name in names:
-                hit, _, patients, _ = bt.top_patch_hits(weights[(name, budget, seed)], data, boxes)
-                hits[name] = hit
-                rates[name].append(float(hit.mean()))
-            mult = bt.patient_multiplicities(patients, n_boot)
+                res = bt.top_patch_hits(weights[(name, budget, seed)], data, boxes)
+                hits[name] = res["per_image"]["hit"]
+                rates[name].append(res["hit_rate"])
+            mult = bt.patient_multiplicities(res["patients"], n_boot)
             boots.append((mult @ (hits[a] - hits[b])) / mult.sum(axis=1))
         lo, hi = np.percentile(np.mean(boots, axis=0), [2.5, 97.5])
         out.append(

@@ -525,6 +525,7 @@ def lesion_hit_rate(
     alpha: float = 0.05,
     seed: int = 0,
     tie_tolerance: float = 1e-6,
+    per_image: bool = False,
 ) -> dict[str, Any]:
     """How often the highest-weight patch of a positive image overlaps its recorded lesion.
 
@@ -570,6 +571,8 @@ def lesion_hit_rate(
         alpha: 1 - confidence level.
         seed: Seed of the resampling.
         tie_tolerance: Weights within this of an image's highest weight tie with it.
+        per_image: Also return the per-image values behind the rates, for paired comparisons
+            across models on the same images (e.g. one model's hits minus another's).
 
     Returns:
         A dict: ``hit_rate`` (``hits / count``), ``hit_rate_ci``, ``hits`` (a float when
@@ -579,6 +582,10 @@ def lesion_hit_rate(
         ``selectivity`` (``{"weight_range", "weight_entropy"}`` over all B images),
         ``ci_method`` (per interval: ``"bootstrap"``, ``"exact"``, ``"degenerate"`` or
         ``"none"``), ``n_images``. Rates and intervals are ``nan`` when no image counts.
+        With ``per_image=True`` also ``per_image``: ``counted`` (bool, (B,): the images the
+        rates are over) and, over the counted images in order, ``hit`` (the top patch's hit,
+        a share on ties), ``centre_patch`` (the middle patch's hit) and ``chance`` (the
+        fraction of patches on the lesion), float arrays of shape ``(count,)``.
 
     References:
         Chae et al., JIPS 2021, Fig. 4b (attention on the lesion). Clopper, Pearson, Biometrika
@@ -635,6 +642,9 @@ def lesion_hit_rate(
         "ci_method": {},
         "n_images": n_img,
     }
+    if per_image:  # filled below where any image counts
+        none = np.zeros(0)
+        out["per_image"] = {"counted": counted, "hit": none, "centre_patch": none, "chance": none}
     if n_patch == 0 or n_img == 0:
         return out
 
@@ -661,6 +671,13 @@ def lesion_hit_rate(
     middle_hit = overlap[np.arange(n_img), middle].astype(np.float64)
     fraction = overlap.mean(axis=1)
     out["centre_patch"] = int(middle[0]) if np.all(middle == middle[0]) else None
+    if per_image:
+        out["per_image"] = {
+            "counted": counted,
+            "hit": hit[counted],
+            "centre_patch": middle_hit[counted],
+            "chance": fraction[counted],
+        }
 
     count = out["count"]
     if not count:

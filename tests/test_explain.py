@@ -220,13 +220,22 @@ def test_lesion_hit_rate_matches_slow_reference(seed: int) -> None:
     labels = rng.integers(0, 2, b)
     with pytest.warns(UserWarning, match="highest attention weight shared"):
         fast = lesion_hit_rate(
-            torch.from_numpy(boxes), torch.from_numpy(weights), lesions, torch.from_numpy(labels)
-        )
+            torch.from_numpy(boxes), torch.from_numpy(weights), lesions, torch.from_numpy(labels),
+            per_image=True,
+        )  # fmt: skip
     slow = _slow_hit_rate(boxes, weights, lesions, labels)
     assert fast["hits"] == pytest.approx(slow["hits"]) and fast["count"] == slow["count"]
     assert fast["hit_rate"] == pytest.approx(slow["hit_rate"])
     assert fast["chance"] == pytest.approx(slow["chance"])
     assert fast["n_images"] == b
+    # The per-image values are those the rates average, over the counted images in order.
+    each = fast["per_image"]
+    assert each["counted"].sum() == fast["count"] == len(each["hit"])
+    assert each["hit"].sum() == pytest.approx(slow["hits"])
+    assert each["chance"].mean() == pytest.approx(slow["chance"])
+    assert each["centre_patch"].mean() == pytest.approx(fast["centre_patch_rate"])
+    with pytest.warns(UserWarning, match="highest attention weight shared"):
+        assert "per_image" not in lesion_hit_rate(boxes, weights, lesions, labels, n_boot=0)
 
 
 def test_lesion_hit_rate_shared_boxes_and_edge_cases() -> None:
@@ -241,8 +250,9 @@ def test_lesion_hit_rate_shared_boxes_and_edge_cases() -> None:
     # Touching edges (zero-area intersection) is not an overlap.
     touching = lesion_hit_rate(boxes[:1], [[1.0]], [[boxes[0][2], 0, 100, 100]], [1])
     assert touching["hits"] == 0 and touching["count"] == 1
-    none = lesion_hit_rate(boxes, weights, np.full((3, 4), np.nan), [1, 1, 1])
+    none = lesion_hit_rate(boxes, weights, np.full((3, 4), np.nan), [1, 1, 1], per_image=True)
     assert none["count"] == 0 and math.isnan(none["hit_rate"]) and math.isnan(none["chance"])
+    assert none["per_image"]["hit"].shape == (0,) and not none["per_image"]["counted"].any()
 
 
 def test_lesion_hit_rate_warns_on_tied_top_weights_and_shares_the_hit() -> None:
