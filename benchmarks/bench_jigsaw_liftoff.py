@@ -17,7 +17,8 @@ each)::
 alone): a 9-way logistic regression on frozen per-patch features (centred tiles of unshuffled
 images) predicts each tile's place in the grid, fitted on crops of the training photographs and
 scored on crops of the held-out ones (on synthetic data, on held-out images), for a randomly
-initialised encoder and for the encoder after pretraining. The images are shown plain and as
+initialised encoder and for the encoder after pretraining, each fed its tiles as the first
+variant's task feeds them (standardised per tile or not). The images are shown plain and as
 the image-level defences turn them (flips and quarter turns, random resized crops), to measure
 how much the layout still gives away.
 
@@ -72,6 +73,9 @@ IMAGE, PATCH, BATCH = 128, 32, 32
 
 # The levers. Each is (JigsawPretext kwargs, encoder kwargs, TrainConfig overrides) on top of
 # the library's current defaults; "old_defaults" is the recipe before the fix.
+# patchssl 0.1.0's default patch defences (per-tile normalisation on): the "defaults" rows
+# of the tables measured before 0.2 (docs/benchmarks.md).
+PER_PATCH_NORM = PatchDefences(per_patch_norm=True, color_drop="grayscale", color_drop_prob=0.3)
 OLD = {
     "head": "concat",
     "hidden_dim": 512,
@@ -79,12 +83,16 @@ OLD = {
     "curriculum": None,
     "flip": False,
     "rot90": False,
+    "defences": PER_PATCH_NORM,
 }
-# The jigsaw's default patch defences with one of them off.
+# The jigsaw's 0.1.0 patch defences with one of them off.
 NO_PER_PATCH_NORM = PatchDefences(per_patch_norm=False, color_drop="grayscale", color_drop_prob=0.3)
 NO_COLOR_DEFENCES = PatchDefences(per_patch_norm=True, color_drop=None, channel_shift=0)
+# Neither: each tile keeps its brightness and colour, so colour continuity between tiles is left.
+NO_PATCH_DEFENCES = PatchDefences(per_patch_norm=False, color_drop=None, channel_shift=0)
 VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any], dict[str, Any]]] = {
     "old_defaults": (OLD, {}, {}),
+    "defaults+per_patch_norm": ({"defences": PER_PATCH_NORM}, {}, {}),
     "old+curriculum": ({**OLD, "curriculum": 64}, {}, {}),
     "old+sgd": (OLD, {}, {"optimizer": "sgd", "lr": 0.01}),
     "old+group_norm": (OLD, {"norm": "group"}, {}),
@@ -133,6 +141,24 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any], dict[str, Any]]] = {
         {},
     ),
     "flip_only+small_gap": ({"rot90": False, "_tiler": {"image_size": 104}}, {}, {}),
+    # Continuity between tiles: no per-tile normalisation and no colour defences, with the
+    # default gap or tiles edge to edge, with and without the image-level defences.
+    "defaults+no_patch_defences": ({"defences": NO_PATCH_DEFENCES}, {}, {}),
+    "defaults+no_gap+no_patch_defences": (
+        {"_tiler": {"image_size": 96}, "defences": NO_PATCH_DEFENCES},
+        {},
+        {},
+    ),
+    "no_image_defences+no_gap+no_patch_defences": (
+        {
+            "flip": False,
+            "rot90": False,
+            "_tiler": {"image_size": 96},
+            "defences": NO_PATCH_DEFENCES,
+        },
+        {},
+        {},
+    ),
 }
 
 
@@ -306,8 +332,14 @@ def train(
 
 # ------------------------------------------------------------------------- position diagnostic
 @torch.no_grad()
-def patch_features(encoder: SharedPatchEncoder, images: torch.Tensor) -> np.ndarray:
-    """Frozen per-patch features of centred tiles: (B, 9, D), as the jigsaw feeds them."""
+def patch_features(
+    encoder: SharedPatchEncoder, images: torch.Tensor, per_patch: bool = False
+) -> np.ndarray:
+    """Frozen per-patch features of centred tiles: (B, 9, D), as the jigsaw feeds them.
+
+    ``per_patch``: each tile standardised on its own (a jigsaw with per-tile normalisation,
+    patchssl 0.1.0's default), else the encoder's own input normalisation.
+    """
     encoder.eval()
     device = next(encoder.parameters()).device
     tiler = PatchTiler(grid=3, patch_size=PATCH, image_size=IMAGE).eval()
@@ -315,19 +347,23 @@ def patch_features(encoder: SharedPatchEncoder, images: torch.Tensor) -> np.ndar
     for i in range(0, len(images), 64):
         x = images[i : i + 64].to(device)
         x = x.float() / 255.0 if x.dtype == torch.uint8 else x
-        patches = standardize_patches(tiler(x).patches)
-        feats.append(encoder(patches, normalized=True).float().cpu())
+        patches = tiler(x).patches
+        if per_patch:
+            patches = standardize_patches(patches)
+        feats.append(encoder(patches, normalized=per_patch).float().cpu())
     return torch.cat(feats).numpy()
 
 
-def position_accuracy(encoder: SharedPatchEncoder, fit: torch.Tensor, test: torch.Tensor) -> float:
+def position_accuracy(
+    encoder: SharedPatchEncoder, fit: torch.Tensor, test: torch.Tensor, per_patch: bool = False
+) -> float:
     """9-way logistic regression of a tile's place from its features; held-out accuracy."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
     def xy(images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        f = patch_features(encoder, images)
+        f = patch_features(encoder, images, per_patch)
         return f.reshape(-1, f.shape[-1]), np.tile(np.arange(9), len(f))
 
     clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=300, C=0.1))
@@ -351,13 +387,14 @@ def defended(images: torch.Tensor, setting: dict[str, Any], seed: int) -> torch.
     return d(images, generator=torch.Generator(images.device).manual_seed(seed))
 
 
-def position_report(encoder: SharedPatchEncoder, data: Any, label: str) -> dict:
-    """Position accuracy of ``encoder``'s features under each defence setting."""
+def position_report(task: JigsawPretext, data: Any, label: str) -> dict:
+    """Position accuracy of ``task``'s encoder's features (its input) under each setting."""
     fit, test = data.seen, data.held_out
-    row: dict[str, Any] = {"encoder": label}
+    per_patch = task.defences.per_patch_norm
+    row: dict[str, Any] = {"encoder": label, "per_patch_input": per_patch}
     for name, setting in DEFENCE_SETTINGS.items():
         row[name] = position_accuracy(
-            encoder, defended(fit, setting, 1), defended(test, setting, 2)
+            task.encoder, defended(fit, setting, 1), defended(test, setting, 2), per_patch
         )
     print(json.dumps(row), flush=True)
     return row
@@ -472,8 +509,8 @@ def main() -> None:
             else Photographs(device=args.device, cache=args.photos)
         )
         if args.position or args.position_only:
-            random_enc = build("defaults", args.num_permutations, args.seed, args.device).encoder
-            results["position_random"] = position_report(random_enc, data, "random")
+            random_task = build(args.variants[0], args.num_permutations, args.seed, args.device)
+            results["position_random"] = position_report(random_task, data, "random")
         for variant in [] if args.position_only else args.variants:
             print(f"== {variant}", flush=True)
             task = build(variant, args.num_permutations, args.seed, args.device)
@@ -481,7 +518,7 @@ def main() -> None:
             entry: dict[str, Any] = {"log": log, "seen_acc": puzzle_accuracy(task, data.seen)}
             print(json.dumps({"variant": variant, "seen_acc": entry["seen_acc"]}), flush=True)
             if args.position:
-                entry["position"] = position_report(task.encoder, data, variant)
+                entry["position"] = position_report(task, data, variant)
             results[variant] = entry
             Path(args.out).write_text(json.dumps(results, indent=1))  # as it goes
     Path(args.out).write_text(json.dumps(results, indent=1))

@@ -102,9 +102,11 @@ class Settings:
             ``pooled``). ``--attention softmax --head pooled`` measures the library's default
             classifier.
         input_norm: How every row (and the probe) normalises patches before the encoder:
-            ``per_patch`` (each patch standardised on its own, as the jigsaw pretraining
-            does), ``encoder`` or ``auto`` (the library's default: the checkpoint's for the SSL
+            ``per_patch`` (each patch standardised on its own, as the paper's jigsaw does),
+            ``encoder`` or ``auto`` (the library's default: the checkpoint's for the SSL
             rows, ``encoder`` from scratch, so that the rows differ in their input too).
+            Unless ``pretext_options`` name ``per_patch_norm``, the jigsaw pretrains with
+            per-tile normalisation exactly when this is ``per_patch``.
         pretext: The pretext task of the pretraining (``patchssl pretexts`` lists them).
         pretext_options: Its options beyond the library's defaults, ``key=value`` strings
             (values read as YAML, e.g. ``crop_scale=[0.25,1.0]``).
@@ -321,6 +323,13 @@ def base_config(s: Settings, data: Data, threads: int) -> Any:
     c.pretext.options = {"num_permutations": s.num_permutations} if s.pretext == "jigsaw" else {}
     if s.pretext_options:
         c = apply_overrides(c, [f"pretext.options.{o}" for o in s.pretext_options])
+    options = c.pretext.options
+    nested = options.get("defences") if isinstance(options.get("defences"), dict) else {}
+    if s.pretext == "jigsaw" and "per_patch_norm" not in {**options, **nested}:
+        # Stated, not left to the library's default (which changed in 0.2), so that a
+        # pretraining's cache key names it: per-tile normalisation exactly when the rows take
+        # per-patch input (the pretraining's input must match the classifier's).
+        options["per_patch_norm"] = s.input_norm == "per_patch"
     c.train.batch_size = s.batch_size
     c.train.patience = 0
     c.train.progress = False

@@ -55,7 +55,7 @@ HEADS: tuple[str, ...] = ("concat", "pooled")
 
 #: How :class:`PatchClassifier` normalises each patch before the encoder: with the encoder's
 #: mean and std (``"encoder"``), or each channel of each patch by its own mean and std
-#: (``"per_patch"``, what the jigsaw pretext feeds its encoder by default).
+#: (``"per_patch"``, what a pretext task with per-tile normalisation feeds its encoder).
 INPUT_NORMS: tuple[str, ...] = ("encoder", "per_patch")
 
 # Encoder options that may differ between pretraining and fine-tuning: they change how the
@@ -168,7 +168,9 @@ class PatchClassifier(nn.Module):
             centre placement always; evaluation mode never jitters).
         input_norm: How each patch is normalised before the encoder: ``"encoder"`` (the
             encoder's mean and std, e.g. ImageNet's) or ``"per_patch"`` (each channel of each
-            patch standardised by its own mean and std, as the jigsaw pretext does by default).
+            patch standardised by its own mean and std, as a pretext with per-tile
+            normalisation does: the relative-position task by default, the jigsaw with
+            ``per_patch_norm=True``).
             :meth:`from_pretrained` takes the checkpoint's, so that the transferred encoder sees
             the kind of input it was trained on.
 

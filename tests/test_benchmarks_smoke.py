@@ -147,8 +147,9 @@ def test_transfer_pretrains_only_for_what_uses_it(tmp_path: Path) -> None:
     assert not list((tmp_path / "cache").glob("pretrain_*"))
     probe = bench_transfer.main([*args, "--rows"])  # the probe needs the pretraining
     assert probe["pretrain_checkpoint"] is not None
-    # Options that only the classifier reads do not pretrain again.
-    classifier_only = [*args, "--rows", "--input-norm", "encoder", "--attention", "softmax",
+    # Options that only the classifier reads do not pretrain again. (The input normalisation
+    # does: it decides whether the jigsaw standardises its tiles.)
+    classifier_only = [*args, "--rows", "--attention", "softmax",
                        "--set", "model.head=pooled", "model.dropout=0.1"]  # fmt: skip
     again = bench_transfer.main(classifier_only)
     assert again["pretrain_checkpoint"] == probe["pretrain_checkpoint"]
@@ -201,6 +202,28 @@ def test_transfer_cache_keys_ignore_defaults_device_and_threads() -> None:
         == bench_transfer._generator_fingerprint(64)
         != bench_transfer._generator_fingerprint(96)
     )
+
+
+def test_transfer_states_the_jigsaw_per_tile_norm_its_rows_need() -> None:
+    from types import SimpleNamespace
+
+    import bench_transfer
+
+    data = SimpleNamespace(unlabeled_dir="unlabeled", manifest="labels.csv")
+
+    def options(**kwargs) -> dict:
+        s = bench_transfer.Settings(**kwargs)
+        return bench_transfer.base_config(s, data, 1).pretext.options
+
+    # per-patch rows need a per-tile-normalised pretraining; the others the library's default
+    assert options(input_norm="per_patch")["per_patch_norm"] is True
+    assert options(input_norm="encoder")["per_patch_norm"] is False
+    assert options(input_norm="auto")["per_patch_norm"] is False
+    # an option given is kept, flat or nested
+    assert options(input_norm="auto", pretext_options=("per_patch_norm=true",))["per_patch_norm"]
+    nested = options(pretext_options=("defences={per_patch_norm: false}",))
+    assert "per_patch_norm" not in nested and nested["defences"] == {"per_patch_norm": False}
+    assert "per_patch_norm" not in options(pretext="rotation")
 
 
 def test_finetune_recipe_trains_and_scores_in_memory(tmp_path: Path, monkeypatch) -> None:

@@ -124,8 +124,17 @@ def test_jigsaw_learns_on_real_photographs() -> None:
     encoder = SharedPatchEncoder(_small_cnn(), patch_size=28)
     tiler = PatchTiler(grid=3, patch_size=28, image_size=IMAGE, gap=2)
     permutations = PermutationSet.generate(NUM_PERMUTATIONS, 9, method="max_min", seed=0)
-    # The library's defences stay on: per-tile normalisation and random grayscale.
-    task = JigsawPretext(encoder, permutations, tiler, hidden_dim=64, concat_dim=128)
+    # Per-tile normalisation on (off by default) and random grayscale. On these photographs
+    # the puzzle generalises to the held-out halves only with it: without it the same run
+    # reached 0.13 against 0.10 chance (it keeps the brightness each region's layout shows).
+    task = JigsawPretext(
+        encoder,
+        permutations,
+        tiler,
+        hidden_dim=64,
+        concat_dim=128,
+        defences={"per_patch_norm": True},
+    )
 
     task.eval()
     before = task.accuracy(held_out, generator=torch.Generator().manual_seed(1))

@@ -115,7 +115,8 @@ def test_jigsaw_defaults_and_validation() -> None:
     assert task.tiler.grid == (3, 3) and task.tiler.patch_size == (16, 16)
     assert task.tiler.image_size == (54, 54)  # ceil(3 * 16 * 512 / 459)
     assert default_tiler(153).image_size == (512, 512)  # the paper's geometry
-    assert task.defences.per_patch_norm and task.defences.color_drop == "grayscale"
+    # per-tile normalisation off (it removes what a finding changes), random grayscale on
+    assert not task.defences.per_patch_norm and task.defences.color_drop == "grayscale"
     assert task.image_defences.flip and task.image_defences.rot90
     assert task.image_defences.crop_scale is None
     assert isinstance(task.head, PermutationAssignmentHead) and task.config["head"] == "assignment"
@@ -376,11 +377,12 @@ def test_relative_position_validation() -> None:
 
 # --------------------------------------------------------------------------- defences argument
 JIGSAW_DEFENCES = {
-    "per_patch_norm": True,
+    "per_patch_norm": False,
     "color_drop": "grayscale",
     "color_drop_prob": 0.3,
     "channel_shift": 2,
 }
+RELATIVE_POSITION_DEFENCES = {**JIGSAW_DEFENCES, "per_patch_norm": True}
 OFF_DEFENCES = {
     "per_patch_norm": False,
     "color_drop": None,
@@ -393,7 +395,7 @@ OFF_DEFENCES = {
     ("name", "expected"),
     [
         ("jigsaw", JIGSAW_DEFENCES),
-        ("relative_position", JIGSAW_DEFENCES),
+        ("relative_position", RELATIVE_POSITION_DEFENCES),
         ("rotation", OFF_DEFENCES),
     ],
 )
@@ -430,9 +432,9 @@ def test_each_task_keeps_its_default_defences(name: str, expected: dict) -> None
 
 
 def test_flat_defence_options_fold_onto_the_task_defaults() -> None:
-    folded = JigsawPretext.fold_defence_options({"per_patch_norm": False, "hidden_dim": 8})
+    folded = JigsawPretext.fold_defence_options({"per_patch_norm": True, "hidden_dim": 8})
     assert folded["hidden_dim"] == 8 and "per_patch_norm" not in folded
-    assert folded["defences"].config == {**JIGSAW_DEFENCES, "per_patch_norm": False}
+    assert folded["defences"].config == {**JIGSAW_DEFENCES, "per_patch_norm": True}
     folded = RotationPretext.fold_defence_options(
         {"defences": {"color_drop": "both"}, "channel_shift": 3}
     )
@@ -450,24 +452,29 @@ def test_old_checkpoint_with_flat_defence_options_rebuilds() -> None:
     model_config = task.model_config
     kwargs = dict(model_config["pretext_kwargs"])
     kwargs.update(kwargs.pop("defences"))  # the layout before tasks took ``defences``
-    kwargs["per_patch_norm"] = False
+    kwargs["per_patch_norm"] = True  # patchssl 0.1.0's default: a checkpoint keeps its own
     kwargs["color_drop"] = "channel_jitter"
     del model_config["input_norm"]  # older still: no recorded input_norm either
     old = {**model_config, "pretext_kwargs": kwargs}
     rebuilt = pretext_from_config(old, encoder=tiny_encoder())
     assert rebuilt.defences.config == {
         **JIGSAW_DEFENCES,
-        "per_patch_norm": False,
+        "per_patch_norm": True,
         "color_drop": "channel_jitter",
     }
     rebuilt.load_state_dict(task.state_dict())
-    assert rebuilt.model_config["input_norm"] == "encoder"
-    assert checkpoint_input_norm(old) == "encoder"
-    assert checkpoint_input_norm({**old, "pretext_kwargs": {**kwargs, "per_patch_norm": True}}) == (
-        "per_patch"
-    )
+    assert rebuilt.model_config["input_norm"] == "per_patch"
+    assert checkpoint_input_norm(old) == "per_patch"
+    assert checkpoint_input_norm(
+        {**old, "pretext_kwargs": {**kwargs, "per_patch_norm": False}}
+    ) == ("encoder")
     new = {key: value for key, value in task.model_config.items() if key != "input_norm"}
-    assert checkpoint_input_norm(new) == "per_patch"  # the nested defences mapping
+    assert checkpoint_input_norm(new) == "encoder"  # the nested defences mapping
+    on = JigsawPretext(
+        tiny_encoder(), task.permutation_set, tiler=tiler, defences={"per_patch_norm": True}
+    ).model_config
+    on.pop("input_norm")
+    assert checkpoint_input_norm(on) == "per_patch"
 
 
 def test_engine_reads_flat_and_nested_defence_options() -> None:
@@ -477,13 +484,15 @@ def test_engine_reads_flat_and_nested_defence_options() -> None:
 
     config = Config()
     config.model.backbone, config.model.patch_size = "test_resnet", 32
-    config.pretext.options = {"num_permutations": 5, "per_patch_norm": False}
+    config.pretext.options = {"num_permutations": 5, "per_patch_norm": True}
     task = build_pretext(config, torch.device("cpu"))
-    assert task.defences.config == {**JIGSAW_DEFENCES, "per_patch_norm": False}
-    assert task.model_config["input_norm"] == "encoder" == _pretext_input_norm(config)
+    assert task.defences.config == {**JIGSAW_DEFENCES, "per_patch_norm": True}
+    assert task.model_config["input_norm"] == "per_patch" == _pretext_input_norm(config)
     config.pretext.options = {"num_permutations": 5, "defences": {"color_drop": None}}
     task = build_pretext(config, torch.device("cpu"))
     assert task.defences.config == {**JIGSAW_DEFENCES, "color_drop": None}
+    assert _pretext_input_norm(config) == "encoder"
+    config.pretext.options = {"num_permutations": 5, "defences": {"per_patch_norm": True}}
     assert _pretext_input_norm(config) == "per_patch"
     config.pretext.name = "rotation"
     config.pretext.options = {}
@@ -507,6 +516,6 @@ def test_resume_accepts_a_checkpoint_with_flat_defence_options() -> None:
     kwargs.update(kwargs.pop("defences"))  # the layout before tasks took ``defences``
     old = {"kind": "pretrain", "model_config": {**task.model_config, "pretext_kwargs": kwargs}}
     check_compatible(old, kind="pretrain", model_config=task.model_config, fingerprint=None)
-    kwargs["per_patch_norm"] = False  # a checkpoint of another recipe is still refused
+    kwargs["per_patch_norm"] = True  # a checkpoint of another recipe is still refused
     with pytest.raises(ConfigError, match=r"pretext_kwargs\.defences\.per_patch_norm"):
         check_compatible(old, kind="pretrain", model_config=task.model_config, fingerprint=None)

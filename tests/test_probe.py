@@ -279,7 +279,7 @@ def test_the_random_baseline_is_the_encoder_pretraining_starts_from(data, tmp_pa
     start = build_pretext(config, torch.device("cpu")).encoder.state_dict()
     for key, value in encoder.state_dict().items():
         torch.testing.assert_close(value, start[key])
-    assert norm == "per_patch"  # the jigsaw task's default
+    assert norm == "encoder"  # the jigsaw task's default: no per-tile normalisation
     assert info["grid"] == 3 and info["image_size"] == 96
 
 
@@ -288,7 +288,7 @@ def test_the_checkpoint_path_probes_the_checkpoints_encoder(pretrained):
     encoder, tiler, norm = encoder_from_checkpoint(pretrained / "best.pt")
     for key, value in encoder.state_dict().items():
         torch.testing.assert_close(value, ckpt["model"][f"encoder.{key}"])
-    assert norm == "per_patch"
+    assert norm == "encoder"
     assert not encoder.training and not tiler.training
     assert list(tiler.image_size) == [96, 96]
 
@@ -316,7 +316,7 @@ def test_probe_command_end_to_end_writes_probe_json(data, pretrained, tmp_path):
     counts = report["counts"]
     assert counts["images"] == 32 and counts["patients"] == 16
     assert counts["train_images"] + counts["test_images"] == 32
-    assert report["settings"]["input_norm"] == "per_patch"
+    assert report["settings"]["input_norm"] == "encoder"
     assert "| kNN (k=20) | mean |" in (out / "probe.md").read_text()
 
 

@@ -82,10 +82,14 @@ class JigsawPretext(PretextTask):
 
     * gap and random jitter between tiles, so that edges do not line up: the tiler's ``gap``
       and ``jitter`` (jitter in ``train()`` mode only; tiles are centred in ``eval()``);
-    * per-tile normalisation (``defences.per_patch_norm``, on by default): each tile's
+    * per-tile normalisation (``defences.per_patch_norm``, off by default): each tile's
       channels standardised by the tile's own mean and standard deviation, so that
-      brightness and contrast gradients across the image (vignetting, uneven illumination,
-      common in colposcopy and fundus photographs) do not give away position;
+      brightness and contrast gradients across the image (vignetting, uneven illumination)
+      do not give away position (Noroozi & Favaro 2016). Off by default since it also
+      removes the brightness and colour that a finding changes: on the synthetic cervix
+      benchmark an encoder pretrained with it transferred at chance, one pretrained without
+      it reached AUC 0.62 to 0.72 (docs: Pretext tasks, Benchmarks). The encoder then sees
+      its own input normalisation (ImageNet mean and standard deviation), as fine-tuning does;
     * colour dropping (``defences.color_drop``): ``"grayscale"`` (default, probability 0.3
       per tile) or ``"channel_jitter"`` (each colour channel shifted by up to
       ``channel_shift`` px) or ``"both"``: against chromatic aberration, whose colour
@@ -105,7 +109,8 @@ class JigsawPretext(PretextTask):
         defences: The per-tile shortcut defences (see above): a
             :class:`~patchssl.pretext.PatchDefences`, a mapping of some of its options
             (the rest keep the defaults), or ``None`` for the defaults,
-            ``PatchDefences(per_patch_norm=True, color_drop="grayscale", color_drop_prob=0.3)``.
+            ``PatchDefences(per_patch_norm=False, color_drop="grayscale", color_drop_prob=0.3)``
+            (patchssl 0.1.0 turned per-tile normalisation on: pass ``{"per_patch_norm": True}``).
         label_smoothing: Label smoothing of the cross-entropy.
 
     Shape:
@@ -263,8 +268,8 @@ class JigsawPretext(PretextTask):
 
     @classmethod
     def default_defences(cls) -> PatchDefences:
-        """Per-tile normalisation and grayscale colour dropping with probability 0.3."""
-        return PatchDefences(per_patch_norm=True, color_drop="grayscale", color_drop_prob=0.3)
+        """Grayscale colour dropping with probability 0.3; no per-tile normalisation."""
+        return PatchDefences(per_patch_norm=False, color_drop="grayscale", color_drop_prob=0.3)
 
     @classmethod
     def example_kwargs(cls) -> dict[str, Any]:
