@@ -124,6 +124,32 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any], dict[str, Any]]] = {
     "defaults+no_color_defences": ({"defences": NO_COLOR_DEFENCES}, {}, {}),
     "defaults+no_per_patch_norm": ({"defences": NO_PER_PATCH_NORM}, {}, {}),
     "defaults+slow_curriculum": ({"curriculum_steps": 1000}, {}, {}),
+    # The curriculum from the set's first 10 permutations (the puzzle the test suite's small
+    # jigsaw learns within 100 steps), growing to all K over 1,000 or 300 steps.
+    "defaults+curriculum10": ({"curriculum": 10, "curriculum_steps": 1000}, {}, {}),
+    "defaults+curriculum10_fast": ({"curriculum": 10, "curriculum_steps": 300}, {}, {}),
+    "defaults+per_patch_norm+curriculum10": (
+        {"curriculum": 10, "curriculum_steps": 1000, "defences": PER_PATCH_NORM},
+        {},
+        {},
+    ),
+    # ... with tiles 2 px apart at most (104 px images: cells of 34 px), as in the test suite's
+    # real-photograph jigsaw.
+    "defaults+curriculum10+small_gap": (
+        {"curriculum": 10, "curriculum_steps": 1000, "_tiler": {"image_size": 104}},
+        {},
+        {},
+    ),
+    "defaults+per_patch_norm+curriculum10+small_gap": (
+        {
+            "curriculum": 10,
+            "curriculum_steps": 1000,
+            "defences": PER_PATCH_NORM,
+            "_tiler": {"image_size": 104},
+        },
+        {},
+        {},
+    ),
     # The tiling: "_tiler" holds PatchTiler options; images are resampled to its image_size.
     # 128 px: cells of 42 px, 10 px of room around each 32 px tile (jittered in training);
     # 104 px: cells of 34 px, 2 px of room; 96 px: tiles edge to edge, no gap, no jitter.
@@ -197,15 +223,22 @@ def _load_photos(cache: str | None = None) -> dict[str, torch.Tensor]:
     return out
 
 
-def _crops(source: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
+def _crops(
+    source: torch.Tensor,
+    n: int,
+    generator: torch.Generator,
+    box: tuple[float, float, float, float] | None = None,
+) -> torch.Tensor:
     """``n`` random square crops (side 128..256 px of the 384 px photograph) -> uint8 128 px.
 
-    The draws come from the CPU ``generator``; the crops are made on ``source``'s device.
+    ``box`` (x0, y0, x1, y1 in px): the crops lie inside it, their side clipped to it. The
+    draws come from the CPU ``generator``; the crops are made on ``source``'s device.
     """
     _, _, h, w = source.shape
+    bx0, by0, bx1, by1 = box if box is not None else (0.0, 0.0, float(w), float(h))
     r = torch.rand(3, n, generator=generator)
-    side = 128 + r[0] * 128
-    x0, y0 = r[1] * (w - side), r[2] * (h - side)
+    side = 128 + r[0] * (min(256.0, bx1 - bx0, by1 - by0) - 128)
+    x0, y0 = bx0 + r[1] * (bx1 - bx0 - side), by0 + r[2] * (by1 - by0 - side)
     theta = torch.zeros(n, 2, 3)
     theta[:, 0, 0], theta[:, 1, 1] = side / w, side / h
     theta[:, 0, 2] = (x0 + side / 2) / w * 2 - 1
@@ -215,22 +248,58 @@ def _crops(source: torch.Tensor, n: int, generator: torch.Generator) -> torch.Te
     return out.round().clamp(0, 255).to(torch.uint8)
 
 
+def _half(photo: torch.Tensor, right: bool) -> tuple[float, float, float, float]:
+    """The left or right half of ``photo`` as a crop box."""
+    h, w = photo.shape[-2:]
+    return (w / 2, 0.0, float(w), float(h)) if right else (0.0, 0.0, w / 2, float(h))
+
+
 class Photographs:
-    """Random crops of the training photographs; a fixed set of held-out crops."""
+    """Random crops of the training photographs; a fixed set of held-out crops.
+
+    ``held_out="photographs"``: four photographs (:data:`HELD_OUT`) are never trained on.
+    ``held_out="regions"``: every photograph is trained on its left half and scored on its
+    right half (unseen regions of seen photographs; crops of 128 to 192 px).
+    """
 
     def __init__(
-        self, held_out_per_photo: int = 80, device: str = "cpu", cache: str | None = None
+        self,
+        held_out_per_photo: int = 80,
+        device: str = "cpu",
+        cache: str | None = None,
+        held_out: str = "photographs",
     ) -> None:
+        if held_out not in ("photographs", "regions"):
+            raise ValueError(f"held_out must be 'photographs' or 'regions'; got {held_out!r}")
         self.photos = {k: v.to(device) for k, v in _load_photos(cache).items()}
-        self.train_names = [n for n in PHOTOS if n not in HELD_OUT]
         g = torch.Generator().manual_seed(1234)
-        self.held_out = torch.cat([_crops(self.photos[n], held_out_per_photo, g) for n in HELD_OUT])
-        self.seen = torch.cat([_crops(self.photos[n], 20, g) for n in self.train_names])
+        self.boxes: dict[str, tuple[float, float, float, float] | None]
+        if held_out == "photographs":
+            self.train_names = [n for n in PHOTOS if n not in HELD_OUT]
+            self.boxes = dict.fromkeys(PHOTOS)
+            self.held_out = torch.cat(
+                [_crops(self.photos[n], held_out_per_photo, g) for n in HELD_OUT]
+            )
+        else:
+            self.train_names = list(PHOTOS)
+            self.boxes = {n: _half(self.photos[n], right=False) for n in PHOTOS}
+            per_photo = max(1, held_out_per_photo * len(HELD_OUT) // len(PHOTOS))
+            self.held_out = torch.cat(
+                [_crops(self.photos[n], per_photo, g, _half(self.photos[n], True)) for n in PHOTOS]
+            )
+        self.seen = torch.cat(
+            [_crops(self.photos[n], 20, g, self.boxes[n]) for n in self.train_names]
+        )
 
     def batch(self, n: int, generator: torch.Generator) -> torch.Tensor:
         which = torch.randint(len(self.train_names), (n,), generator=generator)
         parts = [
-            _crops(self.photos[self.train_names[i]], int((which == i).sum()), generator)
+            _crops(
+                self.photos[self.train_names[i]],
+                int((which == i).sum()),
+                generator,
+                self.boxes[self.train_names[i]],
+            )
             for i in range(len(self.train_names))
             if (which == i).any()
         ]
@@ -487,6 +556,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=BATCH, help="puzzles per step")
     parser.add_argument("--log-every", type=int, default=100, help="steps between evaluations")
     parser.add_argument("--photos", default=None, help="a .npz cache of the photographs")
+    parser.add_argument(
+        "--held-out",
+        default="photographs",
+        choices=["photographs", "regions"],
+        help="score on photographs never trained on, or on the unseen right half of each",
+    )
     parser.add_argument("--list", action="store_true", help="list the variants and exit")
     parser.add_argument(
         "--position-only", action="store_true", help="position diagnostic of a random encoder"
@@ -506,7 +581,7 @@ def main() -> None:
         data = (
             Synthetic(device=args.device)
             if args.synthetic
-            else Photographs(device=args.device, cache=args.photos)
+            else Photographs(device=args.device, cache=args.photos, held_out=args.held_out)
         )
         if args.position or args.position_only:
             random_task = build(args.variants[0], args.num_permutations, args.seed, args.device)

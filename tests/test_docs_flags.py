@@ -56,9 +56,12 @@ def _claims():
                 rest = re.split(r"\||&&|;|`| #", line[match.end() :])[0]
                 for flag in _FLAG.findall(rest):
                     yield where, match.group(1), flag
-            # an option table row (not torchrun's), in a command's section or a shared one
+            # an option table row (not torchrun's, nor a benchmark script's), in a command's
+            # section or a shared one
             if line.startswith("|") and not fence and "torchrun" not in line:
                 cells = line.split("|")[1:]
+                if re.search(r"\.(py|sh)`", cells[0]):  # a script in benchmarks/
+                    continue
                 for flag in _FLAG.findall(" ".join(cells)):
                     yield where, section, flag
 
