@@ -1,3 +1,3 @@
 """The version of patchssl (read by the build, the command line and checkpoints)."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"

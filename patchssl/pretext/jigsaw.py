@@ -89,7 +89,10 @@ class JigsawPretext(PretextTask):
       removes the brightness and colour that a finding changes: on the synthetic cervix
       benchmark an encoder pretrained with it transferred at chance, one pretrained without
       it reached AUC 0.62 to 0.72 (docs: Pretext tasks, Benchmarks). The encoder then sees
-      its own input normalisation (ImageNet mean and standard deviation), as fine-tuning does;
+      its own input normalisation (ImageNet mean and standard deviation), as fine-tuning does.
+      Turn it on when the puzzle itself must generalise on real photographs (in the test
+      suite's photograph jigsaw it did so only with it) or when brightness is an artefact of
+      the camera rather than the finding;
     * colour dropping (``defences.color_drop``): ``"grayscale"`` (default, probability 0.3
       per tile) or ``"channel_jitter"`` (each colour channel shifted by up to
       ``channel_shift`` px) or ``"both"``: against chromatic aberration, whose colour
