@@ -31,11 +31,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from _common import describe_machine
+from bench_jigsaw_liftoff import fit_size
 from test_pretext_learning import IMAGE, Photographs, _small_cnn  # the test's puzzle
 
 from patchssl.encoder import SharedPatchEncoder
@@ -74,13 +74,6 @@ def run(
         encoder = SharedPatchEncoder(encoder_name, patch_size=32)
         tiler = PatchTiler(grid=3, patch_size=32, image_size=104, gap=2)
 
-    def fit(images: torch.Tensor) -> torch.Tensor:
-        size = tuple(tiler.image_size)
-        if tuple(images.shape[-2:]) == size:
-            return images
-        out = F.interpolate(images.float(), size=size, mode="bilinear", antialias=True)
-        return out.round().clamp(0, 255).to(torch.uint8)
-
     perms = (
         PermutationSet.default()
         if num_permutations == 1000
@@ -102,7 +95,9 @@ def run(
     log, losses, t0 = [], [], time.perf_counter()
     for step in range(1, steps + 1):
         task.train()
-        loss = task(fit(photos.batch(32, generator, held_out=False)), generator=generator).loss
+        loss = task(
+            fit_size(task, photos.batch(32, generator, held_out=False)), generator=generator
+        ).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -116,9 +111,11 @@ def run(
                 "active": active,
                 "loss": round(float(torch.stack(losses[-50:]).mean()), 3),
                 "held_out_acc": task.accuracy(
-                    fit(held), generator=torch.Generator().manual_seed(1)
+                    fit_size(task, held), generator=torch.Generator().manual_seed(1)
                 ),
-                "seen_acc": task.accuracy(fit(seen), generator=torch.Generator().manual_seed(1)),
+                "seen_acc": task.accuracy(
+                    fit_size(task, seen), generator=torch.Generator().manual_seed(1)
+                ),
                 "seconds": round(time.perf_counter() - t0, 1),
             }
             log.append(row)
