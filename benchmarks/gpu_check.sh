@@ -10,7 +10,10 @@
 # paper geometry with its checkpoints written in the training thread (train.async_checkpoint
 # false; the default writes them in the background on a GPU); `engine_paper_long`, the engine at the
 # paper geometry with epochs of 10,000 images (does the loop's gap to the step shrink with the
-# epoch's length: a per-epoch refill of the loader, or a per-step cost?); `liftoff`, the jigsaw
+# epoch's length: a per-epoch refill of the loader, or a per-step cost?); `profile_paper`, where
+# the step's time goes against the bare backbone's (profile_step.py: time per step, device busy
+# time, host-device syncs, top operators); `sync`, the GPU test that a pretraining step never
+# waits for the device; `liftoff`, the jigsaw
 # lift-off levers on real photographs (bench_jigsaw_liftoff.py, every lever at the 300 steps of
 # the goal, then the best of them for 2,000 steps), `recipe`, the from-scratch fine-tuning recipes
 # of bench_finetune_recipe.py on the transfer benchmark's data, and `transfer`, the transfer
@@ -52,6 +55,7 @@ if [[ "${DRY:-0}" == "1" ]]; then
     STEP_PAPER=(--geometries tiny --batches 2 --ratio-batch 2 --ratio-variants fp32)
     STEP_SMALL=("${STEP_PAPER[@]}")
     DECODE=(--count 2 --original-size 640 424 --repeats 1)
+    PROFILE_PAPER=(--quick)
     LIFTOFF_SWEEP=(--variants defaults+no_gap defaults+small_gap --steps 4 --log-every 2)
     LIFTOFF_LONG=(--steps 4 --log-every 2)
     RECIPE=(--variants base --budgets 8 --images 32 --test-patients 20)
@@ -69,6 +73,7 @@ else
     STEP_SMALL=(--geometries small --modes pretrain --batches 128 --sweep bf16-cl --compare ""
         --ratio-batch 128 --ratio-variants bf16-cl --workers 8 --repeats 3 --min-time 0.3)
     DECODE=(--count 8 --repeats 3 --gpu-batch 64)
+    PROFILE_PAPER=(--geometry paper --variant bf16-cl --batch 64 --steps 5)
     # The tiling levers (gap and jitter between tiles) and the image-level defences not yet
     # measured on a GPU; the earlier sweep's levers are listed in docs/benchmarks.md.
     LIFTOFF_SWEEP=(--variants defaults+no_gap no_image_defences+no_gap defaults+small_gap
@@ -145,7 +150,7 @@ for p in $PARTS; do
             --out "$WORK/engine_paper_sync.json"
         ;;
     engine_paper_compiled) # the same with train.compile (whole pretext task)
-        part engine_paper_compiled 130 "$PYTHON" benchmarks/bench_engine.py "${DEV[@]}" \
+        part engine_paper_compiled 150 "$PYTHON" benchmarks/bench_engine.py "${DEV[@]}" \
             "${ENGINE_PAPER[@]}" --compile model --workdir "$WORK/e2e_paper" \
             --out "$WORK/engine_paper_compiled.json"
         ;;
@@ -156,6 +161,18 @@ for p in $PARTS; do
     step_paper) # the step, and its ratio to the bare backbone, in bf16 + channels_last
         part step_paper 60 "$PYTHON" benchmarks/bench_throughput.py "${DEV[@]}" "${STEP_PAPER[@]}" \
             --out "$WORK/throughput_paper.json"
+        ;;
+    profile_paper) # where the step's time goes, against the bare backbone (torch.profiler)
+        part profile_paper 45 "$PYTHON" benchmarks/profile_step.py "${DEVICE[@]}" \
+            "${PROFILE_PAPER[@]}" --out "$WORK/profile_paper.json"
+        ;;
+    sync) # the GPU test that a pretraining step never waits for the device
+        if [[ "${DRY:-0}" == "1" ]]; then
+            echo "== sync: skipped in DRY mode" | tee -a "$LOG"
+        else
+            part sync 45 "$PYTHON" -m pytest --device cuda -q -p no:cacheprovider \
+                tests/test_gpu.py -k never_waits
+        fi
         ;;
     engine_small)
         part engine_small 55 "$PYTHON" benchmarks/bench_engine.py "${DEV[@]}" "${ENGINE_SMALL[@]}" \
@@ -216,7 +233,7 @@ EOF
         if [[ "${DRY:-0}" == "1" ]]; then
             echo "== tests: skipped in DRY mode" | tee -a "$LOG"
         else
-            part tests 100 "$PYTHON" -m pytest --device cuda -n 8 -q -p no:cacheprovider \
+            part tests 80 "$PYTHON" -m pytest --device cuda -n 8 -q -p no:cacheprovider \
                 --junitxml "$WORK/tests.xml"
         fi
         ;;

@@ -197,7 +197,7 @@ class PatchTiler(nn.Module):
             generator=generator,
             device=generator.device if generator is not None else "cpu",
         )
-        return origin + shift.to(device)
+        return origin + shift.to(device, non_blocking=True)  # no wait for the device's queue
 
     def forward(
         self,

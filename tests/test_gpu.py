@@ -66,3 +66,25 @@ def test_bf16_jigsaw_step_matches_fp32(device):
     assert all(math.isfinite(v) for v in losses)
     # bf16 keeps about 3 significant digits: the two losses agree to a few percent.
     assert losses[1] == pytest.approx(losses[0], rel=0.05)
+
+
+@pytest.mark.parametrize("generator_device", ["cpu", "cuda"])
+def test_a_pretraining_step_never_waits_for_the_device(device, generator_device):
+    # torch raises on any host-device synchronisation while the debug mode is "error".
+    encoder = SharedPatchEncoder("resnet18", patch_size=32, channels_last=True)
+    task = JigsawPretext(encoder, PermutationSet.generate(100, seed=0), PatchTiler(3, 32, 112))
+    task = task.to(device).train()
+    images = torch.randint(0, 256, (8, 3, 112, 112), dtype=torch.uint8, device=device)
+    gen = torch.Generator(device=generator_device).manual_seed(0)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        task(images, generator=gen).loss.backward()  # warm-up (cuDNN, allocator)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = task(images, generator=gen).loss
+            loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert int(task.steps_taken) == 4

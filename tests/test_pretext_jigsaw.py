@@ -63,6 +63,29 @@ def test_training_draws_from_the_active_prefix_and_eval_from_all() -> None:
     assert int(fresh.steps_taken) == 12 and fresh.config["curriculum"] == 4
 
 
+def test_a_training_step_reads_no_tensor_value_on_the_host(monkeypatch) -> None:
+    """No ``int(tensor)``/``.item()`` in the step: on a GPU each would stop the host until the
+    device caught up (the curriculum's step count is a Python int, its buffer only mirrors it).
+    """
+    perms = PermutationSet.generate(100, 9, seed=0)
+    task = JigsawPretext(
+        tiny_encoder(16), perms, hidden_dim=8, concat_dim=8, curriculum=4, curriculum_steps=10
+    ).train()
+    images = torch.randint(0, 256, (4, 3, *task.tiler.image_size), dtype=torch.uint8)
+    task(images, generator=g(0)).loss.backward()  # warm-up outside the guard
+
+    def refuse(self, *args, **kwargs):
+        raise AssertionError("a tensor's value was read on the host during the step")
+
+    for name in ("item", "tolist", "__int__", "__float__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    for step in range(3):
+        task(images, generator=g(step)).loss.backward()
+    monkeypatch.undo()
+    assert task.active_permutations == JigsawPretext.curriculum_size(4, 4, 10, 100)
+    assert int(task.steps_taken) == 4  # the buffer mirrors the count
+
+
 def test_curriculum_validation() -> None:
     with pytest.raises(ValueError, match=r"curriculum \(None: off; .*\) must be a positive int"):
         JigsawPretext(tiny_encoder(16), curriculum=0)

@@ -197,7 +197,8 @@ class ImageDefences(nn.Module):
             turns = 2 * random_integers(2, (batch,), generator=generator, device=device)
         if self.flip:
             mirror = random_integers(2, (batch,), generator=generator, device=device)
-        boxes = torch.tensor([0.0, 0.0, 1.0, 1.0], device=device).repeat(batch, 1)
+        boxes = torch.zeros(batch, 4, device=device)  # made on the device: no copy to wait on
+        boxes[:, 2:] = 1.0
         if self.crop_scale is not None:
             u = random_uniform((4, batch), generator=generator, device=device)
             low, high = self.crop_scale
@@ -429,9 +430,9 @@ def random_grayscale(
         Tensor of shape ``(B, N, C, h, w)``; gray patches have all channels equal.
     """
     b, n, c = patches.shape[:3]
-    if c == 3:
-        weights = patches.new_tensor([0.299, 0.587, 0.114]).view(1, 1, 3, 1, 1)
-        gray = (patches * weights).sum(dim=2, keepdim=True)
+    if c == 3:  # scalar weights: no constant tensor to copy to the device every step
+        red, green, blue = patches.split(1, dim=2)
+        gray = 0.299 * red + 0.587 * green + 0.114 * blue
     else:
         gray = patches.mean(dim=2, keepdim=True)
     mask = random_uniform((b, n), generator=generator, device=patches.device) < prob

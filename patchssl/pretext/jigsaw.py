@@ -174,7 +174,10 @@ class JigsawPretext(PretextTask):
         self.curriculum = None if curriculum is None else int(curriculum)
         self.curriculum_steps = int(curriculum_steps)
         self.register_buffer("permutations", perm_set.permutations.clone(), persistent=False)
-        # Training steps taken, for the curriculum (saved, so that a resumed run goes on).
+        # Training steps taken, for the curriculum (saved, so that a resumed run goes on). The
+        # count is kept as a Python int, read without waiting for the device; the buffer mirrors
+        # it for the state dict (a fill queued on the device, never read back in training).
+        self._steps = 0
         self.register_buffer("steps_taken", torch.zeros((), dtype=torch.long))
         self.image_defences = ImageDefences(
             crop_scale=crop_scale, crop_ratio=crop_ratio, flip=flip, rot90=rot90
@@ -214,6 +217,13 @@ class JigsawPretext(PretextTask):
         # Checkpoints from before the curriculum have no step count: start it at 0.
         state_dict.setdefault(prefix + "steps_taken", torch.zeros((), dtype=torch.long))
         super()._load_from_state_dict(state_dict, prefix, *args)
+        self._steps = int(self.steps_taken)
+
+    @torch.compiler.disable
+    def _count_step(self) -> None:
+        """One training step more: the int, and its mirror in the buffer (no host-device sync)."""
+        self._steps += 1
+        self.steps_taken.fill_(self._steps)
 
     @staticmethod
     def curriculum_size(step: int, start: int | None, steps: int, total: int) -> int:
@@ -243,7 +253,7 @@ class JigsawPretext(PretextTask):
         if not self.training:
             return self.num_classes
         return self.curriculum_size(
-            int(self.steps_taken), self.curriculum, self.curriculum_steps, self.num_classes
+            self._steps, self.curriculum, self.curriculum_steps, self.num_classes
         )
 
     @property
@@ -344,5 +354,5 @@ class JigsawPretext(PretextTask):
                 torch.arange(self.num_classes, device=logits.device) >= active, float("-inf")
             )
         if self.training:
-            self.steps_taken += 1  # one puzzle batch drawn, masked and scored
+            self._count_step()  # one puzzle batch drawn, masked and scored
         return logits
