@@ -36,6 +36,7 @@ from bench_throughput import (
     maybe_compile,
     random_images,
 )
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 SYNC_CALLS = (
@@ -94,8 +95,10 @@ def profile_steps(
         return float(e.self_cpu_time_total)
 
     syncs = {e.key: e.count / steps for e in events if e.key in SYNC_CALLS}
-    # The device's busy time: self times on the device add up without double counting.
-    kernel_us = sum(self_time(e) for e in events) if on_device else 0.0
+    # The device's busy time: the kernels' own rows (an operator's row counts its kernels too).
+    kernel_us = sum(
+        self_time(e) for e in events if getattr(e, "device_type", None) == DeviceType.CUDA
+    )
     ranked = sorted(events, key=self_time, reverse=True)[:top]
     return {
         "wall_ms": wall * 1e3,

@@ -86,6 +86,29 @@ def test_a_training_step_reads_no_tensor_value_on_the_host(monkeypatch) -> None:
     assert int(task.steps_taken) == 4  # the buffer mirrors the count
 
 
+def test_the_curriculum_does_not_recompile_a_compiled_task_every_step() -> None:
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    task = JigsawPretext(
+        tiny_encoder(16),
+        PermutationSet.generate(100, 9, seed=0),
+        hidden_dim=8,
+        concat_dim=8,
+        curriculum=4,
+        curriculum_steps=10,
+    ).train()
+    task.compile(backend="eager")  # dynamo's graph capture and guards, no code generation
+    images = torch.randint(0, 256, (4, 3, *task.tiler.image_size), dtype=torch.uint8)
+    graphs = []
+    for step in range(14):  # through the curriculum's growth and past it
+        task(images, generator=g(step)).loss.backward()
+        graphs.append(counters["stats"]["unique_graphs"])
+    torch._dynamo.reset()
+    assert graphs[-1] == graphs[2], f"graphs captured after each step: {graphs}"
+
+
 def test_curriculum_validation() -> None:
     with pytest.raises(ValueError, match=r"curriculum \(None: off; .*\) must be a positive int"):
         JigsawPretext(tiny_encoder(16), curriculum=0)

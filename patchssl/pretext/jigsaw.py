@@ -250,6 +250,12 @@ class JigsawPretext(PretextTask):
     @property
     def active_permutations(self) -> int:
         """How many permutations training draws from now (all ``K`` in eval mode)."""
+        return self._active()
+
+    @torch.compiler.disable
+    def _active(self) -> int:
+        # Outside torch.compile's graph: the count reaches it as a plain value (made dynamic
+        # after one recompilation) rather than as a module attribute guarded at every step.
         if not self.training:
             return self.num_classes
         return self.curriculum_size(
