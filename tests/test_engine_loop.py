@@ -478,3 +478,19 @@ def test_a_snapshot_does_not_follow_the_live_tensors():
     shared = torch.zeros(2)
     again = snapshot_payload({"a": shared, "b": [shared], "row": payload["rows"][0]})
     assert again["a"] is again["b"][0] and again["a"] is not shared  # shared once, as saved
+
+
+@pytest.mark.parametrize(("val_images", "expected"), [(3, 1), (9, 3), (40, 4)])
+def test_validation_loader_has_a_worker_per_batch_up_to_the_training_loaders(
+    val_images, expected
+):
+    from patchssl.engine.data import training_loaders
+
+    config = Config()
+    config.train.batch_size = 4
+    config.data.workers = 4
+    loader, _, val_loader = training_loaders(
+        config, list(range(16)), list(range(val_images)), torch.device("cpu")
+    )
+    assert loader.num_workers == 4 and val_loader.num_workers == expected
+    assert val_loader.persistent_workers

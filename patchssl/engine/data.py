@@ -432,11 +432,14 @@ def training_loaders(
     )
     val_loader = None
     if val_set is not None:
-        # A few batches per epoch: workers that stay alive save their start-up every epoch.
+        # As many workers as it has batches, up to the training loader's: with fewer, decoding
+        # the held-out images dominated each epoch's fixed cost on a GPU (2 workers for 526
+        # images took about 0.8 s). Workers that stay alive save their start-up every epoch.
+        val_batches = -(-len(val_set) // batch_size)
         val_loader = make_loader(
             val_set,
             batch_size,
-            num_workers=min(workers, 2),
+            num_workers=min(workers, val_batches),
             pin_memory=pin,
             persistent_workers=workers > 0,
         )

@@ -210,7 +210,10 @@ class PretrainTask:
             return {}
         self.model.eval()
         generator = make_generator(self.seed, "validation", device=self.device)
-        loss_sum, correct, count = 0.0, 0.0, 0
+        # Sums stay on the device until the end: no host-device sync per batch.
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        correct = torch.zeros((), dtype=torch.float64, device=self.device)
+        count = 0
         for batch in self.val_loader:
             if self.skipped is not None and batch.get("failed"):
                 self.skipped.add(batch["failed"], where="pretrain validation")
@@ -220,8 +223,8 @@ class PretrainTask:
             with autocast_context(self.device, self.amp_dtype):
                 out = self.model(batch["image"], generator=generator)
             n = int(batch["image"].shape[0])
-            loss_sum += float(out.loss) * n
-            correct += float(_correct(out.logits, out.targets))
+            loss_sum += out.loss.detach().double() * n
+            correct += _correct(out.logits, out.targets).double()
             count += n
         self.model.train()
         totals = reduce_sums({"loss": loss_sum, "correct": correct, "count": float(count)})
