@@ -101,6 +101,7 @@ def profile_steps(
     )
     ranked = sorted(events, key=self_time, reverse=True)[:top]
     return {
+        "self_ms_per_step": {e.key: self_time(e) / steps / 1e3 for e in events},
         "wall_ms": wall * 1e3,
         "device_busy_ms": kernel_us / steps / 1e3 if on_device else None,
         "syncs_per_step": syncs,
@@ -150,6 +151,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"== {name}: {r['wall_ms']:.2f} ms per step{busy}; syncs {r['syncs_per_step']}")
         for row in r["top"]:
             print(f"   {row['self_ms_per_step']:8.3f} ms  x{row['calls']:<6.1f} {row['op'][:90]}")
+    # What the library adds: the operators whose self time grew most over the bare step's.
+    ours = report["library_step"].pop("self_ms_per_step")
+    base = report["bare_backbone"].pop("self_ms_per_step")
+    extra = sorted(((op, ms - base.get(op, 0.0)) for op, ms in ours.items()), key=lambda t: -t[1])[
+        : args.top
+    ]
+    report["library_extra"] = [{"op": op, "extra_ms_per_step": ms} for op, ms in extra]
+    print("== what the library step adds (self time per step over the bare step's):")
+    for op, ms in extra:
+        print(f"   {ms:+8.3f} ms  {op[:100]}")
     bare, lib = report["bare_backbone"]["wall_ms"], report["library_step"]["wall_ms"]
     report["step_over_bare"] = lib / bare
     print(f"library step / bare backbone: {lib / bare:.3f} (wall time per step, profiled)")

@@ -16,6 +16,18 @@ def _bench_on_path(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.syspath_prepend(str(BENCH))
 
 
+def test_profile_step_quick(tmp_path: Path) -> None:
+    import profile_step
+
+    out = tmp_path / "profile.json"
+    report = profile_step.main(["--quick", "--device", "cpu", "--threads", "1", "--out", str(out)])
+    for name in ("bare_backbone", "library_step"):
+        assert report[name]["wall_ms"] > 0 and report[name]["top"]
+        assert report[name]["device_busy_ms"] is None  # no kernels on the CPU
+    assert report["step_over_bare"] > 0 and report["library_extra"]
+    assert json.loads(out.read_text())["results"][0]["geometry"] == "tiny"
+
+
 def test_throughput_quick(tmp_path: Path) -> None:
     import bench_throughput
 
