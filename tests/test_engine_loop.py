@@ -481,9 +481,7 @@ def test_a_snapshot_does_not_follow_the_live_tensors():
 
 
 @pytest.mark.parametrize(("val_images", "expected"), [(3, 1), (9, 3), (40, 4)])
-def test_validation_loader_has_a_worker_per_batch_up_to_the_training_loaders(
-    val_images, expected
-):
+def test_validation_loader_has_a_worker_per_batch_up_to_the_training_loaders(val_images, expected):
     from patchssl.engine.data import training_loaders
 
     config = Config()
