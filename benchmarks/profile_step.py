@@ -32,9 +32,7 @@ from bench_throughput import (
     Variant,
     bare_backbone_step,
     build_task,
-    make_optimizer,
-    maybe_compile,
-    random_images,
+    pretrain_step,
 )
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
@@ -45,29 +43,6 @@ SYNC_CALLS = (
     "cudaMemcpy",
     "cudaEventSynchronize",
 )
-
-
-def library_step(
-    task: Any, batch: int, variant: Variant, device: torch.device
-) -> Callable[[], None]:
-    """The jigsaw step of ``bench_throughput`` (its ``library_step``) on one task."""
-    opt = make_optimizer(task.parameters())
-    images = random_images(batch, task_geometry(task), device)
-    gen = torch.Generator(device=device).manual_seed(0)
-
-    def step() -> None:
-        with variant.autocast(device):
-            loss = task(images, generator=gen).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    return step
-
-
-def task_geometry(task: Any) -> Any:
-    size = task.tiler.image_size[0]
-    return next(g for g in GEOMETRIES.values() if g.image_size == size)
 
 
 def profile_steps(
@@ -131,8 +106,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         torch.backends.cudnn.benchmark = True
     geom = GEOMETRIES[args.geometry]
     variant = Variant.parse(args.variant)
-    task = build_task(geom, variant, device)
-    maybe_compile(task.encoder, variant)
+    task = build_task(geom, variant, device)  # its backbone is the bare step's
     report: dict[str, Any] = {
         "geometry": geom.name,
         "backbone": geom.backbone,
@@ -142,7 +116,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     steps = {
         "bare_backbone": bare_backbone_step(task, args.batch, variant, device),
-        "library_step": library_step(task, args.batch, variant, device),
+        "library_step": pretrain_step(geom, variant, args.batch, device),
     }
     for name, fn in steps.items():
         report[name] = profile_steps(fn, args.steps, args.warmup, device, args.top)
