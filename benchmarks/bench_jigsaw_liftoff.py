@@ -111,6 +111,9 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any], dict[str, Any]]] = {
         {"optimizer": "sgd", "lr": 0.01},
     ),
     "defaults": ({}, {}, {}),
+    # The default head before the relation head (0.2.0.dev0 until 2026-11-27): --head assignment
+    # runs every variant with it, as the tables measured before the change did.
+    "assignment_head": ({"head": "assignment"}, {}, {}),
     "no_curriculum": ({"curriculum": None}, {}, {}),
     "no_image_defences": ({"flip": False, "rot90": False}, {}, {}),
     "defaults+crop": ({"crop_scale": (0.5, 1.0)}, {}, {}),
@@ -324,7 +327,14 @@ class Synthetic:
 
 
 # ------------------------------------------------------------------------------------- runs
-def build(variant: str, num_permutations: int, seed: int, device: str = "cpu") -> JigsawPretext:
+def build(
+    variant: str,
+    num_permutations: int,
+    seed: int,
+    device: str = "cpu",
+    head: str | None = None,
+) -> JigsawPretext:
+    """The variant's task; ``head`` overrides its jigsaw head (``None``: the variant's own)."""
     task_kw, enc_kw, _ = VARIANTS[variant]
     torch.manual_seed(seed)
     encoder = SharedPatchEncoder("resnet10t", patch_size=PATCH, **enc_kw)
@@ -334,6 +344,8 @@ def build(variant: str, num_permutations: int, seed: int, device: str = "cpu") -
         else PermutationSet.generate(num_permutations, 9, seed=0)
     )
     task_kw = dict(task_kw)
+    if head is not None:
+        task_kw["head"] = head
     tiler = PatchTiler(
         grid=3, patch_size=PATCH, **{"image_size": IMAGE, **task_kw.pop("_tiler", {})}
     )
@@ -517,6 +529,7 @@ def timing(repeats: int = 7, inner: int = 5) -> dict:
         "bare_mean_linear": bare_step_fn(False),
         "bare_concat_linear": bare_step_fn(True),
         "jigsaw_defaults": task_step_fn({}),
+        "jigsaw_assignment_head": task_step_fn({"head": "assignment"}),
         "jigsaw_old_head": task_step_fn({"head": "concat", "hidden_dim": 512, "concat_dim": 1024}),
     }
     times: dict[str, list[float]] = {k: [] for k in cases}
@@ -562,6 +575,13 @@ def main() -> None:
         choices=["photographs", "regions"],
         help="score on photographs never trained on, or on the unseen right half of each",
     )
+    parser.add_argument(
+        "--head",
+        default=None,
+        choices=["relation", "assignment", "concat"],
+        help="the jigsaw head of every variant (default: the variant's own, else the "
+        "library's); the tables measured before the relation head ran with 'assignment'",
+    )
     parser.add_argument("--list", action="store_true", help="list the variants and exit")
     parser.add_argument(
         "--position-only", action="store_true", help="position diagnostic of a random encoder"
@@ -584,11 +604,13 @@ def main() -> None:
             else Photographs(device=args.device, cache=args.photos, held_out=args.held_out)
         )
         if args.position or args.position_only:
-            random_task = build(args.variants[0], args.num_permutations, args.seed, args.device)
+            random_task = build(
+                args.variants[0], args.num_permutations, args.seed, args.device, args.head
+            )
             results["position_random"] = position_report(random_task, data, "random")
         for variant in [] if args.position_only else args.variants:
             print(f"== {variant}", flush=True)
-            task = build(variant, args.num_permutations, args.seed, args.device)
+            task = build(variant, args.num_permutations, args.seed, args.device, args.head)
             log = train(task, data, variant, args.steps, args.seed, args.batch, args.log_every)
             entry: dict[str, Any] = {"log": log, "seen_acc": puzzle_accuracy(task, data.seen)}
             print(json.dumps({"variant": variant, "seen_acc": entry["seen_acc"]}), flush=True)

@@ -85,6 +85,12 @@ def test_resume_gives_the_same_final_weights(data, reference, tmp_path):
         ({"pretext.options": {"num_permutations": 10}}, "permutation set"),
         ({"model.backbone": "test_efficientnet"}, "backbone"),
         ({"pretext.name": "rotation"}, "pretext"),
+        # a run of the assignment head (the jigsaw's default before the relation head)
+        (
+            {"pretext.options": {"num_permutations": 8, "head": "assignment"}},
+            r"(?s)pretext_kwargs\.head: checkpoint has 'relation', this run has 'assignment'.*"
+            r"set the checkpoint's values in pretext\.options",
+        ),
     ],
 )
 def test_resume_with_another_model_is_refused(data, reference, tmp_path, override, message):

@@ -56,8 +56,26 @@ def test_each_symmetry_moves_content_as_stated(flip: bool, rot90: bool) -> None:
     for b in range(64):
         expected = reference_symmetry(x[b].float() / 255, int(draws.symmetry[b]))
         torch.testing.assert_close(out[b], expected, atol=1e-5, rtol=0)
-    # Drawn from the same generator, forward gives what sample + apply gave.
-    torch.testing.assert_close(defences(x, generator=g(3)), out)
+    # Drawn from the same generator, forward gives what sample + apply gave, but exactly and
+    # in the input's dtype (no resampling without a crop).
+    exact = defences(x, generator=g(3))
+    assert exact.dtype == torch.uint8
+    for b in range(64):
+        assert torch.equal(exact[b], reference_symmetry(x[b], int(draws.symmetry[b])))
+    torch.testing.assert_close(exact.float() / 255, out, atol=1e-4, rtol=0)
+
+
+def test_exact_symmetries_match_rot90_for_every_dtype_and_shape(device: torch.device) -> None:
+    from patchssl.pretext.defences import apply_symmetries
+
+    for shape, allowed in (((8, 2, 5, 5), range(8)), ((4, 3, 4, 6), (0, 2, 4, 6))):
+        symmetry = torch.tensor(list(allowed)).to(device)
+        for dtype in (torch.uint8, torch.float32):
+            x = torch.randint(0, 256, (len(symmetry), *shape[1:])).to(device, dtype)
+            out = apply_symmetries(x, symmetry)
+            assert out.dtype == dtype and out.shape == x.shape
+            for b, k in enumerate(symmetry.tolist()):
+                assert torch.equal(out[b], reference_symmetry(x[b], k))
 
 
 def test_crop_takes_the_stated_box() -> None:
@@ -99,10 +117,7 @@ def test_validation_and_non_square_images() -> None:
     turned = turns(x, generator=g(0))
     assert turned.shape == x.shape
     for b in range(32):
-        assert any(
-            torch.allclose(turned[b], reference_symmetry(x[b].float() / 255, k), atol=1e-5)
-            for k in (0, 2)
-        )
+        assert any(torch.equal(turned[b], reference_symmetry(x[b], k)) for k in (0, 2))
     with pytest.raises(ValueError, match="quarter turns need square images"):
         turns.apply(x, ImageTransform(torch.ones(32, dtype=torch.long), torch.rand(32, 4)))
 

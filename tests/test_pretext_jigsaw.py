@@ -1,4 +1,4 @@
-"""The jigsaw's lift-off mechanisms: the permutation curriculum and the assignment head."""
+"""The jigsaw's lift-off mechanisms: the permutation curriculum and the heads."""
 
 from __future__ import annotations
 
@@ -9,7 +9,12 @@ import torch
 from torch import nn
 
 from patchssl.permutations import PermutationSet
-from patchssl.pretext import JigsawPretext, PatchConcatHead, PermutationAssignmentHead
+from patchssl.pretext import (
+    JigsawPretext,
+    PatchConcatHead,
+    PermutationAssignmentHead,
+    PermutationRelationHead,
+)
 from patchssl.pretext.heads import sized_from_width
 from patchssl.pretext.testing import tiny_encoder
 from patchssl.tiling import PatchTiler
@@ -155,14 +160,80 @@ def test_head_sizes_follow_the_width_and_not_k() -> None:
     assert old > 5_000_000 and assignment(512, 100) < old / 10
 
 
-def test_jigsaw_builds_either_head() -> None:
+def _offset_index(a: int, b: int, cols: int, rows: int) -> int:
+    """Class of the offset from source tile ``a`` to source tile ``b`` (zero offset left out)."""
+    dy, dx = b // cols - a // cols, b % cols - a % cols
+    flat = (dy + rows - 1) * (2 * cols - 1) + (dx + cols - 1)
+    return flat - 1 if flat > (rows - 1) * (2 * cols - 1) + cols - 1 else flat
+
+
+@pytest.mark.parametrize("grid", [(3, 3), (2, 3)])
+def test_relation_head_scores_each_permutation_by_the_offsets_of_its_pairs(grid) -> None:
+    rows, cols = grid
+    n = rows * cols
+    perms = PermutationSet.generate(30, n, seed=2).permutations
+    head = PermutationRelationHead(n, 12, perms, grid, hidden_dim=8, pair_dim=16)
+    features = torch.randn(4, n, 12)
+    logits, scores = head(features), head.scores(features)
+    assert head.num_offsets == (2 * rows - 1) * (2 * cols - 1) - 1
+    assert logits.shape == (4, 30) and scores.shape == (4, n, n, head.num_offsets)
+    for t in range(30):
+        p = perms[t].tolist()
+        reference = sum(
+            scores[:, k, m, _offset_index(p[k], p[m], cols, rows)]
+            for k in range(n)
+            for m in range(n)
+            if k != m
+        )
+        torch.testing.assert_close(logits[:, t], reference)
+
+
+def test_relation_head_cannot_tell_where_tiles_were_shown() -> None:
+    # The score of the true arrangement is the same whichever permutation shuffled the tiles:
+    # the head sees what pairs of tiles show, never the places they were shown at. The
+    # assignment head scores tile-to-place and does tell them apart.
+    torch.manual_seed(0)
+    perms = PermutationSet.generate(40, 9, seed=0).permutations
+    tiles = torch.randn(1, 9, 12)  # in their true (row-major) order
+    shown = torch.stack([tiles[0, perms[t]] for t in range(40)])  # shown[t, k] = tile perms[t, k]
+    relation = PermutationRelationHead(9, 12, perms, (3, 3), hidden_dim=8, pair_dim=16)
+    true_scores = relation(shown)[torch.arange(40), torch.arange(40)]
+    torch.testing.assert_close(true_scores, true_scores[:1].expand(40))
+    assignment = PermutationAssignmentHead(9, 12, perms, hidden_dim=8, concat_dim=16)
+    assert assignment(shown)[torch.arange(40), torch.arange(40)].std() > 1e-3
+
+
+def test_relation_head_validation_and_size() -> None:
+    perms = PermutationSet.generate(10, 9, seed=0).permutations
+    with pytest.raises(ValueError, match="grid 2x4 has 8 cells"):
+        PermutationRelationHead(9, 12, perms, (2, 4))
+    with pytest.raises(ValueError, match=r"shape \(K, 9\)"):
+        PermutationRelationHead(9, 12, perms[:, :4], (3, 3))
+    head = PermutationRelationHead(9, 12, perms, (3, 3))
+    with pytest.raises(ValueError, match=r"\(B, 9, D\)"):
+        head(torch.randn(2, 4, 12))
+
+    def count(k: int, width: int) -> int:
+        set_k = PermutationSet.generate(k, 9, seed=0).permutations
+        module = PermutationRelationHead(9, width, set_k, (3, 3))
+        return sum(p.numel() for p in module.parameters())
+
+    for width in (64, 512, 2048):
+        hidden, pair = sized_from_width(width)
+        expected = (width + 1) * hidden + (hidden + 1) * pair + hidden * pair + (pair + 1) * 24
+        assert count(10, width) == count(100, width) == expected
+
+
+def test_jigsaw_builds_every_head() -> None:
     perms = PermutationSet.generate(20, 9, seed=0)
     task = JigsawPretext(tiny_encoder(16), perms)
-    assert isinstance(task.head, PermutationAssignmentHead)
+    assert isinstance(task.head, PermutationRelationHead) and task.config["head"] == "relation"
     concat = JigsawPretext(tiny_encoder(16), perms, head="concat", hidden_dim=8, concat_dim=8)
     assert isinstance(concat.head, PatchConcatHead)
+    assignment = JigsawPretext(tiny_encoder(16), perms, head="assignment")
+    assert isinstance(assignment.head, PermutationAssignmentHead)
     images = torch.randint(0, 256, (4, 3, *task.tiler.image_size), dtype=torch.uint8)
-    for t in (task.eval(), concat.eval()):
+    for t in (task.eval(), concat.eval(), assignment.eval()):
         assert t(images, generator=g(0)).logits.shape == (4, 20)
 
 

@@ -21,6 +21,7 @@ from patchssl.pretext.base import channel_jitter, random_grayscale, standardize_
 from patchssl.pretext.heads import (
     PatchConcatHead,
     PermutationAssignmentHead,
+    PermutationRelationHead,
     PooledPatchHead,
     sized_from_width,
 )
@@ -119,7 +120,7 @@ def test_jigsaw_defaults_and_validation() -> None:
     assert not task.defences.per_patch_norm and task.defences.color_drop == "grayscale"
     assert task.image_defences.flip and task.image_defences.rot90
     assert task.image_defences.crop_scale is None
-    assert isinstance(task.head, PermutationAssignmentHead) and task.config["head"] == "assignment"
+    assert isinstance(task.head, PermutationRelationHead) and task.config["head"] == "relation"
     assert task.curriculum == 64 and task.curriculum_steps == 200
     assert (task.config["hidden_dim"], task.config["concat_dim"]) == sized_from_width(
         encoder.out_dim
@@ -162,6 +163,16 @@ def test_jigsaw_config_carries_a_custom_set_and_rebuilds(tmp_path) -> None:
             lambda: PermutationAssignmentHead(4, 8, [[0, 1, 2, 3]], hidden_dim=0),
             ValueError,
             r"^hidden_dim must be a positive int; got 0$",
+        ),
+        (
+            lambda: PermutationRelationHead(4, 8, [[0, 1, 2, 3]], (2, 2), pair_dim=0),
+            ValueError,
+            r"^pair_dim must be a positive int; got 0$",
+        ),
+        (
+            lambda: PermutationRelationHead(4, 8, [[0, 1, 2, 3]], (2, 2), dropout=1.0),
+            ValueError,
+            r"^dropout must be in \[0, 1\)",
         ),
     ],
 )

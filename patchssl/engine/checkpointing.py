@@ -184,6 +184,11 @@ def check_compatible(
             if action == "resume"
             else "use a checkpoint trained with the same backbone, tiling and permutation set"
         )
+        if action == "resume" and any(p.startswith("pretext_kwargs.") for p in problems):
+            hint += (
+                "; to resume it, set the checkpoint's values in pretext.options (e.g. "
+                "--set pretext.options.head=assignment for a jigsaw run of the assignment head)"
+            )
         raise ConfigError(
             f"cannot {action} {source}: it does not match this run:\n  - {listing}\n{hint}"
         )

@@ -24,7 +24,12 @@ from __future__ import annotations
 
 from patchssl.pretext.base import PretextOutput, PretextTask, default_tiler
 from patchssl.pretext.defences import ImageDefences, PatchDefences
-from patchssl.pretext.heads import PatchConcatHead, PermutationAssignmentHead, PooledPatchHead
+from patchssl.pretext.heads import (
+    PatchConcatHead,
+    PermutationAssignmentHead,
+    PermutationRelationHead,
+    PooledPatchHead,
+)
 from patchssl.pretext.jigsaw import JigsawPretext
 from patchssl.pretext.registry import (
     ENTRY_POINT_GROUP,
@@ -47,6 +52,7 @@ __all__ = [
     "PatchConcatHead",
     "PatchDefences",
     "PermutationAssignmentHead",
+    "PermutationRelationHead",
     "PooledPatchHead",
     "PretextOutput",
     "PretextPluginError",

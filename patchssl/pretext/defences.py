@@ -39,6 +39,7 @@ __all__ = [
     "ImageDefences",
     "ImageTransform",
     "PatchDefences",
+    "apply_symmetries",
     "channel_jitter",
     "random_grayscale",
     "standardize_patches",
@@ -66,6 +67,40 @@ _SYMMETRIES = torch.tensor(
 )
 
 
+# The same symmetries as (transpose, flip of the height axis, flip of the width axis), applied
+# in that order: symmetry ``k`` equals ``torch.rot90(x, k % 4, dims=(-2, -1))`` then, for
+# ``k >= 4``, ``.flip(-1)`` (checked in the tests).
+_SYMMETRY_STEPS = torch.tensor(
+    [[0, 0, 0], [1, 1, 0], [0, 1, 1], [1, 0, 1], [0, 0, 1], [1, 1, 1], [0, 1, 0], [1, 0, 0]],
+    dtype=torch.bool,
+)
+
+
+def apply_symmetries(images: Tensor, symmetry: Tensor) -> Tensor:
+    """Turn and mirror each image of a batch exactly, in its own dtype (no resampling).
+
+    Each of the eight symmetries of the square is an optional transpose followed by optional
+    flips of the height and width axes; the batch takes each step with ``torch.where`` on
+    per-image flags, so that no value is read on the host and uint8 images stay uint8.
+
+    Args:
+        images: Tensor of shape ``(B, C, H, W)``, any dtype.
+        symmetry: Long tensor of shape ``(B,)`` in ``[0, 8)`` on the images' device: image
+            ``b`` becomes ``torch.rot90(images[b], symmetry[b] % 4, dims=(-2, -1))``, then
+            ``.flip(-1)`` when ``symmetry[b] >= 4``. Odd values (quarter turns) need square
+            images; the caller checks (see :meth:`ImageDefences.sample`).
+
+    Returns:
+        Tensor of shape ``(B, C, H, W)`` and the images' dtype.
+    """
+    steps = _SYMMETRY_STEPS.to(images.device)[symmetry][:, :, None, None, None]  # (B, 3, 1, 1, 1)
+    out = images
+    if images.shape[-2] == images.shape[-1]:
+        out = torch.where(steps[:, 0], out.transpose(-2, -1), out)
+    out = torch.where(steps[:, 1], out.flip(-2), out)
+    return torch.where(steps[:, 2], out.flip(-1), out)
+
+
 class ImageTransform(NamedTuple):
     """The random draws of :class:`ImageDefences` for one batch.
 
@@ -87,8 +122,10 @@ class ImageDefences(nn.Module):
     In training each image gets a random crop (area a share of the image drawn uniformly in
     ``crop_scale``, aspect ratio log-uniform in ``crop_ratio``, position uniform) resized back
     to the image size, then one of the symmetries of the square allowed by ``flip`` and
-    ``rot90``, all in one ``affine_grid`` + ``grid_sample`` (bilinear) over the batch. In
-    ``eval()`` mode, or with every option off, the images pass through untouched.
+    ``rot90``, all in one ``affine_grid`` + ``grid_sample`` (bilinear) over the batch. Without
+    cropping the symmetries are exact moves of pixels (:func:`apply_symmetries`), in the
+    images' own dtype: uint8 images stay uint8, with no resampling and a quarter of the memory
+    traffic. In ``eval()`` mode, or with every option off, the images pass through untouched.
 
     Why: the jigsaw puzzle should be solved by fitting tiles together, not by reading off each
     tile's absolute place from the scene's usual layout. A random crop moves the content
@@ -109,8 +146,9 @@ class ImageDefences(nn.Module):
 
     Shape:
         - Input: ``(B, C, H, W)``, uint8 (0..255) or floating (0..1).
-        - Output: ``(B, C, H, W)``: in training with any option on, float (float32 for uint8
-          input, scaled to 0..1); otherwise the input itself.
+        - Output: ``(B, C, H, W)``: in training with cropping on, float (float32 for uint8
+          input, scaled to 0..1); with flips or turns only, the input's dtype and scale;
+          otherwise the input itself.
 
     Example:
         >>> defences = ImageDefences(crop_scale=(0.5, 1.0), flip=True, rot90=True)
@@ -248,8 +286,9 @@ class ImageDefences(nn.Module):
             generator: Source of every random choice.
 
         Returns:
-            Tensor of shape ``(B, C, H, W)``: transformed (float) in training when any option
-            is on, else ``images`` itself.
+            Tensor of shape ``(B, C, H, W)``: in training with cropping on, float (resampled);
+            with flips or turns only, the images turned exactly in their own dtype; else
+            ``images`` itself.
         """
         if not self.training or not self.active:
             return images
@@ -257,6 +296,8 @@ class ImageDefences(nn.Module):
         transform = self.sample(
             images.shape[0], generator=generator, device=images.device, square=h == w
         )
+        if self.crop_scale is None:  # symmetries only: exact, no resampling
+            return apply_symmetries(images, transform.symmetry)
         return self.apply(images, transform)
 
 

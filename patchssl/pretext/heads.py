@@ -30,7 +30,13 @@ from torch import Tensor, nn
 
 from patchssl._validation import check_int
 
-__all__ = ["PatchConcatHead", "PermutationAssignmentHead", "PooledPatchHead", "sized_from_width"]
+__all__ = [
+    "PatchConcatHead",
+    "PermutationAssignmentHead",
+    "PermutationRelationHead",
+    "PooledPatchHead",
+    "sized_from_width",
+]
 
 
 def sized_from_width(in_dim: int) -> tuple[int, int]:
@@ -254,6 +260,142 @@ class PermutationAssignmentHead(nn.Module):
             )
         out = self.classifier(self.per_patch(features).flatten(1))
         return out.view(-1, self.num_patches, self.num_patches)
+
+    def forward(self, features: Tensor) -> Tensor:
+        """Score every permutation of the set.
+
+        Args:
+            features: Tensor of shape ``(B, N, D)``, tiles in the order shown.
+
+        Returns:
+            Logits of shape ``(B, K)``.
+        """
+        flat = self.scores(features).flatten(1)
+        return flat @ self.codes.to(flat.dtype).t()
+
+
+def _offset_codes(permutations: Tensor, grid: tuple[int, int]) -> tuple[Tensor, int]:
+    """One-hot codes of the relative offsets each permutation implies between shown tiles.
+
+    Returns ``(codes, num_offsets)``: ``codes`` of shape ``(K, N * N * O)`` with a one at
+    ``(k * N + l) * O + o`` where, under permutation ``t``, the tile shown at ``l`` sits at
+    offset ``o`` from the tile shown at ``k`` in the original image (``k != l``), and ``O``
+    the number of non-zero offsets ``(dy, dx)`` a ``rows x cols`` grid allows.
+    """
+    rows, cols = grid
+    n = rows * cols
+    width = 2 * cols - 1
+    num_offsets = (2 * rows - 1) * width - 1
+    centre = (rows - 1) * width + (cols - 1)  # the zero offset, left out of the classes
+    y, x = permutations // cols, permutations % cols  # (K, N) true place of each shown tile
+    dy = y[:, None, :] - y[:, :, None]  # (K, N, N): place of shown l minus place of shown k
+    dx = x[:, None, :] - x[:, :, None]
+    flat = (dy + rows - 1) * width + (dx + cols - 1)
+    offset = torch.where(flat > centre, flat - 1, flat)  # skip the zero offset
+    pair = torch.arange(n * n).view(n, n)
+    index = (pair * num_offsets)[None] + offset  # (K, N, N)
+    off_diagonal = ~torch.eye(n, dtype=torch.bool)
+    codes = torch.zeros(permutations.shape[0], n * n * num_offsets)
+    rows_k = torch.arange(permutations.shape[0])[:, None]
+    codes[rows_k, index[:, off_diagonal]] = 1.0
+    return codes, num_offsets
+
+
+class PermutationRelationHead(nn.Module):
+    """Jigsaw head that scores each permutation by how its tiles sit relative to each other.
+
+    Every ordered pair of shown tiles ``(k, l)`` gets scores over the offsets ``(dy, dx)``
+    one tile can have from another in the grid (24 for 3 x 3), from one small network shared
+    by all pairs: ``h = ReLU(Linear(D, hidden))`` per tile, ``u_kl = ReLU(A h_k + B h_l + c)``,
+    ``R[k, l] = Linear(pair, O)(u_kl)``; a permutation's logit is the sum over the
+    ``N (N - 1)`` pairs of the score of the offset it implies (one matrix product with the
+    permutations' one-hot offset codes). The head never sees where a tile was shown, only what
+    two tiles show, so it cannot answer from a tile's absolute place in the frame (the layout
+    of the scene): it must learn which content lies above, below or beside which, and the
+    pair network is trained by 72 pairs per puzzle (Doersch et al. 2015's relative-position
+    task, summed into the K-way jigsaw).
+
+    Args:
+        num_patches: ``N``, the number of tiles per image (``rows * cols``).
+        in_dim: ``D``, the encoder's feature width.
+        permutations: Long tensor of shape ``(K, N)``; ``perms[t, k]`` is the source tile at
+            position ``k`` under permutation ``t`` (source tiles in row-major order).
+        grid: ``(rows, cols)`` of the tiling.
+        hidden_dim: Width of the shared per-tile layer (default from :func:`sized_from_width`).
+        pair_dim: Width of the pair layer (default: twice ``hidden_dim``).
+        dropout: Dropout probability before the last layer.
+
+    Shape:
+        - Input: ``(B, N, D)``, tiles in the (shuffled) order shown.
+        - Output: ``(B, K)``.
+
+    References:
+        Doersch, Gupta & Efros, ICCV 2015, arXiv:1505.05192 (relative position of two
+        patches). Noroozi & Favaro, ECCV 2016, arXiv:1603.09246 (the K-way jigsaw).
+    """
+
+    def __init__(
+        self,
+        num_patches: int,
+        in_dim: int,
+        permutations: Tensor,
+        grid: tuple[int, int],
+        *,
+        hidden_dim: int | None = None,
+        pair_dim: int | None = None,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        default_hidden, default_pair = sized_from_width(in_dim)
+        hidden_dim = default_hidden if hidden_dim is None else hidden_dim
+        pair_dim = default_pair if pair_dim is None else pair_dim
+        for what, value in (
+            ("num_patches", num_patches),
+            ("in_dim", in_dim),
+            ("hidden_dim", hidden_dim),
+            ("pair_dim", pair_dim),
+        ):
+            check_int(value, what)
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1); got {dropout}")
+        rows, cols = (int(v) for v in grid)
+        if rows * cols != num_patches:
+            raise ValueError(
+                f"grid {rows}x{cols} has {rows * cols} cells but num_patches is {num_patches}"
+            )
+        perms = torch.as_tensor(permutations, dtype=torch.long)
+        if perms.ndim != 2 or perms.shape[1] != num_patches:
+            raise ValueError(
+                f"permutations must have shape (K, {num_patches}); got {tuple(perms.shape)}"
+            )
+        self.num_patches = int(num_patches)
+        self.num_classes = int(perms.shape[0])
+        self.grid = (rows, cols)
+        codes, self.num_offsets = _offset_codes(perms, self.grid)
+        self.per_patch = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(inplace=True))
+        self.first = nn.Linear(hidden_dim, pair_dim)  # A h_k + c
+        self.second = nn.Linear(hidden_dim, pair_dim, bias=False)  # B h_l
+        self.out = nn.Sequential(nn.Dropout(dropout), nn.Linear(pair_dim, self.num_offsets))
+        self.register_buffer("codes", codes, persistent=False)
+
+    def scores(self, features: Tensor) -> Tensor:
+        """Pair-to-offset scores.
+
+        Args:
+            features: Tensor of shape ``(B, N, D)``.
+
+        Returns:
+            Tensor of shape ``(B, N, N, O)``: ``[b, k, l, o]`` scores "the tile shown at
+            ``l`` lies at offset ``o`` from the tile shown at ``k``" (the diagonal is unused).
+        """
+        if features.ndim != 3 or features.shape[1] != self.num_patches:
+            raise ValueError(
+                f"PermutationRelationHead expects features of shape (B, {self.num_patches}, "
+                f"D); got {tuple(features.shape)}"
+            )
+        h = self.per_patch(features)
+        pair = torch.relu(self.first(h)[:, :, None] + self.second(h)[:, None, :])
+        return self.out(pair)
 
     def forward(self, features: Tensor) -> Tensor:
         """Score every permutation of the set.

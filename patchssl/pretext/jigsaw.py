@@ -28,7 +28,12 @@ from patchssl._validation import check_int, look_up
 from patchssl.permutations import PermutationSet
 from patchssl.pretext.base import PretextTask, random_integers
 from patchssl.pretext.defences import ImageDefences, PatchDefences
-from patchssl.pretext.heads import PatchConcatHead, PermutationAssignmentHead, sized_from_width
+from patchssl.pretext.heads import (
+    PatchConcatHead,
+    PermutationAssignmentHead,
+    PermutationRelationHead,
+    sized_from_width,
+)
 from patchssl.pretext.registry import register_pretext
 
 if TYPE_CHECKING:
@@ -36,10 +41,12 @@ if TYPE_CHECKING:
 
 __all__ = ["JigsawPretext"]
 
-#: The jigsaw heads: ``"assignment"`` (:class:`~patchssl.pretext.PermutationAssignmentHead`,
-#: the default) and ``"concat"`` (:class:`~patchssl.pretext.PatchConcatHead`, one output
-#: per permutation, the original context-free network's).
-HEADS = ("assignment", "concat")
+#: The jigsaw heads: ``"relation"`` (:class:`~patchssl.pretext.PermutationRelationHead`, the
+#: default: pairs of tiles scored by their offset), ``"assignment"``
+#: (:class:`~patchssl.pretext.PermutationAssignmentHead`, tile-to-place scores; the default
+#: before 0.2) and ``"concat"`` (:class:`~patchssl.pretext.PatchConcatHead`, one output per
+#: permutation, the original context-free network's).
+HEADS = ("assignment", "concat", "relation")
 #: Default curriculum: permutations drawn at the first step, and steps to reach all K.
 CURRICULUM_START = 64
 CURRICULUM_STEPS = 200
@@ -72,10 +79,21 @@ class JigsawPretext(PretextTask):
     For each image of the batch a permutation index ``t`` is drawn from ``generator``, the
     tiles are reordered in one gather on the device (``shuffled[b, k] =
     patches[b, perm_t[k]]``, no Python loop over the batch), every tile is encoded with the
-    shared encoder, and the head (Noroozi & Favaro's context-free network, as in Chae et al.)
-    classifies: a fully connected layer shared by the tiles (``D -> hidden_dim``, ReLU), the
-    tile outputs concatenated in position order (``N * hidden_dim``), then
-    ``fc -> ReLU -> fc`` to K classes. The loss is cross-entropy against ``t``.
+    shared encoder, and the head scores the K permutations. The loss is cross-entropy against
+    ``t``. Heads (``head``):
+
+    * ``"relation"`` (default, :class:`~patchssl.pretext.PermutationRelationHead`): every
+      ordered pair of tiles is scored over the offsets one tile can have from the other, by a
+      small network shared by all pairs, and a permutation's logit is the sum of the scores of
+      the offsets it implies. It never sees where a tile was shown, so it cannot answer from
+      the scene's usual layout, and each puzzle trains it with ``N (N - 1)`` pairs: on
+      held-out photographs it lifts the 1,000-way puzzle off chance within 300 steps where
+      the other heads stay at chance (docs: Benchmarks, "Jigsaw lift-off").
+    * ``"assignment"`` (:class:`~patchssl.pretext.PermutationAssignmentHead`, the default
+      before 0.2): an ``N x N`` table of tile-to-place scores from the concatenated tiles.
+    * ``"concat"`` (:class:`~patchssl.pretext.PatchConcatHead`): Noroozi & Favaro's
+      context-free network as in Chae et al., a fully connected layer shared by the tiles,
+      the outputs concatenated in position order, then ``fc -> ReLU -> fc`` to K classes.
 
     Defences against shortcuts (ways to solve the puzzle without learning what tiles show),
     each an option:
@@ -106,9 +124,21 @@ class JigsawPretext(PretextTask):
             ``N`` must equal the tiler's number of patches.
         tiler: The tiler; default :func:`patchssl.pretext.default_tiler` for the encoder's
             patch size (3x3 tiles, images about 3.35 patch sides wide: 512 px for 153 px).
-        hidden_dim: Width of the shared per-tile layer.
-        concat_dim: Width of the layer after the concatenation.
+        head: ``"relation"``, ``"assignment"`` or ``"concat"`` (see above).
+        hidden_dim: Width of the shared per-tile layer (default: from the encoder's width,
+            :func:`~patchssl.pretext.heads.sized_from_width`).
+        concat_dim: Width of the layer after the concatenation (``"assignment"``,
+            ``"concat"``) or of the pair layer (``"relation"``); default twice ``hidden_dim``.
         dropout: Dropout before the last layer.
+        curriculum: Permutations (a prefix of the set) drawn at the first training step,
+            growing geometrically to all K over ``curriculum_steps`` (see
+            :meth:`curriculum_size`); ``None`` draws from all K from the start.
+        curriculum_steps: Training steps over which the curriculum grows to K.
+        crop_scale: Random resized crop of the whole image before tiling, as ``(low, high)``
+            shares of its area (:class:`~patchssl.pretext.ImageDefences`); ``None``: off.
+        crop_ratio: Aspect-ratio range of that crop.
+        flip: Random flips of the whole image before tiling.
+        rot90: Random quarter turns of the whole image before tiling.
         defences: The per-tile shortcut defences (see above): a
             :class:`~patchssl.pretext.PatchDefences`, a mapping of some of its options
             (the rest keep the defaults), or ``None`` for the defaults,
@@ -141,7 +171,7 @@ class JigsawPretext(PretextTask):
         permutations: PermutationSet | str | Tensor | list[list[int]] | None = None,
         tiler: PatchTiler | None = None,
         *,
-        head: str = "assignment",
+        head: str = "relation",
         hidden_dim: int | None = None,
         concat_dim: int | None = None,
         dropout: float = 0.0,
@@ -195,6 +225,16 @@ class JigsawPretext(PretextTask):
                 perm_set.permutations,
                 hidden_dim=hidden_dim,
                 concat_dim=concat_dim,
+                dropout=dropout,
+            )
+        elif head == "relation":
+            self.head = PermutationRelationHead(
+                num_patches,
+                width,
+                perm_set.permutations,
+                self.tiler.grid,
+                hidden_dim=hidden_dim,
+                pair_dim=concat_dim,
                 dropout=dropout,
             )
         else:
