@@ -279,12 +279,14 @@ class Photographs:
         self.boxes: dict[str, tuple[float, float, float, float] | None]
         if held_out == "photographs":
             self.train_names = [n for n in PHOTOS if n not in HELD_OUT]
+            self.held_out_names: tuple[str, ...] | None = HELD_OUT
             self.boxes = dict.fromkeys(PHOTOS)
             self.held_out = torch.cat(
                 [_crops(self.photos[n], held_out_per_photo, g) for n in HELD_OUT]
             )
         else:
             self.train_names = list(PHOTOS)
+            self.held_out_names = None
             self.boxes = {n: _half(self.photos[n], right=False) for n in PHOTOS}
             per_photo = max(1, held_out_per_photo * len(HELD_OUT) // len(PHOTOS))
             self.held_out = torch.cat(
@@ -362,7 +364,8 @@ def fit_size(task: JigsawPretext, images: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def puzzle_accuracy(task: JigsawPretext, images: torch.Tensor) -> float:
+def puzzle_hits(task: JigsawPretext, images: torch.Tensor) -> torch.Tensor:
+    """Whether each image's puzzle is solved (bool, one per image; seeded draws)."""
     task.eval()
     g = torch.Generator(images.device).manual_seed(7)
     hits = [
@@ -370,7 +373,19 @@ def puzzle_accuracy(task: JigsawPretext, images: torch.Tensor) -> float:
         for i in range(0, len(images), 64)  # centred tiles, all K permutations
     ]
     task.train()
-    return float(torch.cat([(h.logits.argmax(-1) == h.targets) for h in hits]).float().mean())
+    return torch.cat([(h.logits.argmax(-1) == h.targets) for h in hits]).cpu()
+
+
+def puzzle_accuracy(task: JigsawPretext, images: torch.Tensor) -> float:
+    return float(puzzle_hits(task, images).float().mean())
+
+
+def hits_by_photograph(task: JigsawPretext, data: Any) -> dict[str, int] | None:
+    """Held-out hits per held-out photograph (``None`` unless whole photographs are held out)."""
+    if getattr(data, "held_out_names", None) is None:
+        return None
+    hits = puzzle_hits(task, data.held_out).view(len(data.held_out_names), -1)
+    return {name: int(h.sum()) for name, h in zip(data.held_out_names, hits, strict=True)}
 
 
 def train(
@@ -409,6 +424,69 @@ def train(
             log.append(row)
             print(json.dumps(row), flush=True)
     return log
+
+
+# ----------------------------------------------------------------------- the engine itself
+def engine_run(data: Any, steps: int, seed: int, crops: int, workdir: str) -> dict[str, Any]:
+    """``patchssl pretrain`` with its defaults on ``crops`` training crops saved as PNG files.
+
+    The crops are drawn once (seed ``seed``) from the training photographs and written to
+    ``workdir/unlabeled``; the engine then pretrains resnet10t on them (128 px images, 3x3
+    tiles of 32 px, batch 32, everything else the library's defaults, including its 5%
+    held-out images and early stopping) for as many epochs as ``steps`` steps take, and its
+    last checkpoint is scored on the held-out crops.
+    """
+    import math
+
+    from PIL import Image
+
+    from patchssl.checkpoint import load_checkpoint
+    from patchssl.engine import pretrain
+    from patchssl.engine.config import Config
+    from patchssl.pretext import pretext_from_config
+
+    root = Path(workdir)
+    unlabeled = root / "unlabeled"
+    unlabeled.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    for start in range(0, crops, 256):
+        batch = data.batch(min(256, crops - start), g).cpu()
+        for i, image in enumerate(batch):
+            path = unlabeled / f"crop_{start + i:05d}.png"
+            Image.fromarray(image.permute(1, 2, 0).numpy()).save(path)
+    config = Config()
+    config.out = str(root / "run")
+    config.data.unlabeled = str(unlabeled)
+    config.data.image_size = IMAGE
+    config.model.backbone = "resnet10t"
+    config.model.patch_size = PATCH
+    config.train.batch_size = BATCH
+    config.train.seed = seed
+    config.train.overwrite = True
+    config.train.progress = False
+    config.train.tensorboard = "false"
+    train_images = crops - math.ceil(crops * config.data.pretrain_val_size)
+    per_epoch = math.ceil(train_images / BATCH)
+    config.train.epochs = math.ceil(steps / per_epoch)
+    start = time.perf_counter()
+    result = pretrain(config)
+    seconds = time.perf_counter() - start
+    checkpoint = load_checkpoint(result.last_checkpoint, kind="pretrain")
+    task = pretext_from_config(checkpoint["model_config"])
+    task.load_state_dict(checkpoint["model"])
+    out = {
+        "crops": crops,
+        "epochs_run": len(result.history),
+        "steps": int(task.steps_taken),
+        "held_out_acc": puzzle_accuracy(task, data.held_out),
+        "seen_acc": puzzle_accuracy(task, data.seen),
+        "held_out_hits_by_photograph": hits_by_photograph(task, data),
+        "val_acc_last": result.history[-1].get("val_acc"),
+        "seconds": round(seconds, 1),
+        "config": {"head": task.config["head"], "epochs": config.train.epochs},
+    }
+    print(json.dumps(out), flush=True)
+    return out
 
 
 # ------------------------------------------------------------------------- position diagnostic
@@ -582,6 +660,15 @@ def main() -> None:
         help="the jigsaw head of every variant (default: the variant's own, else the "
         "library's); the tables measured before the relation head ran with 'assignment'",
     )
+    parser.add_argument(
+        "--engine",
+        type=int,
+        default=0,
+        metavar="CROPS",
+        help="run `patchssl pretrain` itself (its defaults) on CROPS saved training crops for "
+        "--steps steps, and score its last checkpoint (instead of the variants)",
+    )
+    parser.add_argument("--workdir", default="/tmp/jigsaw-liftoff-engine", help="for --engine")
     parser.add_argument("--list", action="store_true", help="list the variants and exit")
     parser.add_argument(
         "--position-only", action="store_true", help="position diagnostic of a random encoder"
@@ -603,6 +690,11 @@ def main() -> None:
             if args.synthetic
             else Photographs(device=args.device, cache=args.photos, held_out=args.held_out)
         )
+        if args.engine:
+            results["engine"] = engine_run(data, args.steps, args.seed, args.engine, args.workdir)
+            Path(args.out).write_text(json.dumps(results, indent=1))
+            print(f"wrote {args.out}")
+            return
         if args.position or args.position_only:
             random_task = build(
                 args.variants[0], args.num_permutations, args.seed, args.device, args.head
@@ -612,8 +704,12 @@ def main() -> None:
             print(f"== {variant}", flush=True)
             task = build(variant, args.num_permutations, args.seed, args.device, args.head)
             log = train(task, data, variant, args.steps, args.seed, args.batch, args.log_every)
-            entry: dict[str, Any] = {"log": log, "seen_acc": puzzle_accuracy(task, data.seen)}
-            print(json.dumps({"variant": variant, "seen_acc": entry["seen_acc"]}), flush=True)
+            entry: dict[str, Any] = {
+                "log": log,
+                "seen_acc": puzzle_accuracy(task, data.seen),
+                "held_out_hits_by_photograph": hits_by_photograph(task, data),
+            }
+            print(json.dumps({"variant": variant, **entry, "log": None}), flush=True)
             if args.position:
                 entry["position"] = position_report(task, data, variant)
             results[variant] = entry

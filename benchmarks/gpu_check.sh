@@ -76,11 +76,10 @@ else
         --ratio-batch 128 --ratio-variants bf16-cl --workers 8 --repeats 3 --min-time 0.3)
     DECODE=(--count 8 --repeats 3 --gpu-batch 64)
     PROFILE_PAPER=(--geometry paper --variant bf16-cl --batch 64 --steps 5 --top 40)
-    # The tiling levers (gap and jitter between tiles) and the image-level defences not yet
-    # measured on a GPU; the earlier sweep's levers are listed in docs/benchmarks.md.
-    LIFTOFF_SWEEP=(--variants defaults+no_gap no_image_defences+no_gap defaults+small_gap
-        flip_only+small_gap defaults+no_jitter defaults+no_gap+no_per_patch_norm
-        defaults+flip_only defaults+crop --steps 300 --log-every 100)
+    # The relation head (the default) against the assignment head, and the levers around it
+    # not yet measured on a GPU; the earlier sweeps' levers are listed in docs/benchmarks.md.
+    LIFTOFF_SWEEP=(--variants defaults assignment_head defaults+per_patch_norm no_image_defences
+        no_curriculum defaults+crop25 defaults+no_gap defaults+sgd --steps 300 --log-every 100)
     LIFTOFF_LONG=(--steps 2000 --log-every 250)
     RECIPE=(--variants base encoder_norm lr3e-4 no_dropout pooled_head group_norm
         --budgets 8 32 128 --images 4000 --test-patients 500)

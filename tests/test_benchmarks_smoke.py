@@ -336,3 +336,25 @@ def test_gpu_check_dry_mode_runs_every_python_command_on_the_cpu(tmp_path: Path)
     (longer,) = [k for k, v in long_run.items() if isinstance(v, dict) and "log" in v]
     assert longer in ("defaults+no_gap", "defaults+small_gap")
     assert json.loads((work / "recipe.json").read_text())[0]["variant"] == "base"
+
+
+def test_liftoff_engine_mode_scores_the_engines_own_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("skimage")
+    import sys
+
+    import bench_jigsaw_liftoff
+
+    out = tmp_path / "engine.json"
+    argv = ["bench_jigsaw_liftoff.py", "--engine", "64", "--steps", "2", "--workdir"]
+    argv += [str(tmp_path / "work"), "--out", str(out)]
+    monkeypatch.setattr(sys, "argv", argv)
+    bench_jigsaw_liftoff.main()
+    report = json.loads(out.read_text())["engine"]
+    # 64 crops: 4 held out by the engine, 60 trained on in 2 steps of 32: one epoch
+    assert report["crops"] == 64 and report["steps"] == 2 and report["epochs_run"] == 1
+    assert report["config"]["head"] == "relation"  # the library's default, untouched
+    assert set(report["held_out_hits_by_photograph"]) == set(bench_jigsaw_liftoff.HELD_OUT)
+    assert 0.0 <= report["held_out_acc"] <= 1.0
+    assert len(list((tmp_path / "work" / "unlabeled").glob("*.png"))) == 64
