@@ -203,6 +203,18 @@ def test_relation_head_cannot_tell_where_tiles_were_shown() -> None:
     assert assignment(shown)[torch.arange(40), torch.arange(40)].std() > 1e-3
 
 
+def test_relation_head_sums_its_72_scores_in_float32_under_autocast() -> None:
+    perms = PermutationSet.generate(30, 9, seed=0).permutations
+    head = PermutationRelationHead(9, 12, perms, (3, 3), hidden_dim=8, pair_dim=16)
+    features = torch.randn(4, 9, 12)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = head(features)
+        scores = head.scores(features)
+    assert scores.dtype == torch.bfloat16 and logits.dtype == torch.float32
+    # exactly the float32 sum of the bfloat16 scores
+    torch.testing.assert_close(logits, scores.flatten(1).float() @ head.codes.t())
+
+
 def test_relation_head_validation_and_size() -> None:
     perms = PermutationSet.generate(10, 9, seed=0).permutations
     with pytest.raises(ValueError, match="grid 2x4 has 8 cells"):

@@ -404,7 +404,9 @@ class PermutationRelationHead(nn.Module):
             features: Tensor of shape ``(B, N, D)``, tiles in the order shown.
 
         Returns:
-            Logits of shape ``(B, K)``.
+            Logits of shape ``(B, K)``, float32 whatever the autocast precision: a logit sums
+            ``N (N - 1)`` scores (72 for 3 x 3), more than bfloat16's 8-bit mantissa keeps.
         """
-        flat = self.scores(features).flatten(1)
-        return flat @ self.codes.to(flat.dtype).t()
+        flat = self.scores(features).flatten(1).float()
+        with torch.autocast(device_type=flat.device.type, enabled=False):
+            return flat @ self.codes.t()
