@@ -44,8 +44,8 @@ __all__ = ["JigsawPretext"]
 #: The jigsaw heads: ``"relation"`` (:class:`~patchssl.pretext.PermutationRelationHead`, the
 #: default: pairs of tiles scored by their offset), ``"assignment"``
 #: (:class:`~patchssl.pretext.PermutationAssignmentHead`, tile-to-place scores; the default
-#: before 0.2) and ``"concat"`` (:class:`~patchssl.pretext.PatchConcatHead`, one output per
-#: permutation, the original context-free network's).
+#: before the relation head) and ``"concat"`` (:class:`~patchssl.pretext.PatchConcatHead`,
+#: one output per permutation, the original context-free network's).
 HEADS = ("assignment", "concat", "relation")
 #: Default curriculum: permutations drawn at the first step, and steps to reach all K.
 CURRICULUM_START = 64
@@ -90,10 +90,12 @@ class JigsawPretext(PretextTask):
       held-out photographs it lifts the 1,000-way puzzle off chance within 300 steps where
       the other heads stay at chance (docs: Benchmarks, "Jigsaw lift-off").
     * ``"assignment"`` (:class:`~patchssl.pretext.PermutationAssignmentHead`, the default
-      before 0.2): an ``N x N`` table of tile-to-place scores from the concatenated tiles.
-    * ``"concat"`` (:class:`~patchssl.pretext.PatchConcatHead`): Noroozi & Favaro's
-      context-free network as in Chae et al., a fully connected layer shared by the tiles,
-      the outputs concatenated in position order, then ``fc -> ReLU -> fc`` to K classes.
+      before the relation head): an ``N x N`` table of tile-to-place scores from the
+      concatenated tiles.
+    * ``"concat"`` (:class:`~patchssl.pretext.PatchConcatHead`, patchssl 0.1.0's): Noroozi &
+      Favaro's context-free network as in Chae et al., a fully connected layer shared by the
+      tiles, the outputs concatenated in position order, then ``fc -> ReLU -> fc`` to K
+      classes.
 
     Defences against shortcuts (ways to solve the puzzle without learning what tiles show),
     each an option:
