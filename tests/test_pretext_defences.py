@@ -76,6 +76,10 @@ def test_exact_symmetries_match_rot90_for_every_dtype_and_shape(device: torch.de
             assert out.dtype == dtype and out.shape == x.shape
             for b, k in enumerate(symmetry.tolist()):
                 assert torch.equal(out[b], reference_symmetry(x[b], k))
+            # the module keeps the table on its device (no copy from the host in a step)
+            module = ImageDefences(flip=True, rot90=True).to(device)
+            assert module._symmetry_steps.device == x.device
+            assert torch.equal(apply_symmetries(x, symmetry, table=module._symmetry_steps), out)
 
 
 def test_crop_takes_the_stated_box() -> None:

@@ -76,7 +76,7 @@ _SYMMETRY_STEPS = torch.tensor(
 )
 
 
-def apply_symmetries(images: Tensor, symmetry: Tensor) -> Tensor:
+def apply_symmetries(images: Tensor, symmetry: Tensor, *, table: Tensor | None = None) -> Tensor:
     """Turn and mirror each image of a batch exactly, in its own dtype (no resampling).
 
     Each of the eight symmetries of the square is an optional transpose followed by optional
@@ -89,11 +89,16 @@ def apply_symmetries(images: Tensor, symmetry: Tensor) -> Tensor:
             ``b`` becomes ``torch.rot90(images[b], symmetry[b] % 4, dims=(-2, -1))``, then
             ``.flip(-1)`` when ``symmetry[b] >= 4``. Odd values (quarter turns) need square
             images; the caller checks (see :meth:`ImageDefences.sample`).
+        table: The ``(8, 3)`` bool table of steps already on the images' device
+            (:class:`ImageDefences` keeps one as a buffer, so that a training step copies
+            nothing from the host); default: copied there on each call.
 
     Returns:
         Tensor of shape ``(B, C, H, W)`` and the images' dtype.
     """
-    steps = _SYMMETRY_STEPS.to(images.device)[symmetry][:, :, None, None, None]  # (B, 3, 1, 1, 1)
+    if table is None:
+        table = _SYMMETRY_STEPS.to(images.device)
+    steps = table[symmetry][:, :, None, None, None]  # (B, 3, 1, 1, 1)
     out = images
     if images.shape[-2] == images.shape[-1]:
         out = torch.where(steps[:, 0], out.transpose(-2, -1), out)
@@ -124,8 +129,8 @@ class ImageDefences(nn.Module):
     to the image size, then one of the symmetries of the square allowed by ``flip`` and
     ``rot90``, all in one ``affine_grid`` + ``grid_sample`` (bilinear) over the batch. Without
     cropping the symmetries are exact moves of pixels (:func:`apply_symmetries`), in the
-    images' own dtype: uint8 images stay uint8, with no resampling and a quarter of the memory
-    traffic. In ``eval()`` mode, or with every option off, the images pass through untouched.
+    images' own dtype: uint8 images stay uint8 (one byte a value instead of four), with no
+    resampling. In ``eval()`` mode, or with every option off, the images pass through untouched.
 
     Why: the jigsaw puzzle should be solved by fitting tiles together, not by reading off each
     tile's absolute place from the scene's usual layout. A random crop moves the content
@@ -187,6 +192,7 @@ class ImageDefences(nn.Module):
         self.flip = bool(flip)
         self.rot90 = bool(rot90)
         self.register_buffer("_symmetries", _SYMMETRIES.clone(), persistent=False)
+        self.register_buffer("_symmetry_steps", _SYMMETRY_STEPS.clone(), persistent=False)
 
     @property
     def active(self) -> bool:
@@ -297,7 +303,7 @@ class ImageDefences(nn.Module):
             images.shape[0], generator=generator, device=images.device, square=h == w
         )
         if self.crop_scale is None:  # symmetries only: exact, no resampling
-            return apply_symmetries(images, transform.symmetry)
+            return apply_symmetries(images, transform.symmetry, table=self._symmetry_steps)
         return self.apply(images, transform)
 
 
