@@ -217,8 +217,9 @@ def test_relation_head_sums_its_72_scores_in_float32_under_autocast() -> None:
 
 def test_relation_head_validation_and_size() -> None:
     perms = PermutationSet.generate(10, 9, seed=0).permutations
-    with pytest.raises(ValueError, match="grid 2x4 has 8 cells"):
+    with pytest.raises(ValueError, match=r"grid 2x4 has 8 cells.*tiler\.grid"):
         PermutationRelationHead(9, 12, perms, (2, 4))
+    assert PermutationRelationHead(9, 12, perms, 3).grid == (3, 3)
     with pytest.raises(ValueError, match=r"shape \(K, 9\)"):
         PermutationRelationHead(9, 12, perms[:, :4], (3, 3))
     head = PermutationRelationHead(9, 12, perms, (3, 3))

@@ -320,7 +320,7 @@ class PermutationRelationHead(nn.Module):
         in_dim: ``D``, the encoder's feature width.
         permutations: Long tensor of shape ``(K, N)``; ``perms[t, k]`` is the source tile at
             position ``k`` under permutation ``t`` (source tiles in row-major order).
-        grid: ``(rows, cols)`` of the tiling.
+        grid: ``(rows, cols)`` of the tiling (an int for a square grid).
         hidden_dim: Width of the shared per-tile layer (default from :func:`sized_from_width`).
         pair_dim: Width of the pair layer (default: twice ``hidden_dim``).
         dropout: Dropout probability before the last layer.
@@ -339,7 +339,7 @@ class PermutationRelationHead(nn.Module):
         num_patches: int,
         in_dim: int,
         permutations: Tensor,
-        grid: tuple[int, int],
+        grid: int | tuple[int, int],
         *,
         hidden_dim: int | None = None,
         pair_dim: int | None = None,
@@ -358,10 +358,11 @@ class PermutationRelationHead(nn.Module):
             check_int(value, what)
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1); got {dropout}")
-        rows, cols = (int(v) for v in grid)
+        rows, cols = (grid, grid) if isinstance(grid, int) else (int(v) for v in grid)
         if rows * cols != num_patches:
             raise ValueError(
-                f"grid {rows}x{cols} has {rows * cols} cells but num_patches is {num_patches}"
+                f"grid {rows}x{cols} has {rows * cols} cells but num_patches is {num_patches}; "
+                "pass the tiler's grid (tiler.grid)"
             )
         perms = torch.as_tensor(permutations, dtype=torch.long)
         if perms.ndim != 2 or perms.shape[1] != num_patches:
