@@ -12,6 +12,13 @@ each)::
     python benchmarks/bench_jigsaw_liftoff.py --synthetic --variants defaults
     python benchmarks/bench_jigsaw_liftoff.py --position --variants defaults no_image_defences
     python benchmarks/bench_jigsaw_liftoff.py --timing
+    python benchmarks/bench_jigsaw_liftoff.py --variants defaults --head assignment
+    python benchmarks/bench_jigsaw_liftoff.py --engine 3369 --steps 300   # patchssl pretrain
+
+``--head`` runs every variant with that jigsaw head (the tables measured before the relation
+head became the default ran with ``assignment``). ``--engine CROPS`` runs ``patchssl pretrain``
+itself, with its defaults, on CROPS training crops saved as PNG files, and scores its last
+checkpoint on the same held-out crops.
 
 ``--position`` adds the position diagnostic (``--position-only``: for a random encoder
 alone): a 9-way logistic regression on frozen per-patch features (centred tiles of unshuffled
