@@ -57,6 +57,47 @@ def sized_from_width(in_dim: int) -> tuple[int, int]:
     return hidden, 2 * hidden
 
 
+def _permutation_head_sizes(
+    num_patches: int,
+    in_dim: int,
+    hidden_dim: int | None,
+    second_dim: int | None,
+    second_name: str,
+    dropout: float,
+) -> tuple[int, int]:
+    """Checked ``(hidden_dim, second_dim)`` of a permutation head, defaults from the width."""
+    default_hidden, default_second = sized_from_width(in_dim)
+    hidden = default_hidden if hidden_dim is None else hidden_dim
+    second = default_second if second_dim is None else second_dim
+    for what, value in (
+        ("num_patches", num_patches),
+        ("in_dim", in_dim),
+        ("hidden_dim", hidden),
+        (second_name, second),
+    ):
+        check_int(value, what)
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1); got {dropout}")
+    return hidden, second
+
+
+def _permutation_rows(permutations: Tensor, num_patches: int) -> Tensor:
+    """``permutations`` as a long ``(K, N)`` tensor, or a ValueError naming the shape wanted."""
+    perms = torch.as_tensor(permutations, dtype=torch.long)
+    if perms.ndim != 2 or perms.shape[1] != num_patches:
+        raise ValueError(
+            f"permutations must have shape (K, {num_patches}); got {tuple(perms.shape)}"
+        )
+    return perms
+
+
+def _check_features(features: Tensor, num_patches: int, head: str) -> None:
+    if features.ndim != 3 or features.shape[1] != num_patches:
+        raise ValueError(
+            f"{head} expects features of shape (B, {num_patches}, D); got {tuple(features.shape)}"
+        )
+
+
 class PatchConcatHead(nn.Module):
     """Shared per-patch layer, concatenation in position order, two-layer classifier.
 
@@ -115,11 +156,7 @@ class PatchConcatHead(nn.Module):
         Returns:
             Logits of shape ``(B, num_classes)``.
         """
-        if features.ndim != 3 or features.shape[1] != self.num_patches:
-            raise ValueError(
-                f"PatchConcatHead expects features of shape (B, {self.num_patches}, D); got "
-                f"{tuple(features.shape)}"
-            )
+        _check_features(features, self.num_patches, "PatchConcatHead")
         return self.classifier(self.per_patch(features).flatten(1))
 
 
@@ -211,23 +248,10 @@ class PermutationAssignmentHead(nn.Module):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        default_hidden, default_concat = sized_from_width(in_dim)
-        hidden_dim = default_hidden if hidden_dim is None else hidden_dim
-        concat_dim = default_concat if concat_dim is None else concat_dim
-        for what, value in (
-            ("num_patches", num_patches),
-            ("in_dim", in_dim),
-            ("hidden_dim", hidden_dim),
-            ("concat_dim", concat_dim),
-        ):
-            check_int(value, what)
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1); got {dropout}")
-        perms = torch.as_tensor(permutations, dtype=torch.long)
-        if perms.ndim != 2 or perms.shape[1] != num_patches:
-            raise ValueError(
-                f"permutations must have shape (K, {num_patches}); got {tuple(perms.shape)}"
-            )
+        hidden_dim, concat_dim = _permutation_head_sizes(
+            num_patches, in_dim, hidden_dim, concat_dim, "concat_dim", dropout
+        )
+        perms = _permutation_rows(permutations, num_patches)
         n = int(num_patches)
         self.num_patches = n
         self.num_classes = int(perms.shape[0])
@@ -253,11 +277,7 @@ class PermutationAssignmentHead(nn.Module):
             Tensor of shape ``(B, N, N)``: ``[b, k, j]`` scores source tile ``j`` at position
             ``k``.
         """
-        if features.ndim != 3 or features.shape[1] != self.num_patches:
-            raise ValueError(
-                f"PermutationAssignmentHead expects features of shape (B, {self.num_patches}, "
-                f"D); got {tuple(features.shape)}"
-            )
+        _check_features(features, self.num_patches, "PermutationAssignmentHead")
         out = self.classifier(self.per_patch(features).flatten(1))
         return out.view(-1, self.num_patches, self.num_patches)
 
@@ -346,29 +366,16 @@ class PermutationRelationHead(nn.Module):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        default_hidden, default_pair = sized_from_width(in_dim)
-        hidden_dim = default_hidden if hidden_dim is None else hidden_dim
-        pair_dim = default_pair if pair_dim is None else pair_dim
-        for what, value in (
-            ("num_patches", num_patches),
-            ("in_dim", in_dim),
-            ("hidden_dim", hidden_dim),
-            ("pair_dim", pair_dim),
-        ):
-            check_int(value, what)
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1); got {dropout}")
+        hidden_dim, pair_dim = _permutation_head_sizes(
+            num_patches, in_dim, hidden_dim, pair_dim, "pair_dim", dropout
+        )
         rows, cols = (grid, grid) if isinstance(grid, int) else (int(v) for v in grid)
         if rows * cols != num_patches:
             raise ValueError(
                 f"grid {rows}x{cols} has {rows * cols} cells but num_patches is {num_patches}; "
                 "pass the tiler's grid (tiler.grid)"
             )
-        perms = torch.as_tensor(permutations, dtype=torch.long)
-        if perms.ndim != 2 or perms.shape[1] != num_patches:
-            raise ValueError(
-                f"permutations must have shape (K, {num_patches}); got {tuple(perms.shape)}"
-            )
+        perms = _permutation_rows(permutations, num_patches)
         self.num_patches = int(num_patches)
         self.num_classes = int(perms.shape[0])
         self.grid = (rows, cols)
@@ -389,11 +396,7 @@ class PermutationRelationHead(nn.Module):
             Tensor of shape ``(B, N, N, O)``: ``[b, k, l, o]`` scores "the tile shown at
             ``l`` lies at offset ``o`` from the tile shown at ``k``" (the diagonal is unused).
         """
-        if features.ndim != 3 or features.shape[1] != self.num_patches:
-            raise ValueError(
-                f"PermutationRelationHead expects features of shape (B, {self.num_patches}, "
-                f"D); got {tuple(features.shape)}"
-            )
+        _check_features(features, self.num_patches, "PermutationRelationHead")
         h = self.per_patch(features)
         pair = torch.relu(self.first(h)[:, :, None] + self.second(h)[:, None, :])
         return self.out(pair)
