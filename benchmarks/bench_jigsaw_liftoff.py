@@ -387,12 +387,13 @@ def puzzle_accuracy(task: JigsawPretext, images: torch.Tensor) -> float:
     return float(puzzle_hits(task, images).float().mean())
 
 
-def hits_by_photograph(task: JigsawPretext, data: Any) -> dict[str, int] | None:
-    """Held-out hits per held-out photograph (``None`` unless whole photographs are held out)."""
+def hits_by_photograph(hits: torch.Tensor, data: Any) -> dict[str, int] | None:
+    """Held-out ``hits`` summed per held-out photograph (``None`` unless whole photographs are
+    held out)."""
     if getattr(data, "held_out_names", None) is None:
         return None
-    hits = puzzle_hits(task, data.held_out).view(len(data.held_out_names), -1)
-    return {name: int(h.sum()) for name, h in zip(data.held_out_names, hits, strict=True)}
+    per_photo = hits.view(len(data.held_out_names), -1)
+    return {name: int(h.sum()) for name, h in zip(data.held_out_names, per_photo, strict=True)}
 
 
 def train(
@@ -481,13 +482,14 @@ def engine_run(data: Any, steps: int, seed: int, crops: int, workdir: str) -> di
     checkpoint = load_checkpoint(result.last_checkpoint, kind="pretrain")
     task = pretext_from_config(checkpoint["model_config"])
     task.load_state_dict(checkpoint["model"])
+    hits = puzzle_hits(task, data.held_out)
     out = {
         "crops": crops,
         "epochs_run": len(result.history),
         "steps": int(task.steps_taken),
-        "held_out_acc": puzzle_accuracy(task, data.held_out),
+        "held_out_acc": float(hits.float().mean()),
         "seen_acc": puzzle_accuracy(task, data.seen),
-        "held_out_hits_by_photograph": hits_by_photograph(task, data),
+        "held_out_hits_by_photograph": hits_by_photograph(hits, data),
         "val_acc_last": result.history[-1].get("val_acc"),
         "seconds": round(seconds, 1),
         "config": {"head": task.config["head"], "epochs": config.train.epochs},
@@ -714,7 +716,9 @@ def main() -> None:
             entry: dict[str, Any] = {
                 "log": log,
                 "seen_acc": puzzle_accuracy(task, data.seen),
-                "held_out_hits_by_photograph": hits_by_photograph(task, data),
+                "held_out_hits_by_photograph": hits_by_photograph(
+                    puzzle_hits(task, data.held_out), data
+                ),
             }
             print(json.dumps({"variant": variant, **entry, "log": None}), flush=True)
             if args.position:
