@@ -176,7 +176,10 @@ _OPTIONS: dict[str, dict[str, Any]] = {
     "--grid": {"type": int, "help": "patches per side, 3 = 3x3 (model.grid)"},
     # training
     "--epochs": {"type": int, "help": "number of epochs (train.epochs)"},
-    "--lr": {"type": float, "help": "peak learning rate (train.lr)"},
+    "--lr": {
+        "type": float,
+        "help": "peak learning rate (train.lr; default 3e-3 pretraining, 1e-3 fine-tuning)",
+    },
     "--seed": {"type": int, "help": "seed of every random choice (train.seed)"},
     "--resume": {
         "nargs": "?",

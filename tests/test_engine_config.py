@@ -9,16 +9,18 @@ import torch
 
 from patchssl.engine.checkpointing import check_compatible, config_differences
 from patchssl.engine.config import (
+    DEFAULT_LR,
     Config,
     ConfigError,
     apply_overrides,
     load_config,
     merge_dicts,
+    resolve_lr,
     save_config,
 )
 from patchssl.engine.device import resolve_amp, resolve_compile, resolve_device
 from patchssl.engine.finetuning import class_weights, random_flips
-from patchssl.engine.loop import build_scheduler
+from patchssl.engine.loop import build_optimizer, build_scheduler
 from patchssl.engine.seeding import capture_rng_state, derive_seed, restore_rng_state
 
 
@@ -73,6 +75,42 @@ def test_values_are_coerced_sensibly():
     assert c.eval.threshold == 0.3 and c.train.resume is True
     c = apply_overrides(c, ["eval.threshold=f1", "model.gap=null"])
     assert c.eval.threshold == "f1" and c.model.gap is None
+
+
+@pytest.mark.parametrize(("text", "value"), [("1e-3", 1e-3), ("3E-4", 3e-4), ("+2e1", 20.0)])
+def test_exponent_numbers_without_a_dot_are_numbers(text, value):
+    # YAML 1.1 reads these as text; a user typing train.lr=1e-3 means the number
+    c = apply_overrides(Config(), [f"train.lr={text}", f"train.grad_clip={text}"])
+    assert isinstance(c.train.lr, float) and c.train.lr == value
+    assert c.train.grad_clip == value
+    with pytest.raises(ConfigError, match="train.lr must be > 0"):  # a number, out of range
+        apply_overrides(Config(), ["train.lr=-1e-3"])
+
+
+@pytest.mark.parametrize("text", ["1e", "e-3", "1e-3x", "one"])
+def test_text_that_is_not_a_number_is_still_refused(text):
+    with pytest.raises(ConfigError, match="train.lr"):
+        apply_overrides(Config(), [f"train.lr={text}"])
+
+
+def test_the_learning_rate_defaults_to_each_commands_own():
+    config = Config()
+    assert config.train.lr is None
+    assert resolve_lr(config, "pretrain").train.lr == DEFAULT_LR["pretrain"] == 3e-3
+    assert resolve_lr(config, "finetune").train.lr == DEFAULT_LR["finetune"] == 1e-3
+    assert config.train.lr is None  # not changed in place
+    chosen = apply_overrides(Config(), ["train.lr=1e-4"])
+    assert resolve_lr(chosen, "pretrain") is chosen and chosen.train.lr == 1e-4
+    with pytest.raises(ValueError, match="pretrain"):
+        resolve_lr(config, "evaluate")
+
+
+def test_an_optimizer_built_without_a_learning_rate_says_how_to_give_one():
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(ConfigError, match="resolve_lr"):
+        build_optimizer(model, Config().train)
+    optimizer = build_optimizer(model, resolve_lr(Config(), "finetune").train)
+    assert [g["lr"] for g in optimizer.param_groups] == [1e-3, 1e-3]
 
 
 def test_merge_dicts_merges_sections_and_replaces_options():
@@ -257,5 +295,5 @@ def test_model_pretrained_file_reaches_the_encoder(tmp_path):
     assert config.model.pretrained == str(path)
     encoder = build_encoder(config, torch.device("cpu"))
     torch.testing.assert_close(encoder.backbone.conv1[0].weight, source.conv1[0].weight)
-    with pytest.raises(ConfigError, match="expected bool or str"):
+    with pytest.raises(ConfigError, match="expected true or false or a string"):
         load_config(None, ["model.pretrained=3"])

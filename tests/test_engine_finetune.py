@@ -50,6 +50,15 @@ def test_finetune_from_pretraining_writes_a_classifier(finetuned):
     assert {"val_loss", "val_acc", "val_auc"} <= set(finetuned.history[0])
 
 
+def test_finetuning_records_and_trains_at_its_default_learning_rate(finetuned):
+    import yaml
+
+    saved = yaml.safe_load((finetuned.out_dir / "config.yaml").read_text())
+    assert saved["train"]["lr"] == 1e-3  # train.lr left at None: fine-tuning's default
+    ckpt = load_checkpoint(finetuned.out_dir / "last.pt")
+    assert ckpt["scheduler"]["base_lrs"] == [1e-3, 1e-3]
+
+
 def test_split_is_grouped_by_patient_and_saved(data, finetuned):
     parts = json.loads((finetuned.out_dir / "split.json").read_text())["parts"]
     assert set(parts) == {"train", "val", "test"}

@@ -243,13 +243,13 @@ def test_epoch_sums_are_kept_on_the_device_and_match(tmp_path):
 
 
 def test_adamw_is_not_fused_on_the_cpu():
-    opt = build_optimizer(nn.Linear(2, 2), TrainConfig())
+    opt = build_optimizer(nn.Linear(2, 2), TrainConfig(lr=1e-3))
     assert isinstance(opt, torch.optim.AdamW) and opt.defaults["fused"] is None  # torch's default
 
 
 @pytest.mark.gpu
 def test_adamw_is_fused_on_cuda(device):
-    opt = build_optimizer(nn.Linear(2, 2).to(device), TrainConfig())
+    opt = build_optimizer(nn.Linear(2, 2).to(device), TrainConfig(lr=1e-3))
     assert isinstance(opt, torch.optim.AdamW) and opt.defaults["fused"] is True
 
 

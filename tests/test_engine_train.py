@@ -50,6 +50,15 @@ def test_pretrain_writes_run_files(reference):
     assert all(row["train_loss"] > 0 for row in reference.history)
 
 
+def test_pretraining_records_and_trains_at_its_default_learning_rate(reference):
+    import yaml
+
+    saved = yaml.safe_load((reference.out_dir / "config.yaml").read_text())
+    assert saved["train"]["lr"] == 3e-3  # train.lr left at None: pretraining's default
+    ckpt = load_checkpoint(reference.out_dir / "last.pt")
+    assert ckpt["scheduler"]["base_lrs"] == [3e-3, 3e-3]
+
+
 def test_seeded_pretraining_repeats_exactly(data, reference, tmp_path):
     again = pretrain(tiny_config(data, tmp_path))
     assert [r["train_loss"] for r in again.history] == [r["train_loss"] for r in reference.history]

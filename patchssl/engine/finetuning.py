@@ -42,7 +42,7 @@ from patchssl.engine.common import (
     say,
     write_json,
 )
-from patchssl.engine.config import Config, ConfigError
+from patchssl.engine.config import Config, ConfigError, resolve_lr
 from patchssl.engine.data import (
     check_labels,
     find_eval_overlap,
@@ -445,6 +445,8 @@ def finetune(
 def finetune_settings(config: Config) -> Config:
     """``config`` with the settings of the pretraining checkpoint ``model.init`` and the cache.
 
+    ``train.lr`` left at ``None`` becomes fine-tuning's default (:func:`resolve_lr`).
+
     The backbone, tiling, image size, channels and input normalisation come from
     ``model.init`` (and the image size from ``data.cache``) unless given; a given option that
     disagrees is refused (see :func:`patchssl.engine.settings.resolve_settings`).
@@ -459,9 +461,10 @@ def finetune_settings(config: Config) -> Config:
             checkpoint = load_checkpoint(config.model.init, kind="pretrain")
         except (FileNotFoundError, CheckpointError) as err:
             raise ConfigError(f"model.init: {err}") from err
-    return resolve_settings(
+    resolved = resolve_settings(
         config, checkpoint=checkpoint, source=str(config.model.init), fit_patches=not checkpoint
     )
+    return resolve_lr(resolved, "finetune")
 
 
 def _finetune(config: Config, callbacks: Iterable[Callable[..., None]]) -> TrainingResult:

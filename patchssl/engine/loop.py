@@ -30,7 +30,7 @@ from patchssl.engine.checkpointing import (
     checkpoint_payload,
     resolve_async_checkpoint,
 )
-from patchssl.engine.config import Config, ConfigError, TrainConfig
+from patchssl.engine.config import DEFAULT_LR, Config, ConfigError, TrainConfig, resolve_lr
 from patchssl.engine.device import (  # re-exported: they lived here before
     autocast_context,
     move_batch,
@@ -216,6 +216,7 @@ def build_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.Optimiz
     name = train.optimizer.lower()
     if name not in ("adamw", "sgd"):
         raise ConfigError(f"train.optimizer must be 'adamw' or 'sgd'; got '{train.optimizer}'")
+    lr = _peak_lr(train)
     groups = _weight_decay_groups(model, train.weight_decay)
     extra: dict[str, Any] = {}
     params = [p for group in groups for p in group["params"]]
@@ -226,11 +227,22 @@ def build_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.Optimiz
     return create_optimizer_v2(
         groups,
         opt=name,
-        lr=train.lr,
+        lr=lr,
         weight_decay=train.weight_decay,
         momentum=train.momentum,
         **extra,
     )
+
+
+def _peak_lr(train: TrainConfig) -> float:
+    """``train.lr``, refusing ``None`` (a command's default that no command has filled in)."""
+    if train.lr is None:
+        raise ConfigError(
+            "train.lr is None (the command's default): set it, e.g. train.lr=1e-3, or pass "
+            "the configuration through patchssl.engine.config.resolve_lr(config, 'pretrain') "
+            "(or 'finetune')"
+        )
+    return float(train.lr)
 
 
 def _weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -290,7 +302,8 @@ def build_scheduler(
         raise ConfigError(f"train.schedule must be 'cosine' or 'constant'; got '{train.schedule}'")
     total = max(1, train.epochs * steps_per_epoch)
     warmup = min(total, round(train.warmup_epochs * steps_per_epoch))
-    floor = train.min_lr / train.lr if train.lr > 0 else 0.0
+    lr = _peak_lr(train)
+    floor = train.min_lr / lr if lr > 0 else 0.0
     cosine = train.schedule == "cosine"
 
     def factor(step: int) -> float:
@@ -422,6 +435,8 @@ class Trainer:
         callbacks: Iterable[Callable[[Trainer, int, dict[str, Any]], None]] = (),
     ) -> None:
         self.task = task
+        if config.train.lr is None and task.kind in DEFAULT_LR:  # the task's own default rate
+            config = resolve_lr(config, task.kind)
         self.config = config
         self.train = config.train
         self.loader = loader

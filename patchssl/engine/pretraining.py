@@ -35,7 +35,7 @@ from patchssl.engine.common import (
     prepare_run,
     say,
 )
-from patchssl.engine.config import Config, ConfigError
+from patchssl.engine.config import Config, ConfigError, resolve_lr
 from patchssl.engine.data import (
     find_eval_overlap,
     training_loaders,
@@ -277,7 +277,7 @@ def pretrain(
         raise ConfigError(
             "pretraining needs a folder of unlabeled images: --data DIR (data.unlabeled)"
         )
-    config = resolve_settings(config, fit_patches=True)
+    config = resolve_lr(resolve_settings(config, fit_patches=True), "pretrain")
     with distributed_session(config), run_folder(config):
         return _pretrain(config, callbacks)
 
