@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import pytest
+import yaml
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -166,6 +167,13 @@ def test_transfer_pretrains_only_for_what_uses_it(tmp_path: Path) -> None:
     again = bench_transfer.main(classifier_only)
     assert again["pretrain_checkpoint"] == probe["pretrain_checkpoint"]
     assert len(list((tmp_path / "cache").glob("pretrain_*"))) == 1
+    # the pretraining's rate: 1e-3 unless given (that of the cached runs), another is new
+    faster = bench_transfer.main([*args, "--rows", "--pretrain-lr", "3e-3"])
+    assert faster["pretrain_checkpoint"] != probe["pretrain_checkpoint"]
+    saved = yaml.safe_load((Path(faster["pretrain_checkpoint"]).parent / "config.yaml").read_text())
+    assert saved["train"]["lr"] == 3e-3
+    first = yaml.safe_load((Path(probe["pretrain_checkpoint"]).parent / "config.yaml").read_text())
+    assert first["train"]["lr"] == 1e-3
 
 
 def test_compare_transfer_pairs_one_row_under_two_settings(tmp_path: Path) -> None:
@@ -195,11 +203,16 @@ def test_transfer_cache_keys_ignore_defaults_device_and_threads() -> None:
 
     from patchssl.engine.config import Config
 
-    base = Config().to_dict()
+    reference = Config()
+    reference.train.lr = 1e-3  # the benchmark names every run's rate; fine-tuning's default
+    base = reference.to_dict()
     assert bench_transfer._changed(base, *base) == {
         k: {} for k, v in base.items() if isinstance(v, dict)
     }
-    moved = Config()
+    faster = reference.copy()
+    faster.train.lr = 3e-3  # another rate is a new key
+    assert bench_transfer._changed(faster.to_dict(), "train") == {"train": {"lr": 3e-3}}
+    moved = reference.copy()
     moved.train.device, moved.train.num_threads = "cuda", 7
     assert bench_transfer._changed(moved.to_dict(), *base) == bench_transfer._changed(base, *base)
     changed = Config()
