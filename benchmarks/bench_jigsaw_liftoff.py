@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import describe_machine
@@ -441,14 +442,17 @@ def train(
 
 
 # ----------------------------------------------------------------------- the engine itself
-def engine_run(data: Any, steps: int, seed: int, crops: int, workdir: str) -> dict[str, Any]:
+def engine_run(
+    data: Any, steps: int, seed: int, crops: int, workdir: str, lr: float | None = None
+) -> dict[str, Any]:
     """``patchssl pretrain`` with its defaults on ``crops`` training crops saved as PNG files.
 
     The crops are drawn once (seed ``seed``) from the training photographs and written to
     ``workdir/unlabeled``; the engine then pretrains resnet10t on them (128 px images, 3x3
     tiles of 32 px, batch 32, everything else the library's defaults, including its 5%
     held-out images and early stopping) for as many epochs as ``steps`` steps take, and its
-    last checkpoint is scored on the held-out crops.
+    last checkpoint is scored on the held-out crops. ``lr``: ``train.lr`` (``None``: the
+    library's pretraining default).
     """
     import math
 
@@ -476,6 +480,7 @@ def engine_run(data: Any, steps: int, seed: int, crops: int, workdir: str) -> di
     config.model.patch_size = PATCH
     config.train.batch_size = BATCH
     config.train.seed = seed
+    config.train.lr = lr
     config.train.overwrite = True
     config.train.progress = False
     config.train.tensorboard = "false"
@@ -498,7 +503,11 @@ def engine_run(data: Any, steps: int, seed: int, crops: int, workdir: str) -> di
         "held_out_hits_by_photograph": hits_by_photograph(hits, data),
         "val_acc_last": result.history[-1].get("val_acc"),
         "seconds": round(seconds, 1),
-        "config": {"head": task.config["head"], "epochs": config.train.epochs},
+        "config": {
+            "head": task.config["head"],
+            "epochs": config.train.epochs,
+            "lr": yaml.safe_load((Path(config.out) / "config.yaml").read_text())["train"]["lr"],
+        },
     }
     print(json.dumps(out), flush=True)
     return out
@@ -684,6 +693,12 @@ def main() -> None:
         "--steps steps, and score its last checkpoint (instead of the variants)",
     )
     parser.add_argument("--workdir", default="/tmp/jigsaw-liftoff-engine", help="for --engine")
+    parser.add_argument(
+        "--engine-lr",
+        type=float,
+        default=None,
+        help="--engine: train.lr (default: the library's pretraining rate; 1e-3 before 2026-11-28)",
+    )
     parser.add_argument("--list", action="store_true", help="list the variants and exit")
     parser.add_argument(
         "--position-only", action="store_true", help="position diagnostic of a random encoder"
@@ -706,7 +721,9 @@ def main() -> None:
             else Photographs(device=args.device, cache=args.photos, held_out=args.held_out)
         )
         if args.engine:
-            results["engine"] = engine_run(data, args.steps, args.seed, args.engine, args.workdir)
+            results["engine"] = engine_run(
+                data, args.steps, args.seed, args.engine, args.workdir, lr=args.engine_lr
+            )
             Path(args.out).write_text(json.dumps(results, indent=1))
             print(f"wrote {args.out}")
             return

@@ -368,6 +368,7 @@ def test_liftoff_engine_mode_scores_the_engines_own_checkpoint(
     # 64 crops: 4 held out by the engine, 60 trained on in 2 steps of 32: one epoch
     assert report["crops"] == 64 and report["steps"] == 2 and report["epochs_run"] == 1
     assert report["config"]["head"] == "relation"  # the library's default, untouched
+    assert report["config"]["lr"] == 3e-3  # the pretraining's default rate
     assert set(report["held_out_hits_by_photograph"]) == set(bench_jigsaw_liftoff.HELD_OUT)
     assert 0.0 <= report["held_out_acc"] <= 1.0
     assert len(list((tmp_path / "work" / "unlabeled").glob("*.png"))) == 64
