@@ -88,6 +88,25 @@ def test_resume_gives_the_same_final_weights(data, reference, tmp_path):
     assert len(rows) == 3  # header + one row per epoch, no duplicate of epoch 1
 
 
+def test_a_run_resumed_without_a_rate_keeps_the_rate_it_started_with(data, tmp_path):
+    # a run begun at 1e-3 (the pretraining's default before 3e-3) and resumed with train.lr
+    # unset goes on at 1e-3: the checkpoint's optimizer and schedule hold the rate
+    def stop_after_first_epoch(trainer, epoch, row):
+        if epoch == 0:
+            raise InterruptedRunError
+
+    config = tiny_config(data, tmp_path)
+    config.train.lr = 1e-3
+    with pytest.raises(InterruptedRunError):
+        pretrain(config, callbacks=[stop_after_first_epoch])
+    config.train.lr, config.train.resume = None, True
+    resumed = pretrain(config)
+    ckpt = load_checkpoint(resumed.last_checkpoint)
+    assert ckpt["epoch"] == 1
+    assert ckpt["scheduler"]["base_lrs"] == [1e-3, 1e-3]
+    assert [g["initial_lr"] for g in ckpt["optimizer"]["param_groups"]] == [1e-3, 1e-3]
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [
