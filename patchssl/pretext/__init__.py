@@ -16,6 +16,8 @@ Built-in tasks:
   (Gidaris, Singh & Komodakis 2018).
 * ``"relative_position"`` (:class:`RelativePositionPretext`): where a tile sits relative to
   its neighbour (Doersch, Gupta & Efros 2015).
+* ``"tile_contrast"`` (:class:`TileContrastPretext`): which view of the batch was cut from
+  the same tile (SimCLR's NT-Xent between tiles; Chen et al. 2020).
 
 Write your own by subclassing :class:`PretextTask`; see ``docs/pretext_tasks.md``.
 """
@@ -23,6 +25,7 @@ Write your own by subclassing :class:`PretextTask`; see ``docs/pretext_tasks.md`
 from __future__ import annotations
 
 from patchssl.pretext.base import PretextOutput, PretextTask, default_tiler
+from patchssl.pretext.contrast import TileContrastPretext
 from patchssl.pretext.defences import ImageDefences, PatchDefences
 from patchssl.pretext.heads import (
     PatchConcatHead,
@@ -59,6 +62,7 @@ __all__ = [
     "PretextTask",
     "RelativePositionPretext",
     "RotationPretext",
+    "TileContrastPretext",
     "UnknownPretextError",
     "create_pretext",
     "default_tiler",

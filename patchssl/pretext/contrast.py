@@ -1,0 +1,228 @@
+"""Tile contrast: which tile of the batch is another view of this one?
+
+Every tile of every image is seen twice, each time through an independent random crop (a
+share of the tile's area, resized back to the tile's size) and one of the eight turns and
+mirrorings of the square. Both views go through the shared encoder and a small projection
+MLP; the task is to pick, among the ``2 * B * N - 1`` other views of the batch, the one cut
+from the same tile (the normalised temperature-scaled cross-entropy, NT-Xent, of SimCLR,
+between tiles instead of whole images).
+
+Why tiles, and why no colour changes: unlike the jigsaw and relative position, the answer
+cannot come from where a tile sits in the image (the other tiles of the same image are
+negatives like any other), so the encoder must describe what a tile shows, its texture,
+edges and colour. SimCLR's colour jitter is left out on purpose: in the medical images this
+library is for, a colour or brightness change is often the finding itself (an acetowhite
+lesion is a whitening), and a representation taught to ignore it would discard it.
+
+The number of candidates grows with the batch: :attr:`num_classes` is ``2 * B * N`` for the
+last batch seen (``2 * N`` before the first), and chance is ``1 / (2 * B * N - 1)``.
+
+References:
+    Chen, Kornblith, Norouzi & Hinton, "A Simple Framework for Contrastive Learning of Visual
+    Representations", ICML 2020, arXiv:2002.05709.
+    Azizi et al., "Big Self-Supervised Models Advance Medical Image Classification", ICCV
+    2021, arXiv:2101.05224 (contrastive pretraining on medical images).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from patchssl.pretext.base import PatchDefences, PretextTask, random_integers, random_uniform
+from patchssl.pretext.defences import apply_symmetries
+from patchssl.pretext.registry import register_pretext
+
+if TYPE_CHECKING:
+    from patchssl.tiling import PatchTiler
+
+__all__ = ["TileContrastPretext"]
+
+
+@register_pretext("tile_contrast")
+class TileContrastPretext(PretextTask):
+    """Match two random views of every tile among all the views of a batch (NT-Xent).
+
+    Each of the ``B * N`` tiles is cropped twice at random (``min_scale`` to 1 of its area,
+    aspect kept, resized back with ``torchvision.ops.roi_align``) and turned or mirrored by
+    one of the eight symmetries of the square (``symmetries=True``, square patches). The
+    ``2 * B * N`` views are encoded by the shared encoder and projected (``Linear -> ReLU ->
+    Linear`` to ``proj_dim``, L2-normalised); the logits of a view are its cosine
+    similarities to every view divided by ``temperature``, its own masked out, and the target
+    is the index of the other view of its tile.
+
+    Args:
+        encoder: The shared patch encoder, ``(B, N, C, h, w) -> (B, N, D)``.
+        tiler: The tiler; default :func:`patchssl.pretext.default_tiler` for the encoder's
+            patch size.
+        proj_dim: Output width of the projection head (SimCLR's 128).
+        hidden_dim: Width of its hidden layer (``None``: the encoder's feature width).
+        temperature: Temperature of the similarities, in (0, 1] (SimCLR: 0.1 to 0.5).
+        min_scale: Smallest share of a tile's area a view keeps, in (0, 1] (1: the whole
+            tile, views differ only by their symmetry).
+        symmetries: Turn and mirror each view by a random symmetry of the square.
+        defences: The per-tile defences applied to both views: a
+            :class:`~patchssl.pretext.PatchDefences`, a mapping of some of its options, or
+            ``None`` for the defaults, every defence off (colour is a feature here).
+        label_smoothing: Label smoothing of the cross-entropy.
+
+    Shape:
+        - Input: ``(B, C, H, W)`` uint8 or float, ``(H, W) == tiler.image_size``.
+        - Output: :class:`~patchssl.pretext.PretextOutput` with logits ``(B, 2N, 2BN)``
+          (view ``v`` of tile ``n`` of image ``b`` is row ``[b, v * N + n]`` and candidate
+          ``v * B * N + b * N + n``) and targets ``(B, 2N)``.
+
+    Raises:
+        ValueError: A width below 1, a temperature or ``min_scale`` outside (0, 1], or
+            ``symmetries=True`` with patches that are not square.
+
+    Example:
+        >>> import torch
+        >>> from patchssl import SharedPatchEncoder
+        >>> task = TileContrastPretext(SharedPatchEncoder("resnet18", patch_size=32))
+        >>> out = task(torch.rand(2, 3, 108, 108))
+        >>> out.logits.shape, out.targets.shape
+        (torch.Size([2, 18, 36]), torch.Size([2, 18]))
+
+    References:
+        Chen et al., ICML 2020, arXiv:2002.05709; Azizi et al., ICCV 2021, arXiv:2101.05224.
+    """
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        *,
+        tiler: PatchTiler | None = None,
+        proj_dim: int = 128,
+        hidden_dim: int | None = None,
+        temperature: float = 0.2,
+        min_scale: float = 0.4,
+        symmetries: bool = True,
+        defences: PatchDefences | Mapping[str, Any] | None = None,
+        label_smoothing: float = 0.0,
+    ) -> None:
+        super().__init__(encoder, tiler=tiler, label_smoothing=label_smoothing)
+        for name, value in (("proj_dim", proj_dim), ("hidden_dim", hidden_dim)):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer; got {value!r}")
+        for name, value in (("temperature", temperature), ("min_scale", min_scale)):
+            if not (isinstance(value, (int, float)) and 0.0 < float(value) <= 1.0):
+                raise ValueError(f"{name} must be in (0, 1]; got {value!r}")
+        h, w = self.tiler.patch_size
+        if symmetries and h != w:
+            raise ValueError(
+                f"symmetries=True turns tiles by quarter turns, which needs square patches; "
+                f"the tiler cuts {h}x{w} (use symmetries=False or square patches)"
+            )
+        width = int(encoder.out_dim)
+        hidden = width if hidden_dim is None else hidden_dim
+        self.head = nn.Sequential(
+            nn.Linear(width, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, proj_dim)
+        )
+        self.defences = self.build_defences(defences)
+        self.proj_dim, self.hidden_dim = proj_dim, hidden_dim
+        self.temperature, self.min_scale = float(temperature), float(min_scale)
+        self.symmetries = bool(symmetries)
+        self.num_classes = 2 * self.tiler.num_patches  # 2 * B * N once a batch is seen
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """JSON-able kwargs that rebuild the task given the same encoder and tiler."""
+        return {
+            **super().config,
+            "label_smoothing": self.label_smoothing,
+            "proj_dim": self.proj_dim,
+            "hidden_dim": self.hidden_dim,
+            "temperature": self.temperature,
+            "min_scale": self.min_scale,
+            "symmetries": self.symmetries,
+            "defences": self.defences.config,
+        }
+
+    @property
+    def chance(self) -> float:
+        """Accuracy of uniform guessing among the other views, ``1 / (num_classes - 1)``."""
+        return 1.0 / float(self.num_classes - 1)
+
+    @classmethod
+    def default_defences(cls) -> PatchDefences:
+        """Every defence off: a tile's colour and brightness are what it shows."""
+        return PatchDefences()
+
+    @classmethod
+    def example_kwargs(cls) -> dict[str, Any]:
+        """A narrow projection, for the contract test."""
+        return {"proj_dim": 8, "hidden_dim": 16}
+
+    def _view(self, tiles: Tensor, generator: torch.Generator | None) -> Tensor:
+        """One random view of each tile: a crop resized back, then a symmetry of the square.
+
+        Args:
+            tiles: Float tensor of shape ``(M, C, h, w)``.
+            generator: Source of the crops and symmetries.
+
+        Returns:
+            Float tensor of shape ``(M, C, h, w)``.
+        """
+        from torchvision.ops import roi_align  # deferred: torchvision is heavy to import
+
+        m, _, h, w = tiles.shape
+        draws = random_uniform((m, 3), generator=generator, device=tiles.device)
+        side = math.sqrt(self.min_scale) + (1.0 - math.sqrt(self.min_scale)) * draws[:, 0]
+        x0 = (1.0 - side) * draws[:, 1] * w
+        y0 = (1.0 - side) * draws[:, 2] * h
+        index = torch.arange(m, device=tiles.device, dtype=tiles.dtype)
+        boxes = torch.stack([index, x0, y0, x0 + side * w, y0 + side * h], dim=1)
+        views = roi_align(tiles, boxes.to(tiles.dtype), (h, w), aligned=True)
+        if self.symmetries:
+            turn = random_integers(8, (m,), generator=generator, device=tiles.device)
+            views = apply_symmetries(views, turn)
+        return views
+
+    def make_inputs(
+        self, images: Tensor, generator: torch.Generator | None
+    ) -> tuple[Tensor, Tensor]:
+        """Tile, draw two views of every tile, defend.
+
+        Args:
+            images: Tensor of shape ``(B, C, H, W)``.
+            generator: Source of the jitter, the crops and the symmetries.
+
+        Returns:
+            ``(views, targets)``: float views ``(2B, N, C, h, w)`` (the first views of the
+            ``B`` images, then the second ones) and targets ``(B, 2N)``.
+        """
+        patches = self.tiler(images, generator=generator).patches  # (B, N, C, h, w)
+        b, n = patches.shape[:2]
+        tiles = patches.flatten(0, 1)
+        tiles = tiles.float() / 255.0 if tiles.dtype == torch.uint8 else tiles.float()
+        first, second = self._view(tiles, generator), self._view(tiles, generator)
+        views = torch.cat([first, second]).view(2 * b, n, *tiles.shape[1:])
+        m = b * n
+        rows = torch.arange(2 * m, device=images.device)
+        targets = ((rows + m) % (2 * m)).view(2, b, n).permute(1, 0, 2).reshape(b, 2 * n)
+        self.num_classes = 2 * m
+        return self.defences(views, generator=generator), targets
+
+    def compute_logits(self, inputs: Tensor) -> Tensor:
+        """Encode and project the views; cosine similarities over the temperature.
+
+        Args:
+            inputs: Float views of shape ``(2B, N, C, h, w)``.
+
+        Returns:
+            Float32 logits of shape ``(B, 2N, 2BN)``, each view's own similarity masked.
+        """
+        two_b, n = inputs.shape[:2]
+        features = self._encode(inputs)  # (2B, N, D)
+        z = F.normalize(self.head(features.flatten(0, 1)).float(), dim=-1)  # (2BN, P)
+        similarity = (z @ z.t()) / self.temperature
+        own = torch.eye(similarity.shape[0], dtype=torch.bool, device=similarity.device)
+        similarity = similarity.masked_fill(own, -1e4)  # finite: label smoothing stays finite
+        b, m = two_b // 2, similarity.shape[0] // 2
+        return similarity.view(2, b, n, 2 * m).permute(1, 0, 2, 3).reshape(b, 2 * n, 2 * m)

@@ -1,0 +1,162 @@
+"""The tile contrast task: its targets, views, similarity logits, checks and that it learns."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from patchssl.pretext import TileContrastPretext, create_pretext, pretext_from_config
+from patchssl.pretext.testing import tiny_encoder
+from patchssl.tiling import PatchTiler
+
+
+def g(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+class Flatten(nn.Module):
+    """An encoder whose feature is the flattened patch: the views are compared pixel by pixel."""
+
+    def __init__(self, patch_size: int = 4, in_chans: int = 1) -> None:
+        super().__init__()
+        self.in_chans, self.patch_size = in_chans, (patch_size, patch_size)
+        self.out_dim = in_chans * patch_size * patch_size
+        self.scale = nn.Parameter(torch.ones(()))
+
+    def forward(self, patches: Tensor, *, normalized: bool = False) -> Tensor:
+        return patches.flatten(2) * self.scale
+
+
+def _task(**kwargs) -> TileContrastPretext:
+    tiler = PatchTiler(grid=3, patch_size=4, image_size=12)
+    return TileContrastPretext(Flatten(), tiler=tiler, **{"proj_dim": 4, "hidden_dim": 8, **kwargs})
+
+
+def test_the_target_of_each_view_is_the_other_view_of_its_tile() -> None:
+    task = _task()
+    images = torch.rand(3, 1, 12, 12)
+    (views, targets) = task.make_inputs(images, g(0))
+    b, n = 3, 9
+    assert views.shape == (2 * b, n, 1, 4, 4) and targets.shape == (b, 2 * n)
+    assert task.num_classes == 2 * b * n
+    for image in range(b):
+        for view in range(2):
+            for tile in range(n):
+                other = targets[image, view * n + tile].item()
+                assert other == (1 - view) * b * n + image * n + tile
+
+
+def test_identical_views_are_always_found() -> None:
+    # whole tiles, no symmetries: the two views of a tile are equal, so each is its own
+    # other view's nearest neighbour whatever the (random) projection
+    task = _task(min_scale=1.0, symmetries=False).eval()
+    images = torch.rand(4, 1, 12, 12)
+    views, _ = task.make_inputs(images, g(1))
+    assert torch.allclose(views[:4], views[4:])
+    assert task.accuracy(images, generator=g(1)) == 1.0
+    assert task.chance == pytest.approx(1 / (2 * 4 * 9 - 1))
+
+
+def test_views_are_crops_and_symmetries_of_their_tile() -> None:
+    # a constant tile stays constant under any crop and turn: views keep each tile's value
+    task = _task(min_scale=0.3)
+    tiler = task.tiler
+    tiles = torch.arange(9, dtype=torch.float32).view(1, 9, 1, 1, 1).expand(2, 9, 1, 4, 4)
+    images = tiler.assemble(tiles.contiguous() / 10)
+    views, _ = task.make_inputs(images, g(2))
+    expected = (torch.arange(9, dtype=torch.float32) / 10).view(1, 9, 1, 1, 1)
+    assert torch.allclose(views, expected.expand_as(views), atol=1e-6)
+
+
+def test_logits_are_scaled_cosine_similarities_with_the_own_view_masked() -> None:
+    task = _task(temperature=0.5)
+    images = torch.rand(2, 1, 12, 12)
+    views, targets = task.make_inputs(images, g(3))
+    logits = task.compute_logits(views)
+    assert logits.shape == (2, 18, 36) and logits.dtype == torch.float32
+    z = nn.functional.normalize(task.head(task.encoder(views).flatten(0, 1)), dim=-1)
+    reference = z @ z.t() / 0.5
+    # row [b, v * N + n] is view v of tile n of image b: candidate v * B * N + b * N + n
+    for b in range(2):
+        for v in range(2):
+            for n in range(9):
+                row = v * 18 + b * 9 + n
+                got = logits[b, v * 9 + n]
+                assert got[row] == -1e4  # its own view
+                keep = torch.arange(36) != row
+                assert torch.allclose(got[keep], reference[row][keep], atol=1e-5)
+    assert (logits.abs() <= 1 / 0.5 + 1e-4).logical_or(logits == -1e4).all()
+    loss = task.compute_loss(logits, targets)
+    assert math.isfinite(loss.item())
+
+
+def test_loss_at_random_is_near_the_log_of_the_candidates() -> None:
+    torch.manual_seed(0)
+    task = create_pretext("tile_contrast", encoder=tiny_encoder(patch_size=8), tiler=None)
+    images = torch.rand(4, 3, *task.tiler.image_size)
+    out = task(images, generator=g(4))
+    assert out.logits.shape == (4, 18, 72)
+    assert abs(out.loss.item() - math.log(71)) < 1.5
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"proj_dim": 0}, "proj_dim must be a positive integer"),
+        ({"hidden_dim": 2.5}, "hidden_dim must be a positive integer"),
+        ({"temperature": 0.0}, r"temperature must be in \(0, 1\]"),
+        ({"temperature": 2.0}, r"temperature must be in \(0, 1\]"),
+        ({"min_scale": 0.0}, r"min_scale must be in \(0, 1\]"),
+    ],
+)
+def test_bad_options_say_what_is_accepted(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        _task(**kwargs)
+
+
+def test_symmetries_need_square_patches() -> None:
+    tiler = PatchTiler(grid=3, patch_size=(4, 6), image_size=(12, 18))
+
+    class Wide(Flatten):
+        def __init__(self) -> None:
+            super().__init__()
+            self.patch_size, self.out_dim = (4, 6), 24
+
+    with pytest.raises(ValueError, match="square patches"):
+        TileContrastPretext(Wide(), tiler=tiler)
+    task = TileContrastPretext(Wide(), tiler=tiler, symmetries=False, proj_dim=4)
+    out = task(torch.rand(2, 1, 12, 18), generator=g(5))
+    assert out.logits.shape == (2, 18, 36)
+
+
+def test_config_rebuilds_the_same_task() -> None:
+    task = create_pretext(
+        "tile_contrast", encoder=tiny_encoder(patch_size=8), temperature=0.3, min_scale=0.5
+    )
+    again = pretext_from_config(task.model_config, encoder=tiny_encoder(patch_size=8))
+    assert isinstance(again, TileContrastPretext)
+    assert again.config == task.config
+    assert again.config["defences"]["per_patch_norm"] is False  # colour is kept by default
+
+
+def test_tile_contrast_learns_to_match_the_views() -> None:
+    # smooth random images (colour varies across and within tiles): after a few steps the
+    # views of a tile are matched far above chance
+    torch.manual_seed(0)
+    task = create_pretext("tile_contrast", encoder=tiny_encoder(patch_size=8), proj_dim=16)
+    coarse = torch.rand(8, 3, 6, 6)
+    images = nn.functional.interpolate(coarse, size=task.tiler.image_size, mode="bilinear")
+    before = task.eval().accuracy(images, generator=g(6))
+    optimizer = torch.optim.Adam(task.parameters(), lr=3e-3)
+    task.train()
+    for step in range(80):
+        loss = task(images, generator=g(100 + step)).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    after = task.eval().accuracy(images, generator=g(6))
+    print(f"tile contrast: {before:.3f} -> {after:.3f}")
+    assert after > max(0.5, 2 * before), (before, after)
