@@ -110,6 +110,8 @@ def test_loss_at_random_is_near_the_log_of_the_candidates() -> None:
         ({"temperature": 0.0}, r"temperature must be in \(0, 1\]"),
         ({"temperature": 2.0}, r"temperature must be in \(0, 1\]"),
         ({"min_scale": 0.0}, r"min_scale must be in \(0, 1\]"),
+        ({"proj_dim": True}, "proj_dim must be a positive integer"),
+        ({"temperature": True}, r"temperature must be in \(0, 1\]"),
     ],
 )
 def test_bad_options_say_what_is_accepted(kwargs: dict, message: str) -> None:

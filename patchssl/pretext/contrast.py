@@ -108,10 +108,13 @@ class TileContrastPretext(PretextTask):
     ) -> None:
         super().__init__(encoder, tiler=tiler, label_smoothing=label_smoothing)
         for name, value in (("proj_dim", proj_dim), ("hidden_dim", hidden_dim)):
-            if value is not None and (not isinstance(value, int) or value < 1):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1
+            ):
                 raise ValueError(f"{name} must be a positive integer; got {value!r}")
         for name, value in (("temperature", temperature), ("min_scale", min_scale)):
-            if not (isinstance(value, (int, float)) and 0.0 < float(value) <= 1.0):
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not (number and 0.0 < float(value) <= 1.0):
                 raise ValueError(f"{name} must be in (0, 1]; got {value!r}")
         h, w = self.tiler.patch_size
         if symmetries and h != w:
