@@ -84,6 +84,7 @@ class TileContrastPretext(PretextTask):
     Example:
         >>> import torch
         >>> from patchssl import SharedPatchEncoder
+        >>> from patchssl.pretext import TileContrastPretext
         >>> task = TileContrastPretext(SharedPatchEncoder("resnet18", patch_size=32))
         >>> out = task(torch.rand(2, 3, 108, 108))
         >>> out.logits.shape, out.targets.shape
