@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from patchssl.pretext.base import PatchDefences, PretextTask, random_integers, random_uniform
-from patchssl.pretext.defences import apply_symmetries
+from patchssl.pretext.defences import apply_symmetries, unit_float
 from patchssl.pretext.registry import register_pretext
 
 if TYPE_CHECKING:
@@ -203,8 +203,7 @@ class TileContrastPretext(PretextTask):
         """
         patches = self.tiler(images, generator=generator).patches  # (B, N, C, h, w)
         b, n = patches.shape[:2]
-        tiles = patches.flatten(0, 1)
-        tiles = tiles.float() / 255.0 if tiles.dtype == torch.uint8 else tiles.float()
+        tiles = unit_float(patches.flatten(0, 1))
         first, second = self._view(tiles, generator), self._view(tiles, generator)
         views = torch.cat([first, second]).view(2 * b, n, *tiles.shape[1:])
         m = b * n

@@ -43,7 +43,22 @@ __all__ = [
     "channel_jitter",
     "random_grayscale",
     "standardize_patches",
+    "unit_float",
 ]
+
+
+def unit_float(images: Tensor) -> Tensor:
+    """Pixels in ``[0, 1]`` as floats: uint8 (0..255) divided by 255, floats kept as they are.
+
+    Args:
+        images: Tensor of any shape, e.g. ``(B, C, H, W)`` or ``(B, N, C, h, w)``, uint8
+            (0..255) or float (0..1).
+
+    Returns:
+        A float tensor of the same shape (float32 for uint8 input, else the input itself).
+    """
+    return images.float() / 255.0 if images.dtype == torch.uint8 else images
+
 
 #: The colour-dropping modes :class:`PatchDefences` understands.
 COLOR_DROP_MODES = ("grayscale", "channel_jitter", "both")
@@ -275,7 +290,7 @@ class ImageDefences(nn.Module):
                 f"quarter turns need square images; got {h}x{w}. Resize the images to a "
                 "square (data.image_size does) or build ImageDefences with rot90=False"
             )
-        x = images.float() / 255.0 if images.dtype == torch.uint8 else images
+        x = unit_float(images)
         boxes = transform.boxes.to(device=x.device, dtype=x.dtype)
         centre = boxes[:, :2] + boxes[:, 2:] - 1.0  # (x0 + x1) / 2 in [-1, 1]
         half = boxes[:, 2:] - boxes[:, :2]  # half sizes in normalised units: (x1 - x0) * 2 / 2
@@ -436,7 +451,7 @@ class PatchDefences(nn.Module):
         Returns:
             Float tensor of shape ``(B, N, C, h, w)``.
         """
-        x = patches.float() / 255.0 if patches.dtype == torch.uint8 else patches
+        x = unit_float(patches)
         channels = x.shape[2]
         if self.training and self.color_drop is not None and channels > 1:
             if self.color_drop in ("channel_jitter", "both") and self.channel_shift > 0:
