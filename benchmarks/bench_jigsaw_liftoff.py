@@ -18,7 +18,9 @@ each)::
 ``--head`` runs every variant with that jigsaw head (the tables measured before the relation
 head became the default ran with ``assignment``). ``--engine CROPS`` runs ``patchssl pretrain``
 itself, with its defaults, on CROPS training crops saved as PNG files, and scores its last
-checkpoint on the same held-out crops.
+checkpoint on the same held-out crops. ``--lr`` sets the learning rate of the engine and of
+every variant that does not name its own (default: the library's pretraining rate, 3e-3 since
+2026-11-28; the tables measured before ran at ``--lr 1e-3``).
 
 ``--position`` adds the position diagnostic (``--position-only``: for a random encoder
 alone): a 9-way logistic regression on frozen per-patch features (centred tiles of unshuffled
@@ -127,9 +129,6 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any], dict[str, Any]]] = {
     "defaults+crop": ({"crop_scale": (0.5, 1.0)}, {}, {}),
     "defaults+flip_only": ({"rot90": False}, {}, {}),
     "defaults+crop25": ({"crop_scale": (0.25, 1.0)}, {}, {}),
-    # The pretraining's default rate became 3e-3 on 2026-11-28: the tables before name this
-    # one "defaults", and "defaults+lr3e-3" is today's "defaults".
-    "defaults+lr1e-3": ({}, {}, {"lr": 1e-3}),
     "defaults+lr3e-3": ({}, {}, {"lr": 3e-3}),
     "defaults+lr3e-4": ({}, {}, {"lr": 3e-4}),
     "defaults+sgd": ({}, {}, {"optimizer": "sgd", "lr": 0.01}),
@@ -408,12 +407,12 @@ def train(
     seed: int,
     batch: int = BATCH,
     log_every: int = 100,
+    lr: float | None = None,
 ) -> list[dict]:
     overrides = VARIANTS[variant][2]
-    # the library's pretraining rate unless the variant names one
-    cfg = TrainConfig(
-        epochs=1, warmup_epochs=20 / steps, **{"lr": DEFAULT_LR["pretrain"], **overrides}
-    )
+    # the variant's own rate, else ``lr``, else the library's pretraining rate
+    rate = lr if lr is not None else DEFAULT_LR["pretrain"]
+    cfg = TrainConfig(epochs=1, warmup_epochs=20 / steps, **{"lr": rate, **overrides})
     optimizer = build_optimizer(task, cfg)
     scheduler = build_scheduler(optimizer, cfg, steps)
     g = torch.Generator().manual_seed(seed)  # the data's draws, on the CPU
@@ -431,6 +430,7 @@ def train(
         if step % log_every == 0 or step == steps:
             row = {
                 "step": step,
+                "lr": cfg.lr,  # the peak rate
                 "loss": float(torch.stack(losses[-100:]).mean()),
                 "active": task.active_permutations,
                 "held_out_acc": puzzle_accuracy(task, data.held_out),
@@ -694,10 +694,12 @@ def main() -> None:
     )
     parser.add_argument("--workdir", default="/tmp/jigsaw-liftoff-engine", help="for --engine")
     parser.add_argument(
-        "--engine-lr",
+        "--lr",
         type=float,
         default=None,
-        help="--engine: train.lr (default: the library's pretraining rate; 1e-3 before 2026-11-28)",
+        help="learning rate of --engine and of every variant that names none (default: the "
+        "library's pretraining rate, 3e-3; 1e-3 before 2026-11-28: --lr 1e-3 repeats the "
+        "tables of that time)",
     )
     parser.add_argument("--list", action="store_true", help="list the variants and exit")
     parser.add_argument(
@@ -722,7 +724,7 @@ def main() -> None:
         )
         if args.engine:
             results["engine"] = engine_run(
-                data, args.steps, args.seed, args.engine, args.workdir, lr=args.engine_lr
+                data, args.steps, args.seed, args.engine, args.workdir, lr=args.lr
             )
             Path(args.out).write_text(json.dumps(results, indent=1))
             print(f"wrote {args.out}")
@@ -735,7 +737,9 @@ def main() -> None:
         for variant in [] if args.position_only else args.variants:
             print(f"== {variant}", flush=True)
             task = build(variant, args.num_permutations, args.seed, args.device, args.head)
-            log = train(task, data, variant, args.steps, args.seed, args.batch, args.log_every)
+            log = train(
+                task, data, variant, args.steps, args.seed, args.batch, args.log_every, args.lr
+            )
             entry: dict[str, Any] = {
                 "log": log,
                 "seen_acc": puzzle_accuracy(task, data.seen),

@@ -351,6 +351,25 @@ def test_gpu_check_dry_mode_runs_every_python_command_on_the_cpu(tmp_path: Path)
     assert json.loads((work / "recipe.json").read_text())[0]["variant"] == "base"
 
 
+def test_liftoff_variants_train_at_their_own_rate_else_lr_else_the_librarys() -> None:
+    import bench_jigsaw_liftoff as bl
+    import torch
+
+    class Noise:  # stands for the photographs: random crops, a few held out
+        held_out = torch.randint(0, 256, (2, 3, bl.IMAGE, bl.IMAGE), dtype=torch.uint8)
+
+        def batch(self, n: int, g: torch.Generator) -> torch.Tensor:
+            return torch.randint(0, 256, (n, 3, bl.IMAGE, bl.IMAGE), generator=g, dtype=torch.uint8)
+
+    def peak(variant: str, lr: float | None) -> float:
+        task = bl.build(variant, 10, 0, "cpu", None)
+        return bl.train(task, Noise(), variant, 1, 0, batch=2, lr=lr)[-1]["lr"]
+
+    assert peak("defaults", None) == 3e-3  # the library's pretraining rate
+    assert peak("defaults", 1e-3) == 1e-3  # --lr: the rate of the earlier tables
+    assert peak("defaults+sgd", 1e-3) == 0.01  # a variant's own rate wins
+
+
 def test_liftoff_engine_mode_scores_the_engines_own_checkpoint(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -369,6 +388,10 @@ def test_liftoff_engine_mode_scores_the_engines_own_checkpoint(
     assert report["crops"] == 64 and report["steps"] == 2 and report["epochs_run"] == 1
     assert report["config"]["head"] == "relation"  # the library's default, untouched
     assert report["config"]["lr"] == 3e-3  # the pretraining's default rate
+    # --lr sets the engine's rate (the rate of the tables measured before 3e-3)
+    monkeypatch.setattr(sys, "argv", [*argv, "--lr", "1e-3"])
+    bench_jigsaw_liftoff.main()
+    assert json.loads(out.read_text())["engine"]["config"]["lr"] == 1e-3
     assert set(report["held_out_hits_by_photograph"]) == set(bench_jigsaw_liftoff.HELD_OUT)
     assert 0.0 <= report["held_out_acc"] <= 1.0
     assert len(list((tmp_path / "work" / "unlabeled").glob("*.png"))) == 64
