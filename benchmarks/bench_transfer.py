@@ -434,6 +434,9 @@ def run_row(
     train = [data.records[i].path for p in patients for i in data.pool[p]]
     c.train.epochs = _epochs(s, len(train))
     config = c.to_dict()
+    if not ssl:  # the pretext never reaches a row without pretraining: one run serves them all
+        plain = replace(s, pretext="jigsaw", pretext_options=(), num_permutations=100)
+        config["pretext"] = base_config(plain, data, threads).to_dict()["pretext"]
     key = _key(_changed(config, *config), budget, sorted(patients))
     out = cache / "runs" / f"{row}_b{budget}_s{seed}_{key}"
     result_file = out / "test_scores.npz"

@@ -395,3 +395,17 @@ def test_liftoff_engine_mode_scores_the_engines_own_checkpoint(
     assert set(report["held_out_hits_by_photograph"]) == set(bench_jigsaw_liftoff.HELD_OUT)
     assert 0.0 <= report["held_out_acc"] <= 1.0
     assert len(list((tmp_path / "work" / "unlabeled").glob("*.png"))) == 64
+
+
+def test_transfer_rows_without_pretraining_ignore_the_pretext(tmp_path: Path) -> None:
+    import bench_transfer
+
+    args = [*_MICRO, "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "out"),
+            "--rows", "al", "ssl_al", "--no-probe", "--input-norm", "encoder"]  # fmt: skip
+    first = bench_transfer.main(args)
+    other = bench_transfer.main([*args, "--pretext", "rotation"])
+    # + AL does not pretrain: its run is found in the cache; + SSL + AL trains again
+    assert other["run_seconds"]["al_b2_s0"] == 0.0
+    assert other["run_seconds"]["ssl_al_b2_s0"] > 0.0
+    assert first["run_seconds"]["al_b2_s0"] > 0.0
+    assert len(list((tmp_path / "cache" / "runs").glob("al_*"))) == 1
