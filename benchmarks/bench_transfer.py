@@ -114,12 +114,15 @@ class Settings:
         pretrain_lr: Peak learning rate of pretraining. ``1e-3``, the rate of every figure in
             docs/benchmarks.md, and not the library's pretraining default (``3e-3`` since
             2026-11-28), so that the documented commands train what they measured.
+        pretrain_batch_size: Batch size of pretraining (0: ``batch_size``). Contrastive
+            pretexts see more negatives in a larger batch.
         num_permutations: Jigsaw permutations (maximal Hamming set; jigsaw only).
         finetune_images: Images seen per fine-tuning run (epochs = this / training images,
             clipped to ``[min_epochs, max_epochs]``).
         min_epochs: Fewest fine-tuning epochs.
         max_epochs: Most fine-tuning epochs.
-        batch_size: Batch size of pretraining and fine-tuning.
+        batch_size: Batch size of fine-tuning, and of pretraining unless
+            ``pretrain_batch_size`` is given.
         lr: Peak learning rate of fine-tuning.
         overrides: Extra config overrides for fine-tuning (``section.key=value``).
         n_boot: Bootstrap resamples.
@@ -144,6 +147,7 @@ class Settings:
     pretext_options: tuple[str, ...] = ()
     pretrain_epochs: int = 10
     pretrain_lr: float = 1e-3
+    pretrain_batch_size: int = 0
     num_permutations: int = 100
     finetune_images: int = 2000
     min_epochs: int = 10
@@ -367,13 +371,16 @@ def pretrain_checkpoint(s: Settings, data: Data, cache: Path, threads: int) -> P
     c = base_config(s, data, threads)
     c.train.epochs = s.pretrain_epochs
     c.train.lr = s.pretrain_lr
+    batch = s.pretrain_batch_size or s.batch_size
+    c.train.batch_size = batch
     c.train.class_weights = "none"
     c.train.seed = 0
     changed = _changed(c.to_dict(), "model", "pretext")
     for name in CLASSIFIER_ONLY:  # options the pretraining does not read
         changed.get("model", {}).pop(name, None)
     rate = [] if s.pretrain_lr == 1e-3 else [s.pretrain_lr]  # 1e-3: every cached pretraining
-    key = _key(changed, str(data.root), s.pretrain_epochs, *rate)
+    sized = [] if batch == s.batch_size else [f"batch{batch}"]  # the rows' batch: as cached
+    key = _key(changed, str(data.root), s.pretrain_epochs, *rate, *sized)
     out = cache / f"pretrain_{key}"
     done = out / "done.json"
     if done.is_file():

@@ -174,6 +174,15 @@ def test_transfer_pretrains_only_for_what_uses_it(tmp_path: Path) -> None:
     assert saved["train"]["lr"] == 3e-3
     first = yaml.safe_load((Path(probe["pretrain_checkpoint"]).parent / "config.yaml").read_text())
     assert first["train"]["lr"] == 1e-3
+    # the pretraining's own batch size: another checkpoint; the rows' own is the cached one
+    wider = bench_transfer.main([*args, "--rows", "--pretrain-batch-size", "8"])
+    assert wider["pretrain_checkpoint"] not in (probe["pretrain_checkpoint"],
+                                                faster["pretrain_checkpoint"])  # fmt: skip
+    saved = yaml.safe_load((Path(wider["pretrain_checkpoint"]).parent / "config.yaml").read_text())
+    assert saved["train"]["batch_size"] == 8
+    assert first["train"]["batch_size"] == 4
+    same = bench_transfer.main([*args, "--rows", "--pretrain-batch-size", "4"])
+    assert same["pretrain_checkpoint"] == probe["pretrain_checkpoint"]
 
 
 def test_compare_transfer_pairs_one_row_under_two_settings(tmp_path: Path) -> None:
