@@ -71,6 +71,22 @@ def test_views_are_crops_and_symmetries_of_their_tile() -> None:
     assert torch.allclose(views, expected.expand_as(views), atol=1e-6)
 
 
+def test_color_jitter_changes_each_view_by_its_own_factors() -> None:
+    # constant tiles, whole crops, no symmetries: every view is one colour, so what the
+    # jitter did is read off directly; the two views of a tile get different factors
+    task = _task(min_scale=1.0, symmetries=False, color_jitter=0.5)
+    images = torch.full((2, 1, 12, 12), 0.4)
+    views, _ = task.make_inputs(images, g(6))
+    assert not torch.allclose(views[:2], views[2:])
+    # one channel: contrast about the tile's own mean and saturation leave a constant tile
+    # as it is, so only brightness moves it: 0.4 x a factor in [0.5, 1.5]
+    assert views.min() >= 0.2 - 1e-6 and views.max() <= 0.6 + 1e-6
+    assert torch.allclose(views, views[..., :1, :1].expand_as(views))  # still constant
+    plain = _task(min_scale=1.0, symmetries=False)
+    same, _ = plain.make_inputs(images, g(6))
+    assert torch.allclose(same, torch.full_like(same, 0.4))  # without it: the tiles as they are
+
+
 def test_logits_are_scaled_cosine_similarities_with_the_own_view_masked() -> None:
     task = _task(temperature=0.5)
     images = torch.rand(2, 1, 12, 12)
@@ -112,6 +128,8 @@ def test_loss_at_random_is_near_the_log_of_the_candidates() -> None:
         ({"min_scale": 0.0}, r"min_scale must be in \(0, 1\]"),
         ({"proj_dim": True}, "proj_dim must be a positive integer"),
         ({"temperature": True}, r"temperature must be in \(0, 1\]"),
+        ({"color_jitter": 1.5}, r"color_jitter must be in \[0, 1\]"),
+        ({"color_jitter": -0.1}, r"color_jitter must be in \[0, 1\]"),
     ],
 )
 def test_bad_options_say_what_is_accepted(kwargs: dict, message: str) -> None:
@@ -140,6 +158,10 @@ def test_config_rebuilds_the_same_task() -> None:
     )
     again = pretext_from_config(task.model_config, encoder=tiny_encoder(patch_size=8))
     assert isinstance(again, TileContrastPretext)
+    assert again.color_jitter == 0.0  # off unless asked
+    jittered = create_pretext("tile_contrast", encoder=tiny_encoder(patch_size=8), color_jitter=0.4)
+    rebuilt = pretext_from_config(jittered.model_config, encoder=tiny_encoder(patch_size=8))
+    assert rebuilt.config["color_jitter"] == 0.4
     assert again.config == task.config
     assert again.config["defences"]["per_patch_norm"] is False  # colour is kept by default
 

@@ -231,6 +231,25 @@ def test_channel_jitter_matches_a_per_patch_loop() -> None:
     assert not torch.equal(out, x)
 
 
+def test_color_jitter_matches_torchvision_per_image() -> None:
+    from torchvision.transforms.v2 import functional as TF
+
+    from patchssl.pretext.defences import color_jitter
+
+    x = 0.3 + 0.3 * torch.rand(5, 3, 6, 6)  # mid-range: no value is clipped on the way
+    out = color_jitter(x, 0.4, generator=g(7))
+    factors = 0.6 + 0.8 * torch.rand((5, 3), generator=g(7))  # the same draw, made here
+    for i in range(5):
+        b, c, s = factors[i].tolist()
+        ref = TF.adjust_saturation(TF.adjust_contrast(TF.adjust_brightness(x[i], b), c), s)
+        torch.testing.assert_close(out[i], ref, atol=2e-4, rtol=0)
+    assert torch.equal(color_jitter(x, 0.0, generator=g(7)), x)
+    gray = color_jitter(torch.rand(3, 1, 4, 4), 1.0, generator=g(8))  # one channel works
+    assert gray.shape == (3, 1, 4, 4) and gray.min() >= 0 and gray.max() <= 1
+    with pytest.raises(ValueError, match=r"strength must be in \[0, 1\]"):
+        color_jitter(x, 1.2)
+
+
 def test_defences_colour_drop_only_in_training() -> None:
     defences = PatchDefences(color_drop="both", color_drop_prob=1.0)
     x = torch.randint(0, 256, (2, 4, 3, 6, 6), dtype=torch.uint8)

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from patchssl.pretext.base import PatchDefences, PretextTask, random_integers, random_uniform
-from patchssl.pretext.defences import apply_symmetries, unit_float
+from patchssl.pretext.defences import apply_symmetries, color_jitter, unit_float
 from patchssl.pretext.registry import register_pretext
 
 if TYPE_CHECKING:
@@ -66,6 +66,10 @@ class TileContrastPretext(PretextTask):
         min_scale: Smallest share of a tile's area a view keeps, in (0, 1] (1: the whole
             tile, views differ only by their symmetry).
         symmetries: Turn and mirror each view by a random symmetry of the square.
+        color_jitter: Strength of the colour distortion of each view
+            (:func:`~patchssl.pretext.defences.color_jitter`: brightness, contrast and
+            saturation each scaled by its own factor in ``[1 - s, 1 + s]``), in ``[0, 1]``;
+            0 turns it off.
         defences: The per-tile defences applied to both views: a
             :class:`~patchssl.pretext.PatchDefences`, a mapping of some of its options, or
             ``None`` for the defaults, every defence off (colour is a feature here).
@@ -78,7 +82,8 @@ class TileContrastPretext(PretextTask):
           ``v * B * N + b * N + n``) and targets ``(B, 2N)``.
 
     Raises:
-        ValueError: A width below 1, a temperature or ``min_scale`` outside (0, 1], or
+        ValueError: A width below 1, a temperature or ``min_scale`` outside (0, 1], a
+            ``color_jitter`` outside [0, 1], or
             ``symmetries=True`` with patches that are not square.
 
     Example:
@@ -104,6 +109,7 @@ class TileContrastPretext(PretextTask):
         temperature: float = 0.2,
         min_scale: float = 0.4,
         symmetries: bool = True,
+        color_jitter: float = 0.0,
         defences: PatchDefences | Mapping[str, Any] | None = None,
         label_smoothing: float = 0.0,
     ) -> None:
@@ -117,6 +123,12 @@ class TileContrastPretext(PretextTask):
             number = isinstance(value, (int, float)) and not isinstance(value, bool)
             if not (number and 0.0 < float(value) <= 1.0):
                 raise ValueError(f"{name} must be in (0, 1]; got {value!r}")
+        number = isinstance(color_jitter, (int, float)) and not isinstance(color_jitter, bool)
+        if not (number and 0.0 <= float(color_jitter) <= 1.0):
+            raise ValueError(
+                f"color_jitter must be in [0, 1] (0: off, 0.4: brightness, contrast and "
+                f"saturation each scaled by 0.6 to 1.4); got {color_jitter!r}"
+            )
         h, w = self.tiler.patch_size
         if symmetries and h != w:
             raise ValueError(
@@ -132,6 +144,7 @@ class TileContrastPretext(PretextTask):
         self.proj_dim, self.hidden_dim = proj_dim, hidden_dim
         self.temperature, self.min_scale = float(temperature), float(min_scale)
         self.symmetries = bool(symmetries)
+        self.color_jitter = float(color_jitter)
         self.num_classes = 2 * self.tiler.num_patches  # 2 * B * N once a batch is seen
 
     @property
@@ -145,6 +158,7 @@ class TileContrastPretext(PretextTask):
             "temperature": self.temperature,
             "min_scale": self.min_scale,
             "symmetries": self.symmetries,
+            "color_jitter": self.color_jitter,
             "defences": self.defences.config,
         }
 
@@ -164,7 +178,7 @@ class TileContrastPretext(PretextTask):
         return {"proj_dim": 8, "hidden_dim": 16}
 
     def _view(self, tiles: Tensor, generator: torch.Generator | None) -> Tensor:
-        """One random view of each tile: a crop resized back, then a symmetry of the square.
+        """One random view of each tile: a crop resized back, a symmetry, the colour jitter.
 
         Args:
             tiles: Float tensor of shape ``(M, C, h, w)``.
@@ -186,7 +200,7 @@ class TileContrastPretext(PretextTask):
         if self.symmetries:
             turn = random_integers(8, (m,), generator=generator, device=tiles.device)
             views = apply_symmetries(views, turn)
-        return views
+        return color_jitter(views, self.color_jitter, generator=generator)
 
     def make_inputs(
         self, images: Tensor, generator: torch.Generator | None

@@ -41,6 +41,7 @@ __all__ = [
     "PatchDefences",
     "apply_symmetries",
     "channel_jitter",
+    "color_jitter",
     "random_grayscale",
     "standardize_patches",
     "unit_float",
@@ -491,12 +492,8 @@ def random_grayscale(
     Returns:
         Tensor of shape ``(B, N, C, h, w)``; gray patches have all channels equal.
     """
-    b, n, c = patches.shape[:3]
-    if c == 3:  # scalar weights: no constant tensor to copy to the device every step
-        red, green, blue = patches.split(1, dim=2)
-        gray = 0.299 * red + 0.587 * green + 0.114 * blue
-    else:
-        gray = patches.mean(dim=2, keepdim=True)
+    b, n = patches.shape[:2]
+    gray = _luma(patches)
     mask = random_uniform((b, n), generator=generator, device=patches.device) < prob
     return torch.where(mask.view(b, n, 1, 1, 1), gray.expand_as(patches), patches)
 
@@ -528,3 +525,50 @@ def channel_jitter(
     cols = (torch.arange(w, device=patches.device) - shifts[1]).clamp_(0, w - 1)  # (B,N,C,w)
     out = patches.gather(3, rows.unsqueeze(-1).expand(b, n, c, h, w))
     return out.gather(4, cols.unsqueeze(-2).expand(b, n, c, h, w))
+
+
+def _luma(images: Tensor) -> Tensor:
+    """Gray level of ``(..., C, h, w)`` images: ITU-R 601 luma for 3 channels, else the mean."""
+    if images.shape[-3] == 3:  # scalar weights: no constant tensor to copy to the device
+        red, green, blue = images.split(1, dim=-3)
+        return 0.299 * red + 0.587 * green + 0.114 * blue
+    return images.mean(dim=-3, keepdim=True)
+
+
+def color_jitter(
+    images: Tensor, strength: float, *, generator: torch.Generator | None = None
+) -> Tensor:
+    """Scale the brightness, contrast and saturation of each image by its own random factors.
+
+    SimCLR's colour distortion without the hue shift, batched: each of the three factors of
+    each image is drawn uniformly from ``[1 - strength, 1 + strength]`` and applied in that
+    order (brightness multiplies the pixels; contrast scales them about the image's mean gray
+    level; saturation about each pixel's gray level), then the result is clipped to
+    ``[0, 1]``. A global colour cast or exposure changes, while a region lighter than its
+    surroundings (a whitening) stays lighter. Saturation is a no-op on one-channel images.
+
+    Args:
+        images: Float tensor of shape ``(M, C, h, w)`` with values in ``[0, 1]``.
+        strength: Largest relative change, in ``[0, 1]``; 0 returns ``images`` unchanged.
+        generator: Source of randomness.
+
+    Returns:
+        Tensor of shape ``(M, C, h, w)`` in ``[0, 1]``.
+
+    References:
+        Chen et al., "A Simple Framework for Contrastive Learning of Visual
+        Representations", ICML 2020, arXiv:2002.05709 (Sec. 3 and Appendix A).
+    """
+    if not 0.0 <= float(strength) <= 1.0:
+        raise ValueError(f"strength must be in [0, 1]; got {strength!r}")
+    if strength == 0:
+        return images
+    m = images.shape[0]
+    draws = random_uniform((m, 3), generator=generator, device=images.device)
+    factors = (1.0 - strength + 2.0 * strength * draws).to(images.dtype).view(m, 3, 1, 1, 1)
+    out = images * factors[:, 0]
+    mean = _luma(out).mean(dim=(-2, -1), keepdim=True)
+    out = (out - mean) * factors[:, 1] + mean
+    gray = _luma(out)
+    out = gray + (out - gray) * factors[:, 2]
+    return out.clamp(0.0, 1.0)
