@@ -484,7 +484,6 @@ def probe_features(
     import torch
 
     from patchssl.engine.finetuning import build_classifier
-    from patchssl.pretext.base import standardize_patches
     from patchssl.probe import pool_patch_features
 
     c = base_config(s, data, threads)
@@ -496,11 +495,26 @@ def probe_features(
     if path.is_file():
         return pool_patch_features(np.load(path), s.probe_pool)
     model, _, _ = build_classifier(c, torch.device("cpu"))
+    out = patch_features(model, data.images)
+    np.save(path, out)
+    return pool_patch_features(out, s.probe_pool)
+
+
+def patch_features(model: Any, images: np.ndarray, batch: int = 64) -> np.ndarray:
+    """Frozen features ``(n, N, D)`` of every patch of ``images`` by a classifier's encoder.
+
+    The encoder sees its patches as the classifier feeds them (per-patch standardised when the
+    classifier's ``input_norm`` is ``per_patch``).
+    """
+    import torch
+
+    from patchssl.pretext.base import standardize_patches
+
     model.eval()
     feats = []
     with torch.inference_mode():
-        for lo in range(0, len(data.images), 64):
-            patches = model.tiler(torch.from_numpy(data.images[lo : lo + 64])).patches
+        for lo in range(0, len(images), batch):
+            patches = model.tiler(torch.from_numpy(images[lo : lo + batch])).patches
             if model.input_norm == "per_patch":  # the encoder's input, as the classifier has it
                 encoded = model.encoder(
                     standardize_patches(patches.float() / 255.0), normalized=True
@@ -508,9 +522,56 @@ def probe_features(
             else:
                 encoded = model.encoder(patches)
             feats.append(encoded.float().numpy())
-    out = np.concatenate(feats)  # (n, N, D): every patch, pooled below
-    np.save(path, out)
-    return pool_patch_features(out, s.probe_pool)
+    return np.concatenate(feats)
+
+
+def reference_features(s: Settings, data: Data, cache: Path, threads: int) -> np.ndarray:
+    """Pooled features of an encoder trained with labels: how far a probe can go (cached).
+
+    The ``al`` row's classifier fine-tuned from scratch on the largest budget (seed 0); its
+    encoder's frozen features are probed like the others. Features that know the lesion tell
+    whether a budget is too small for any frozen feature or only for those of the
+    pretraining: the probe's ceiling, not a row (its encoder has seen the labels of every
+    smaller budget's patients, never those of the test patients).
+
+    Returns:
+        ``(n, D)`` for ``mean`` and ``max``, ``(n, N * D)`` for ``concat``.
+    """
+    from patchssl.data import save_split
+    from patchssl.engine import finetune
+    from patchssl.engine.config import apply_overrides
+    from patchssl.engine.evaluation import load_classifier
+    from patchssl.probe import pool_patch_features
+
+    budget = max(s.budgets)
+    c = base_config(s, data, threads)
+    c.model.attention = s.attention
+    c.train.seed = 0
+    c.train.lr = s.lr
+    c = apply_overrides(c, list(s.overrides))
+    patients = budget_patients(data, budget, 0)
+    train = [data.records[i].path for p in patients for i in data.pool[p]]
+    c.train.epochs = _epochs(s, len(train))
+    config = c.to_dict()
+    config.pop("pretext")  # never read without a pretraining
+    key = _key(_changed(config, *config), budget, sorted(patients), data.images.shape)
+    path = cache / f"patch_features_supervised_{key}.npy"
+    if not path.is_file():
+        out = cache / "runs" / f"reference_b{budget}_{key}"
+        out.mkdir(parents=True, exist_ok=True)
+        c.train.resume = (out / "last.pt").is_file()
+        c.data.split = str(save_split(out / "split_in.json", {"train": train, "val": []}))
+        c.out = str(out)
+        _say(f"the probe's reference: the al classifier on {budget} patients' labels")
+        trained = finetune(c)
+        model, _ = load_classifier(trained.last_checkpoint, device=_device(c))
+        feats = patch_features(model.cpu(), data.images)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
+        np.save(tmp, feats)
+        os.replace(tmp, path)
+        for name in ("last.pt", "best.pt"):
+            (out / name).unlink(missing_ok=True)
+    return pool_patch_features(np.load(path), s.probe_pool)
 
 
 def linear_probe(feats: np.ndarray, data: Data, budget: int, seed: int) -> np.ndarray:
@@ -853,6 +914,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", default="/tmp/bench", help="cache of data, checkpoints and runs")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0 = GPU if any)")
     p.add_argument("--no-probe", action="store_true", help="skip the linear probe")
+    p.add_argument(
+        "--probe-reference",
+        action="store_true",
+        help="also probe the features of an encoder trained with the largest budget's labels "
+        "(the probe's ceiling; one more fine-tuning)",
+    )
     p.add_argument("--tag", default="", help="suffix of the output files, e.g. _gated")
     for f in Settings.__dataclass_fields__.values():
         name = "--" + f.name.replace("_", "-")
@@ -938,6 +1005,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             s.pretext: probe_features(s, data, checkpoint, cache, args.threads),
             "random": probe_features(s, data, None, cache, args.threads),
         }
+        pairs = [(s.pretext, "random")]
+        if args.probe_reference:
+            feats["supervised"] = reference_features(s, data, cache, args.threads)
+            pairs.append(("supervised", s.pretext))
         probe = {
             (name, b, k): linear_probe(f, data, b, k)
             for name, f in feats.items()
@@ -945,14 +1016,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             for k in s.seeds
         }
         payload["probe_auc"], payload["probe_diffs"] = paired_table(
-            probe,
-            labels,
-            groups,
-            [s.pretext, "random"],
-            [(s.pretext, "random")],
-            s.budgets,
-            s.seeds,
-            s.n_boot,
+            probe, labels, groups, list(feats), pairs, s.budgets, s.seeds, s.n_boot
         )
     if weights:
         from patchssl.engine.common import build_tiler

@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -418,3 +419,21 @@ def test_transfer_rows_without_pretraining_ignore_the_pretext(tmp_path: Path) ->
     assert other["run_seconds"]["ssl_al_b2_s0"] > 0.0
     assert first["run_seconds"]["al_b2_s0"] > 0.0
     assert len(list((tmp_path / "cache" / "runs").glob("al_*"))) == 1
+
+
+def test_transfer_probe_reference_is_an_encoder_trained_with_labels(tmp_path: Path) -> None:
+    import bench_transfer
+
+    args = [*_MICRO, "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "out"),
+            "--rows", "--probe-reference"]  # fmt: skip
+    payload = bench_transfer.main(args)
+    assert {r["row"] for r in payload["probe_auc"]} == {"jigsaw", "random", "supervised"}
+    assert [r["pair"] for r in payload["probe_diffs"]] == [
+        "jigsaw - random",
+        "supervised - jigsaw",
+    ]
+    saved = list((tmp_path / "cache").glob("patch_features_supervised_*.npy"))
+    assert len(saved) == 1 and np.load(saved[0]).ndim == 3  # (n, N, D), cached
+    assert not list((tmp_path / "cache" / "runs").rglob("*.pt"))  # features kept, weights not
+    again = bench_transfer.main(args)
+    assert again["probe_auc"] == payload["probe_auc"]
