@@ -4,7 +4,8 @@
 This script pairs one row under two settings (another classifier head, attention or input
 normalisation; another pretraining), on the same data, label budgets, seeds and test patients:
 the paired AUC difference and, for an attention row, the paired difference of top-patch
-lesion hits, each with a patient-bootstrap 95% interval. Runs come from the benchmark's cache
+lesion hits, each with a patient-bootstrap 95% interval; ``--row probe`` pairs the linear
+probes of two pretrainings. Runs come from the benchmark's cache
 (keyed on their settings); what is missing is trained first. Options after ``--`` are shared
 by both settings; ``--a`` and ``--b`` add each one's own::
 
@@ -43,7 +44,12 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
         cut = argv.index("--")
         argv, shared = argv[:cut], argv[cut + 1 :]
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--row", required=True, choices=sorted(bt.ROWS), help="the row compared")
+    p.add_argument(
+        "--row",
+        required=True,
+        choices=[*sorted(bt.ROWS), "probe"],
+        help="the row compared (probe: the linear probe of each setting's pretraining)",
+    )
     p.add_argument("--a", default="", help="bench_transfer options of setting A")
     p.add_argument("--b", default="", help="bench_transfer options of setting B")
     p.add_argument("--name-a", default="A", help="name of setting A in the tables")
@@ -119,9 +125,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     s0 = settings[0]
     scores: dict[tuple[str, int, int], np.ndarray] = {}
     weights: dict[tuple[str, int, int], np.ndarray] = {}
-    ssl, attention = bt.ROWS[args.row]
+    ssl, attention = bt.ROWS.get(args.row, (True, False))
     for name, s in zip(names, settings, strict=True):
         checkpoint = bt.pretrain_checkpoint(s, data[0], cache, ns.threads) if ssl else None
+        if args.row == "probe":  # the frozen features of each pretraining, probed alike
+            feats = bt.probe_features(s, data[0], checkpoint, cache, ns.threads)
+            for budget in s0.budgets:
+                for seed in s0.seeds:
+                    scores[(name, budget, seed)] = bt.linear_probe(feats, data[0], budget, seed)
+            continue
         for budget in s0.budgets:
             for seed in s0.seeds:
                 bt._say(f"{name}: row {args.row}, budget {budget}, seed {seed}")

@@ -208,6 +208,24 @@ def test_compare_transfer_pairs_one_row_under_two_settings(tmp_path: Path) -> No
         compare_transfer.main(["--row", "al", "--a", "--budgets 3", "--", *shared])
 
 
+def test_compare_transfer_pairs_the_probes_of_two_pretrainings(tmp_path: Path) -> None:
+    import bench_transfer
+    import compare_transfer
+
+    shared = [*_MICRO, "--cache", str(tmp_path / "cache"), "--input-norm", "encoder"]
+    args = ["--row", "probe", "--a", "--pretext rotation", "--b", "", "--name-a", "rot",
+            "--name-b", "jig", "--", *shared]  # fmt: skip
+    payload = compare_transfer.main(args)
+    assert [d["pair"] for d in payload["diffs"]] == ["rot - jig"]
+    assert not (tmp_path / "cache" / "runs").exists()  # no fine-tuning
+    assert len(list((tmp_path / "cache").glob("pretrain_*"))) == 2
+    # the same probe as the benchmark's own
+    alone = bench_transfer.main([*shared, "--out", str(tmp_path / "out"), "--rows",
+                                 "--pretext", "rotation"])  # fmt: skip
+    rot = next(r for r in alone["probe_auc"] if r["row"] == "rotation")
+    assert payload["auc"][0]["auc"] == pytest.approx(rot["auc"])
+
+
 def test_transfer_cache_keys_ignore_defaults_device_and_threads() -> None:
     import bench_transfer
 

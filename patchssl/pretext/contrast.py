@@ -7,12 +7,16 @@ MLP; the task is to pick, among the ``2 * B * N - 1`` other views of the batch, 
 from the same tile (the normalised temperature-scaled cross-entropy, NT-Xent, of SimCLR,
 between tiles instead of whole images).
 
-Why tiles, and why no colour changes: unlike the jigsaw and relative position, the answer
-cannot come from where a tile sits in the image (the other tiles of the same image are
-negatives like any other), so the encoder must describe what a tile shows, its texture,
-edges and colour. SimCLR's colour jitter is left out on purpose: in the medical images this
-library is for, a colour or brightness change is often the finding itself (an acetowhite
-lesion is a whitening), and a representation taught to ignore it would discard it.
+Why tiles: unlike the jigsaw and relative position, the answer cannot come from where a
+tile sits in the image (the other tiles of the same image are negatives like any other), so
+the encoder must describe what a tile shows, its texture, edges and colour. Colour changes
+are off by default (``color_jitter=0``): in the medical images this library is for, a colour
+or brightness change is often the finding itself (an acetowhite lesion is a whitening).
+``color_jitter`` scales each view's brightness, contrast and saturation by its own factors
+(SimCLR's distortion without the hue shift): a global cast or exposure changes, a region
+lighter than its surroundings stays lighter. On the synthetic cervix benchmark a strength
+of 0.4 made the frozen features better in the linear probe at 16 and 32 labeled patients
+than without it, 0.8 did not (docs/benchmarks.md).
 
 The number of candidates grows with the batch: :attr:`num_classes` is ``2 * B * N`` for the
 last batch seen (``2 * N`` before the first), and chance is ``1 / (2 * B * N - 1)``.
