@@ -414,21 +414,17 @@ def _scores(model: Any, images: np.ndarray, batch: int = 64) -> tuple[np.ndarray
     return np.concatenate(probs), np.concatenate(weights)
 
 
-def run_row(
+def row_config(
     s: Settings,
     data: Data,
     row: str,
     budget: int,
     seed: int,
     checkpoint: Path | None,
-    cache: Path,
     threads: int,
-) -> dict[str, Any]:
-    """Fine-tune one row on one budget and seed, score the test set (cached)."""
-    from patchssl.data import save_split
-    from patchssl.engine import finetune
+) -> tuple[Any, list[str], str]:
+    """The fine-tuning of one row: its config, its training images and its cache key."""
     from patchssl.engine.config import apply_overrides
-    from patchssl.engine.evaluation import load_classifier
 
     ssl, attention = ROWS[row]
     c = base_config(s, data, threads)
@@ -444,7 +440,25 @@ def run_row(
     if not ssl:  # the pretext never reaches a row without pretraining: one run serves them all
         plain = replace(s, pretext="jigsaw", pretext_options=(), num_permutations=100)
         config["pretext"] = base_config(plain, data, threads).to_dict()["pretext"]
-    key = _key(_changed(config, *config), budget, sorted(patients))
+    return c, train, _key(_changed(config, *config), budget, sorted(patients))
+
+
+def run_row(
+    s: Settings,
+    data: Data,
+    row: str,
+    budget: int,
+    seed: int,
+    checkpoint: Path | None,
+    cache: Path,
+    threads: int,
+) -> dict[str, Any]:
+    """Fine-tune one row on one budget and seed, score the test set (cached)."""
+    from patchssl.data import save_split
+    from patchssl.engine import finetune
+    from patchssl.engine.evaluation import load_classifier
+
+    c, train, key = row_config(s, data, row, budget, seed, checkpoint, threads)
     out = cache / "runs" / f"{row}_b{budget}_s{seed}_{key}"
     result_file = out / "test_scores.npz"
     if result_file.is_file():
@@ -539,22 +553,12 @@ def reference_features(s: Settings, data: Data, cache: Path, threads: int) -> np
     """
     from patchssl.data import save_split
     from patchssl.engine import finetune
-    from patchssl.engine.config import apply_overrides
     from patchssl.engine.evaluation import load_classifier
     from patchssl.probe import pool_patch_features
 
     budget = max(s.budgets)
-    c = base_config(s, data, threads)
-    c.model.attention = s.attention
-    c.train.seed = 0
-    c.train.lr = s.lr
-    c = apply_overrides(c, list(s.overrides))
-    patients = budget_patients(data, budget, 0)
-    train = [data.records[i].path for p in patients for i in data.pool[p]]
-    c.train.epochs = _epochs(s, len(train))
-    config = c.to_dict()
-    config.pop("pretext")  # never read without a pretraining
-    key = _key(_changed(config, *config), budget, sorted(patients), data.images.shape)
+    c, train, key = row_config(s, data, "al", budget, 0, None, threads)
+    key = _key(key, data.images.shape)
     path = cache / f"patch_features_supervised_{key}.npy"
     if not path.is_file():
         out = cache / "runs" / f"reference_b{budget}_{key}"
