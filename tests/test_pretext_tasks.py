@@ -248,6 +248,8 @@ def test_color_jitter_matches_torchvision_per_image() -> None:
     assert gray.shape == (3, 1, 4, 4) and gray.min() >= 0 and gray.max() <= 1
     with pytest.raises(ValueError, match=r"strength must be in \[0, 1\]"):
         color_jitter(x, 1.2)
+    with pytest.raises(ValueError, match=r"flatten\(0, 1\)"):
+        color_jitter(x[None], 0.4)  # (B, N, C, h, w) patches
 
 
 def test_defences_colour_drop_only_in_training() -> None:

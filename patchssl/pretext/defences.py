@@ -13,6 +13,9 @@ choice drawn from the caller's generator:
 * :class:`PatchDefences`, on each tile: per-patch normalisation and colour dropping against
   lighting gradients and chromatic aberration (Noroozi & Favaro 2016; Doersch et al. 2015).
 
+Beside them, :func:`color_jitter` distorts each view's colour for the contrastive tile task
+(Chen et al. 2020), where colour must not identify a tile on its own.
+
 References:
     Noroozi & Favaro, "Unsupervised Learning of Visual Representations by Solving Jigsaw
     Puzzles", ECCV 2016, arXiv:1603.09246.
@@ -20,6 +23,8 @@ References:
     Prediction", ICCV 2015, arXiv:1505.05192.
     Gidaris, Singh & Komodakis, "Unsupervised Representation Learning by Predicting Image
     Rotations", ICLR 2018, arXiv:1803.07728 (quarter turns of whole images).
+    Chen, Kornblith, Norouzi & Hinton, "A Simple Framework for Contrastive Learning of Visual
+    Representations", ICML 2020, arXiv:2002.05709 (colour distortion).
 """
 
 from __future__ import annotations
@@ -544,8 +549,10 @@ def color_jitter(
     each image is drawn uniformly from ``[1 - strength, 1 + strength]`` and applied in that
     order (brightness multiplies the pixels; contrast scales them about the image's mean gray
     level; saturation about each pixel's gray level), then the result is clipped to
-    ``[0, 1]``. A global colour cast or exposure changes, while a region lighter than its
-    surroundings (a whitening) stays lighter. Saturation is a no-op on one-channel images.
+    ``[0, 1]`` once (torchvision's ``adjust_*`` clip after each step; the two agree wherever
+    no intermediate value leaves ``[0, 1]``). A global colour cast or exposure changes, while
+    a region lighter than its surroundings (a whitening) stays lighter. Saturation is a no-op
+    on one-channel images.
 
     Args:
         images: Float tensor of shape ``(M, C, h, w)`` with values in ``[0, 1]``.
@@ -555,12 +562,21 @@ def color_jitter(
     Returns:
         Tensor of shape ``(M, C, h, w)`` in ``[0, 1]``.
 
+    Raises:
+        ValueError: ``strength`` outside ``[0, 1]``, or ``images`` not 4-D (flatten the
+            batch and patch dimensions of ``(B, N, C, h, w)`` patches first).
+
     References:
         Chen et al., "A Simple Framework for Contrastive Learning of Visual
         Representations", ICML 2020, arXiv:2002.05709 (Sec. 3 and Appendix A).
     """
     if not 0.0 <= float(strength) <= 1.0:
         raise ValueError(f"strength must be in [0, 1]; got {strength!r}")
+    if images.ndim != 4:
+        raise ValueError(
+            f"images must have shape (M, C, h, w); got {tuple(images.shape)} (use "
+            "patches.flatten(0, 1) for (B, N, C, h, w) patches)"
+        )
     if strength == 0:
         return images
     m = images.shape[0]
