@@ -454,31 +454,42 @@ def run_row(
     threads: int,
 ) -> dict[str, Any]:
     """Fine-tune one row on one budget and seed, score the test set (cached)."""
-    from patchssl.data import save_split
-    from patchssl.engine import finetune
-    from patchssl.engine.evaluation import load_classifier
-
     c, train, key = row_config(s, data, row, budget, seed, checkpoint, threads)
     out = cache / "runs" / f"{row}_b{budget}_s{seed}_{key}"
     result_file = out / "test_scores.npz"
     if result_file.is_file():
         saved = np.load(result_file)
         return {"probs": saved["probs"], "weights": saved["weights"], "seconds": 0.0}
-    out.mkdir(parents=True, exist_ok=True)
-    c.train.resume = (out / "last.pt").is_file()  # a run cut off before its scores goes on
     test = [data.records[i].path for i in data.test_index]
-    c.data.split = str(save_split(out / "split_in.json", {"train": train, "val": [], "test": test}))
-    c.out = str(out)
     t = time.perf_counter()
-    trained = finetune(c)
-    model, _ = load_classifier(trained.last_checkpoint, device=_device(c))
-    probs, weights = _scores(model.cpu(), data.images[data.test_index])
+    model = _finetuned(c, out, {"train": train, "val": [], "test": test})
+    probs, weights = _scores(model, data.images[data.test_index])
     seconds = time.perf_counter() - t
     np.savez(out / ".test_scores.tmp.npz", probs=probs, weights=weights)
     os.replace(out / ".test_scores.tmp.npz", result_file)
-    for name in ("last.pt", "best.pt"):  # the scores are what the benchmark keeps
-        (out / name).unlink(missing_ok=True)
+    _drop_weights(out)  # the scores are what the benchmark keeps
     return {"probs": probs, "weights": weights, "seconds": seconds}
+
+
+def _finetuned(c: Any, out: Path, split: dict[str, list[str]]) -> Any:
+    """Fine-tune ``c`` on ``split`` in ``out`` (a run cut off before goes on); the model, on CPU."""
+    from patchssl.data import save_split
+    from patchssl.engine import finetune
+    from patchssl.engine.evaluation import load_classifier
+
+    out.mkdir(parents=True, exist_ok=True)
+    c.train.resume = (out / "last.pt").is_file()
+    c.data.split = str(save_split(out / "split_in.json", split))
+    c.out = str(out)
+    trained = finetune(c)
+    model, _ = load_classifier(trained.last_checkpoint, device=_device(c))
+    return model.cpu()
+
+
+def _drop_weights(out: Path) -> None:
+    """Delete a finished run's checkpoints once what the benchmark keeps is written."""
+    for name in ("last.pt", "best.pt"):
+        (out / name).unlink(missing_ok=True)
 
 
 def _device(config: Any) -> Any:
@@ -551,9 +562,6 @@ def reference_features(s: Settings, data: Data, cache: Path, threads: int) -> np
     Returns:
         ``(n, D)`` for ``mean`` and ``max``, ``(n, N * D)`` for ``concat``.
     """
-    from patchssl.data import save_split
-    from patchssl.engine import finetune
-    from patchssl.engine.evaluation import load_classifier
     from patchssl.probe import pool_patch_features
 
     budget = max(s.budgets)
@@ -562,19 +570,12 @@ def reference_features(s: Settings, data: Data, cache: Path, threads: int) -> np
     path = cache / f"patch_features_supervised_{key}.npy"
     if not path.is_file():
         out = cache / "runs" / f"reference_b{budget}_{key}"
-        out.mkdir(parents=True, exist_ok=True)
-        c.train.resume = (out / "last.pt").is_file()
-        c.data.split = str(save_split(out / "split_in.json", {"train": train, "val": []}))
-        c.out = str(out)
         _say(f"the probe's reference: the al classifier on {budget} patients' labels")
-        trained = finetune(c)
-        model, _ = load_classifier(trained.last_checkpoint, device=_device(c))
-        feats = patch_features(model.cpu(), data.images)
+        model = _finetuned(c, out, {"train": train, "val": []})
         tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
-        np.save(tmp, feats)
+        np.save(tmp, patch_features(model, data.images))
         os.replace(tmp, path)
-        for name in ("last.pt", "best.pt"):
-            (out / name).unlink(missing_ok=True)
+        _drop_weights(out)
     return pool_patch_features(np.load(path), s.probe_pool)
 
 
