@@ -125,6 +125,10 @@ class Settings:
             ``pretrain_batch_size`` is given.
         lr: Peak learning rate of fine-tuning.
         overrides: Extra config overrides for fine-tuning (``section.key=value``).
+        transfer_overrides: Config overrides for the rows that start from the pretrained
+            encoder only (``ssl``, ``ssl_al``), after ``overrides``: a transfer recipe such as
+            ``train.encoder_layer_decay=0.7`` measured against rows from scratch that keep
+            theirs (and their cached runs).
         n_boot: Bootstrap resamples.
         probe_pool: How the probe pools the nine patch features of an image
             (:func:`patchssl.probe.pool_patch_features`): ``mean``, ``max`` (per feature) or
@@ -155,6 +159,7 @@ class Settings:
     batch_size: int = 16
     lr: float = 1e-3
     overrides: tuple[str, ...] = field(default_factory=tuple)
+    transfer_overrides: tuple[str, ...] = field(default_factory=tuple)
     n_boot: int = 1000
     probe_pool: str = "mean"
 
@@ -432,7 +437,7 @@ def row_config(
     c.model.init = str(checkpoint) if ssl else None
     c.train.seed = seed
     c.train.lr = s.lr
-    c = apply_overrides(c, list(s.overrides))
+    c = apply_overrides(c, list(s.overrides) + (list(s.transfer_overrides) if ssl else []))
     patients = budget_patients(data, budget, seed)
     train = [data.records[i].path for p in patients for i in data.pool[p]]
     c.train.epochs = _epochs(s, len(train))
@@ -797,7 +802,8 @@ def markdown(payload: dict[str, Any]) -> str:
         f"{s['num_unlabeled']} unlabeled images; test set "
         f"{payload['test_images']} images of {s['test_patients']} patients never seen in "
         f"training ({payload['test_positives']} positive); seeds {list(s['seeds'])}; overrides "
-        f"{list(s['overrides']) or 'none'}. {payload['machine']}; "
+        f"{list(s['overrides']) or 'none'}; of the pretrained rows "
+        f"{list(s.get('transfer_overrides', ())) or 'none'}. {payload['machine']}; "
         f"{payload['seconds'] / 60:.1f} min of wall time (cached parts not counted again).",
         "",
         "AUC (mean over seeds; 95% CI: patient bootstrap of the seed-averaged AUC; "
@@ -928,8 +934,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tag", default="", help="suffix of the output files, e.g. _gated")
     for f in Settings.__dataclass_fields__.values():
         name = "--" + f.name.replace("_", "-")
-        if f.name == "overrides":
-            continue  # --set
+        if f.name in ("overrides", "transfer_overrides"):
+            continue  # --set, --transfer-set
         if f.name in ("budgets", "seeds", "rows", "pretext_options"):
             kind = int if f.name in ("budgets", "seeds") else str
             # --rows with no name: the probe alone
@@ -940,6 +946,13 @@ def build_parser() -> argparse.ArgumentParser:
             kind = {"int": int, "float": float, "str": str}[str(f.type)]
             p.add_argument(name, type=kind, default=None)
     p.add_argument("--set", dest="overrides", nargs="+", default=None, help="config overrides")
+    p.add_argument(
+        "--transfer-set",
+        dest="transfer_overrides",
+        nargs="+",
+        default=None,
+        help="config overrides of the rows from the pretrained encoder only (ssl, ssl_al)",
+    )
     return p
 
 

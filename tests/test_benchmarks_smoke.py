@@ -439,6 +439,25 @@ def test_transfer_rows_without_pretraining_ignore_the_pretext(tmp_path: Path) ->
     assert len(list((tmp_path / "cache" / "runs").glob("al_*"))) == 1
 
 
+def test_transfer_set_reaches_the_pretrained_rows_only(tmp_path: Path) -> None:
+    import bench_transfer
+    import yaml
+
+    args = [*_MICRO, "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "out"),
+            "--rows", "al", "ssl_al", "--no-probe", "--input-norm", "encoder"]  # fmt: skip
+    bench_transfer.main(args)
+    again = bench_transfer.main([*args, "--transfer-set", "train.encoder_layer_decay=0.5"])
+    # + AL keeps its recipe and its cached run; + SSL + AL trains with the layer-wise decay
+    assert again["run_seconds"]["al_b2_s0"] == 0.0
+    assert again["run_seconds"]["ssl_al_b2_s0"] > 0.0
+    assert list(again["settings"]["transfer_overrides"]) == ["train.encoder_layer_decay=0.5"]
+    runs = sorted((tmp_path / "cache" / "runs").glob("ssl_al_*"))
+    decays = {yaml.safe_load((r / "config.yaml").read_text())["train"]["encoder_layer_decay"]
+              for r in runs}  # fmt: skip
+    assert decays == {1.0, 0.5}
+    assert len(list((tmp_path / "cache" / "runs").glob("al_*"))) == 1
+
+
 def test_transfer_probe_reference_is_an_encoder_trained_with_labels(tmp_path: Path) -> None:
     import bench_transfer
 

@@ -278,11 +278,59 @@ def test_frozen_encoder_warmup_and_slower_encoder(data, pretrained, tmp_path):
     assert len(lrs) == 2 and min(lrs) == pytest.approx(0.1 * max(lrs))
 
 
+def test_layer_wise_decay_rates(data, pretrained, tmp_path):
+    import torch
+
+    from patchssl.engine.finetuning import _encoder_layer_ids
+
+    config = tiny_config(data, tmp_path, epochs=1)
+    config.model.init = str(pretrained.best_checkpoint)
+    config.train.encoder_lr_scale = 0.5
+    config.train.encoder_layer_decay = 0.5
+    result = finetune(config)
+    ckpt = load_checkpoint(result.last_checkpoint)
+    groups = ckpt["optimizer"]["param_groups"]
+    peak = max(g["initial_lr"] for g in groups)  # the new layers' rate
+    from patchssl.engine.finetuning import build_classifier  # the same model, to count layers
+
+    model, _, _ = build_classifier(config, torch.device("cpu"))
+    _, num_layers = _encoder_layer_ids(model.encoder)
+    assert num_layers >= 3
+    want = {peak} | {peak * 0.5 * 0.5**k for k in range(1, num_layers + 1)}
+    got = {g["initial_lr"] for g in groups}
+    assert sorted(got) == pytest.approx(sorted(want))
+    # every parameter is in one group, the same number as the model holds
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+
+def test_encoder_layer_ids_follow_timm_blocks():
+    from torch import nn
+
+    from patchssl import SharedPatchEncoder
+    from patchssl.engine.finetuning import _encoder_layer_ids
+
+    encoder = SharedPatchEncoder("resnet18")
+    ids, num_layers = _encoder_layer_ids(encoder)
+    backbone = encoder.backbone
+    assert num_layers == 9  # the stem and 8 basic blocks
+    assert ids[id(backbone.conv1.weight)] == 0
+    assert ids[id(backbone.layer1[0].conv1.weight)] == 1
+    assert ids[id(backbone.layer4[1].conv2.weight)] == 8
+    assert len(ids) == len(list(encoder.parameters()))
+    # a module without timm's group_matcher: its top-level children in order
+    plain = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    ids, num_layers = _encoder_layer_ids(plain)
+    assert num_layers == 2
+    assert ids[id(plain[0].weight)] == 0 and ids[id(plain[2].bias)] == 1
+
+
 @pytest.mark.parametrize(
     ("key", "value", "message"),
     [
         ("encoder_lr_scale", 0.0, "encoder_lr_scale must be in"),
         ("encoder_lr_scale", 2.0, "encoder_lr_scale must be in"),
+        ("encoder_layer_decay", 0.0, "encoder_layer_decay must be in"),
+        ("encoder_layer_decay", 1.5, "encoder_layer_decay must be in"),
         ("freeze_encoder_epochs", -1, "freeze_encoder_epochs must be an integer"),
     ],
 )

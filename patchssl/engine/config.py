@@ -295,6 +295,12 @@ class TrainConfig:
         encoder_lr_scale: Fine-tuning only: the patch encoder learns at ``lr *
             encoder_lr_scale`` (the new layers at ``lr``), e.g. ``0.1`` to move transferred
             weights less than the new head; in (0, 1] (1 = one rate for all).
+        encoder_layer_decay: Fine-tuning only: layer-wise learning-rate decay of the patch
+            encoder, in (0, 1] (1 = off). The encoder's layers, from its last block down to
+            its stem, learn at ``decay``, ``decay**2``, ... times its rate (``lr *
+            encoder_lr_scale``), so that the early, generic layers of a transferred encoder
+            move least (Bao et al., BEiT, ICLR 2022; e.g. 0.65 to 0.75). Layers are timm's
+            blocks (the backbone's ``group_matcher``).
         freeze_encoder_epochs: Fine-tuning only: the patch encoder is frozen (no gradient)
             for this many first epochs while the new layers warm up, then trained (0 = off;
             single-process runs only).
@@ -328,6 +334,7 @@ class TrainConfig:
     resume: bool | str = False
     overwrite: bool = False
     encoder_lr_scale: float = 1.0
+    encoder_layer_decay: float = 1.0
     freeze_encoder_epochs: int = 0
 
 

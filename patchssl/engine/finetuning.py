@@ -357,11 +357,11 @@ class FinetuneTask:
 
 
 def _check_schedule(config: Config) -> None:
-    """Refuse bad ``train.encoder_lr_scale`` / ``train.freeze_encoder_epochs`` before any work.
+    """Refuse bad encoder rates or frozen epochs (``train.encoder_*``) before any work.
 
     Raises:
-        ConfigError: A scale outside (0, 1], a negative or non-integer number of epochs, or a
-            frozen warm-up in a multi-process run.
+        ConfigError: A scale or decay outside (0, 1], a negative or non-integer number of
+            epochs, or a frozen warm-up in a multi-process run.
     """
     t = config.train
     scale = t.encoder_lr_scale
@@ -369,6 +369,12 @@ def _check_schedule(config: Config) -> None:
         raise ConfigError(
             f"train.encoder_lr_scale must be in (0, 1] (e.g. 0.1: the encoder learns 10x "
             f"slower than the new layers); got {scale!r}"
+        )
+    decay = t.encoder_layer_decay
+    if isinstance(decay, bool) or not isinstance(decay, int | float) or not 0.0 < decay <= 1.0:
+        raise ConfigError(
+            f"train.encoder_layer_decay must be in (0, 1] (e.g. 0.7: each encoder layer "
+            f"learns at 0.7x the rate of the one above it; 1 = off); got {decay!r}"
         )
     epochs = t.freeze_encoder_epochs
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
@@ -380,31 +386,74 @@ def _check_schedule(config: Config) -> None:
         )
 
 
-def _scale_encoder_lr(trainer: Trainer, encoder: nn.Module, scale: float) -> None:
-    """Give the encoder's parameters ``scale`` times the learning rate of the other layers.
+def _encoder_layer_ids(encoder: nn.Module) -> tuple[dict[int, int], int]:
+    """Number the layers of a patch encoder from its input (0) to its last block.
 
-    Rebuilds ``trainer.optimizer`` with each parameter group split in two (encoder and the
-    rest, same weight decay) and ``trainer.scheduler`` on it, so that the warm-up and cosine
-    schedule scale both rates alike. Call it before training starts (or before resuming: the
-    saved optimizer state then matches the new groups).
+    The layers are timm's: the backbone's ``group_matcher(coarse=False)`` (stem, then one
+    group per block) read by :func:`timm.models.group_parameters`, as timm's own layer-wise
+    decay (:func:`timm.optim.param_groups_layer_decay`) reads them. A backbone without a
+    ``group_matcher`` is numbered by its top-level children in order. Parameters of the
+    encoder outside its backbone go with its last layer.
+
+    Args:
+        encoder: A :class:`~patchssl.SharedPatchEncoder` (or any module; its ``backbone``
+            attribute is numbered when it has one).
+
+    Returns:
+        ``(ids, num_layers)``: ``id(parameter) -> layer`` for every parameter of
+        ``encoder``, and the number of layers.
+    """
+    from timm.models import group_parameters  # deferred: timm is heavy to import
+
+    backbone = getattr(encoder, "backbone", encoder)
+    if hasattr(backbone, "group_matcher"):
+        by_name = group_parameters(backbone, backbone.group_matcher(coarse=False), reverse=True)
+        # timm numbers the groups it found; renumber them 0, 1, ... in order
+        order = {layer: i for i, layer in enumerate(sorted(set(by_name.values())))}
+        ids = {id(p): order[by_name[n]] for n, p in backbone.named_parameters()}
+    else:
+        ids = {id(p): 0 for p in backbone.parameters(recurse=False)}  # its own: the input end
+        children = [c for c in backbone.children() if any(True for _ in c.parameters())]
+        for i, child in enumerate(children):
+            ids.update({id(p): i for p in child.parameters()})
+    num_layers = max(ids.values(), default=-1) + 1
+    for p in encoder.parameters():
+        ids.setdefault(id(p), max(num_layers - 1, 0))
+    return ids, max(num_layers, 1)
+
+
+def _scale_encoder_lr(trainer: Trainer, encoder: nn.Module, scale: float, decay: float) -> None:
+    """Give the encoder's parameters a lower learning rate than the other layers.
+
+    The encoder learns at ``scale`` times the rate of the new layers, and with layer-wise
+    decay its layer ``i`` of ``L`` (:func:`_encoder_layer_ids`; ``L - 1`` is the last block) at
+    ``scale * decay ** (L - i)``. Rebuilds ``trainer.optimizer`` with each parameter group
+    split by rate (same weight decay) and ``trainer.scheduler`` on it, so that the warm-up and
+    cosine schedule scale every rate alike. Call it before training starts (or before
+    resuming: the saved optimizer state then matches the new groups).
 
     Args:
         trainer: A :class:`~patchssl.engine.loop.Trainer` that has not stepped yet.
         encoder: The module whose parameters learn slower (the patch encoder).
-        scale: Factor in (0, 1].
+        scale: Factor in (0, 1] of the whole encoder.
+        decay: Layer-wise decay in (0, 1] (1: every encoder layer at ``scale``).
     """
-    if scale == 1.0:
+    if scale == 1.0 and decay == 1.0:
         return
-    inside = {id(p) for p in encoder.parameters()}
+    layer, num_layers = _encoder_layer_ids(encoder)
     groups = []
     for group in trainer.optimizer.param_groups:
         base = group.get("initial_lr", group["lr"])
         options = {k: v for k, v in group.items() if k not in ("params", "lr", "initial_lr")}
-        rest = [p for p in group["params"] if id(p) not in inside]
-        own = [p for p in group["params"] if id(p) in inside]
-        for params, lr in ((rest, base), (own, base * scale)):
-            if params:
-                groups.append({**options, "params": params, "lr": lr})
+        by_factor: dict[float, list[nn.Parameter]] = {}
+        for p in group["params"]:
+            factor = 1.0
+            if id(p) in layer:
+                factor = scale * decay ** (num_layers - layer[id(p)])
+            by_factor.setdefault(factor, []).append(p)
+        # the new layers first, then the encoder from its last block down to its stem
+        for factor in sorted(by_factor, reverse=True):
+            groups.append({**options, "params": by_factor[factor], "lr": base * factor})
     # Every group carries all its options, so the constructor's defaults matter only for lr.
     trainer.optimizer = type(trainer.optimizer)(groups, lr=trainer.train.lr)
     trainer.scheduler = build_scheduler(trainer.optimizer, trainer.train, trainer.steps_per_epoch)
@@ -521,11 +570,21 @@ def _finetune(config: Config, callbacks: Iterable[Callable[..., None]]) -> Train
         )
     trainer = Trainer(task, config, loader, sampler, device, monitor=monitor, callbacks=callbacks)
     task.skipped = trainer.skipped
-    _scale_encoder_lr(trainer, model.encoder, float(train_cfg.encoder_lr_scale))
+    _scale_encoder_lr(
+        trainer,
+        model.encoder,
+        float(train_cfg.encoder_lr_scale),
+        float(train_cfg.encoder_layer_decay),
+    )
     task.freeze_encoder_steps = train_cfg.freeze_encoder_epochs * trainer.steps_per_epoch
-    if train_cfg.encoder_lr_scale != 1.0 or train_cfg.freeze_encoder_epochs:
+    if (
+        train_cfg.encoder_lr_scale != 1.0
+        or train_cfg.encoder_layer_decay != 1.0
+        or train_cfg.freeze_encoder_epochs
+    ):
         say(
-            f"encoder: learning rate x{train_cfg.encoder_lr_scale}, frozen for the first "
+            f"encoder: learning rate x{train_cfg.encoder_lr_scale}, layer-wise decay "
+            f"{train_cfg.encoder_layer_decay}, frozen for the first "
             f"{train_cfg.freeze_encoder_epochs} epoch(s)"
         )
     if train_cfg.resume:
