@@ -18,6 +18,8 @@ Built-in tasks:
   its neighbour (Doersch, Gupta & Efros 2015).
 * ``"tile_contrast"`` (:class:`TileContrastPretext`): which view of the batch was cut from
   the same tile (SimCLR's NT-Xent between tiles; Chen et al. 2020).
+* ``"image_contrast"`` (:class:`ImageContrastPretext`): which image of the batch another view
+  (crop, then tiles pooled) was cut from (SimCLR's NT-Xent between images of patches).
 
 Write your own by subclassing :class:`PretextTask`; see ``docs/pretext_tasks.md``.
 """
@@ -25,7 +27,7 @@ Write your own by subclassing :class:`PretextTask`; see ``docs/pretext_tasks.md`
 from __future__ import annotations
 
 from patchssl.pretext.base import PretextOutput, PretextTask, default_tiler
-from patchssl.pretext.contrast import TileContrastPretext
+from patchssl.pretext.contrast import ImageContrastPretext, TileContrastPretext
 from patchssl.pretext.defences import ImageDefences, PatchDefences
 from patchssl.pretext.heads import (
     PatchConcatHead,
@@ -50,6 +52,7 @@ from patchssl.pretext.rotation import RotationPretext
 __all__ = [
     "DIRECTIONS",
     "ENTRY_POINT_GROUP",
+    "ImageContrastPretext",
     "ImageDefences",
     "JigsawPretext",
     "PatchConcatHead",

@@ -1,11 +1,21 @@
-"""Tile contrast: which tile of the batch is another view of this one?
+"""Contrast between views: which tile (or image) of the batch is another view of this one?
 
-Every tile of every image is seen twice, each time through an independent random crop (a
-share of the tile's area, resized back to the tile's size) and one of the eight turns and
-mirrorings of the square. Both views go through the shared encoder and a small projection
-MLP; the task is to pick, among the ``2 * B * N - 1`` other views of the batch, the one cut
-from the same tile (the normalised temperature-scaled cross-entropy, NT-Xent, of SimCLR,
-between tiles instead of whole images).
+Two pretexts share the views, the projection head and the loss (NT-Xent):
+
+* :class:`TileContrastPretext` (``tile_contrast``) contrasts tiles: the other tiles of the
+  same image are negatives, so it asks what sets a tile apart, within its image as much as
+  across images;
+* :class:`ImageContrastPretext` (``image_contrast``) contrasts whole images: two views of an
+  image (crops of the whole image, then tiled), each the mean (or maximum) of its tiles'
+  features, must find each other among the batch's images. It asks what sets one image apart
+  from another, which is where an image-level label such as CIN2+ lives.
+
+The tile contrast in detail: every tile of every image is seen twice, each time through an
+independent random crop (a share of the tile's area, resized back to the tile's size) and one
+of the eight turns and mirrorings of the square. Both views go through the shared encoder and
+a small projection MLP; the task is to pick, among the ``2 * B * N - 1`` other views of the
+batch, the one cut from the same tile (the normalised temperature-scaled cross-entropy,
+NT-Xent, of SimCLR, between tiles instead of whole images).
 
 Why tiles: unlike the jigsaw and relative position, the answer cannot come from where a
 tile sits in the image (the other tiles of the same image are negatives like any other), so
@@ -26,6 +36,8 @@ References:
     Representations", ICML 2020, arXiv:2002.05709.
     Azizi et al., "Big Self-Supervised Models Advance Medical Image Classification", ICCV
     2021, arXiv:2101.05224 (contrastive pretraining on medical images).
+    Ilse, Tomczak & Welling, "Attention-based Deep Multiple Instance Learning", ICML 2018
+    (an image as a bag of patches, pooled).
 """
 
 from __future__ import annotations
@@ -45,7 +57,7 @@ from patchssl.pretext.registry import register_pretext
 if TYPE_CHECKING:
     from patchssl.tiling import PatchTiler
 
-__all__ = ["TileContrastPretext"]
+__all__ = ["ImageContrastPretext", "TileContrastPretext"]
 
 
 @register_pretext("tile_contrast")
@@ -247,3 +259,154 @@ class TileContrastPretext(PretextTask):
         similarity = similarity.masked_fill(own, -1e4)  # finite: label smoothing stays finite
         b, m = two_b // 2, similarity.shape[0] // 2
         return similarity.view(2, b, n, 2 * m).permute(1, 0, 2, 3).reshape(b, 2 * n, 2 * m)
+
+
+#: How :class:`ImageContrastPretext` pools an image's tile features.
+IMAGE_POOLS = ("mean", "max")
+
+
+@register_pretext("image_contrast")
+class ImageContrastPretext(TileContrastPretext):
+    """Match two random views of every image among the batch's views (NT-Xent on pooled tiles).
+
+    Each image is cropped twice at random (``min_scale`` to 1 of its area, aspect kept,
+    resized back to ``tiler.image_size``), turned or mirrored by one of the eight symmetries
+    of the square (``symmetries=True``, square images) and colour-jittered; each view is then
+    tiled and its ``N`` tiles encoded by the shared encoder. A view's feature is the mean (or
+    maximum) of its tile features, projected (``Linear -> ReLU -> Linear`` to ``proj_dim``,
+    L2-normalised); the logits of a view are its cosine similarities to the ``2B`` views over
+    ``temperature``, its own masked out, and the target is the other view of its image
+    (SimCLR's task, with the image seen as the bag of patches the classifier sees).
+
+    Unlike :class:`TileContrastPretext`, colour jitter is on by default: without it the
+    overall colour and exposure of an image tell its two views apart from the others.
+
+    Args:
+        encoder: The shared patch encoder, ``(B, N, C, h, w) -> (B, N, D)``.
+        tiler: The tiler; default :func:`patchssl.pretext.default_tiler` for the encoder's
+            patch size.
+        proj_dim: Output width of the projection head (SimCLR's 128).
+        hidden_dim: Width of its hidden layer (``None``: the encoder's feature width).
+        temperature: Temperature of the similarities, in (0, 1] (SimCLR: 0.1 to 0.5).
+        min_scale: Smallest share of the image's area a view keeps, in (0, 1].
+        symmetries: Turn and mirror each view by a random symmetry of the square.
+        color_jitter: Strength of the colour distortion of each view
+            (:func:`~patchssl.pretext.defences.color_jitter`), in ``[0, 1]``; 0 turns it off.
+        pool: How a view's tile features become one: ``"mean"`` or ``"max"`` (per feature).
+        defences: The per-tile defences applied to the tiles of both views (as
+            :class:`TileContrastPretext`; default every defence off).
+        label_smoothing: Label smoothing of the cross-entropy.
+
+    Shape:
+        - Input: ``(B, C, H, W)`` uint8 or float, ``(H, W) == tiler.image_size``.
+        - Output: :class:`~patchssl.pretext.PretextOutput` with logits ``(B, 2, 2B)`` (view
+          ``v`` of image ``b`` is row ``[b, v]`` and candidate ``v * B + b``) and targets
+          ``(B, 2)``.
+
+    Raises:
+        ValueError: A width below 1, a temperature or ``min_scale`` outside (0, 1], a
+            ``color_jitter`` outside [0, 1], an unknown ``pool``, or ``symmetries=True``
+            with images that are not square.
+
+    Example:
+        >>> import torch
+        >>> from patchssl import SharedPatchEncoder
+        >>> from patchssl.pretext import ImageContrastPretext
+        >>> task = ImageContrastPretext(SharedPatchEncoder("resnet18", patch_size=32))
+        >>> out = task(torch.rand(4, 3, 108, 108))
+        >>> out.logits.shape, out.targets.shape
+        (torch.Size([4, 2, 8]), torch.Size([4, 2]))
+
+    References:
+        Chen et al., ICML 2020, arXiv:2002.05709; Azizi et al., ICCV 2021, arXiv:2101.05224;
+        Ilse et al., ICML 2018, arXiv:1802.04712.
+    """
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        *,
+        tiler: PatchTiler | None = None,
+        proj_dim: int = 128,
+        hidden_dim: int | None = None,
+        temperature: float = 0.2,
+        min_scale: float = 0.5,
+        symmetries: bool = True,
+        color_jitter: float = 0.4,
+        pool: str = "mean",
+        defences: PatchDefences | Mapping[str, Any] | None = None,
+        label_smoothing: float = 0.0,
+    ) -> None:
+        if pool not in IMAGE_POOLS:
+            raise ValueError(f"pool must be one of {IMAGE_POOLS}; got {pool!r}")
+        super().__init__(
+            encoder,
+            tiler=tiler,
+            proj_dim=proj_dim,
+            hidden_dim=hidden_dim,
+            temperature=temperature,
+            min_scale=min_scale,
+            symmetries=False,  # checked below on the image, not the tile
+            color_jitter=color_jitter,
+            defences=defences,
+            label_smoothing=label_smoothing,
+        )
+        h, w = self.tiler.image_size
+        if symmetries and h != w:
+            raise ValueError(
+                f"symmetries=True turns images by quarter turns, which needs square images; "
+                f"the tiler takes {h}x{w} (use symmetries=False or a square image_size)"
+            )
+        self.symmetries = bool(symmetries)
+        self.pool = pool
+        self.num_classes = 2  # 2 * B once a batch is seen
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """JSON-able kwargs that rebuild the task given the same encoder and tiler."""
+        return {**super().config, "pool": self.pool}
+
+    @classmethod
+    def example_kwargs(cls) -> dict[str, Any]:
+        """A narrow projection, for the contract test."""
+        return {"proj_dim": 8, "hidden_dim": 16}
+
+    def make_inputs(
+        self, images: Tensor, generator: torch.Generator | None
+    ) -> tuple[Tensor, Tensor]:
+        """Draw two views of every image, tile them, defend.
+
+        Args:
+            images: Tensor of shape ``(B, C, H, W)``.
+            generator: Source of the crops, symmetries, jitter and tiling.
+
+        Returns:
+            ``(views, targets)``: float tiles of the views ``(2B, N, C, h, w)`` (the first
+            views of the ``B`` images, then the second ones) and targets ``(B, 2)``.
+        """
+        b = images.shape[0]
+        pixels = unit_float(images)
+        views = torch.cat([self._view(pixels, generator), self._view(pixels, generator)])
+        patches = self.tiler(views, generator=generator).patches  # (2B, N, C, h, w)
+        rows = torch.arange(2 * b, device=images.device)
+        targets = ((rows + b) % (2 * b)).view(2, b).t().contiguous()
+        self.num_classes = 2 * b
+        return self.defences(patches, generator=generator), targets
+
+    def compute_logits(self, inputs: Tensor) -> Tensor:
+        """Encode the tiles, pool each view, project; cosine similarities over the temperature.
+
+        Args:
+            inputs: Float tiles of the views, shape ``(2B, N, C, h, w)``.
+
+        Returns:
+            Float32 logits of shape ``(B, 2, 2B)``, each view's own similarity masked.
+        """
+        two_b = inputs.shape[0]
+        features = self._encode(inputs)  # (2B, N, D)
+        pooled = features.mean(1) if self.pool == "mean" else features.amax(1)
+        z = F.normalize(self.head(pooled).float(), dim=-1)  # (2B, P)
+        similarity = (z @ z.t()) / self.temperature
+        own = torch.eye(two_b, dtype=torch.bool, device=similarity.device)
+        similarity = similarity.masked_fill(own, -1e4)  # finite: label smoothing stays finite
+        return similarity.view(2, two_b // 2, two_b).transpose(0, 1)
