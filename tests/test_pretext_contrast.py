@@ -296,3 +296,41 @@ def test_image_contrast_config_and_learning() -> None:
     after = task.eval().accuracy(images, generator=g(15))
     print(f"image contrast: {before:.3f} -> {after:.3f}")
     assert after > max(0.25, 3 * before), (before, after)  # chance 1/31
+
+
+def test_same_position_negatives_compare_each_tile_with_its_position_only() -> None:
+    task = _task(temperature=0.5, negatives="same_position")
+    images = torch.rand(3, 1, 12, 12)
+    views, targets = task.make_inputs(images, g(20))
+    b, n = 3, 9
+    assert targets.shape == (b, 2 * n) and task.num_classes == 2 * b
+    for image in range(b):
+        for view in range(2):
+            for tile in range(n):
+                assert targets[image, view * n + tile].item() == (1 - view) * b + image
+    logits = task.compute_logits(views)
+    assert logits.shape == (b, 2 * n, 2 * b)
+    z = nn.functional.normalize(task.head(task.encoder(views)), dim=-1)  # (2B, N, P)
+    for image in range(b):
+        for view in range(2):
+            for tile in range(n):
+                row = view * b + image
+                reference = z[:, tile] @ z[row, tile] / 0.5  # the 2B views of this position
+                got = logits[image, view * n + tile]
+                assert got[row] == -1e4
+                keep = torch.arange(2 * b) != row
+                assert torch.allclose(got[keep], reference[keep], atol=1e-5)
+    # whole tiles, no symmetries: each view finds its twin among its position's views
+    torch.manual_seed(0)
+    exact = _task(min_scale=1.0, symmetries=False, negatives="same_position").eval()
+    assert exact.accuracy(images, generator=g(21)) == 1.0
+    assert exact.chance == pytest.approx(1 / 5)
+    with pytest.raises(ValueError, match="negatives must be one of"):
+        _task(negatives="other_images")
+    again = pretext_from_config(
+        create_pretext(
+            "tile_contrast", encoder=tiny_encoder(patch_size=8), negatives="same_position"
+        ).model_config,
+        encoder=tiny_encoder(patch_size=8),
+    )
+    assert again.negatives == "same_position"

@@ -59,6 +59,9 @@ if TYPE_CHECKING:
 
 __all__ = ["ImageContrastPretext", "TileContrastPretext"]
 
+#: Which views :class:`TileContrastPretext` tells a view apart from.
+TILE_NEGATIVES = ("all", "same_position")
+
 
 @register_pretext("tile_contrast")
 class TileContrastPretext(PretextTask):
@@ -86,6 +89,11 @@ class TileContrastPretext(PretextTask):
             (:func:`~patchssl.pretext.defences.color_jitter`: brightness, contrast and
             saturation each scaled by its own factor in ``[1 - s, 1 + s]``), in ``[0, 1]``;
             0 turns it off.
+        negatives: Which views a view is told apart from: ``"all"`` (every other view of
+            the batch, the other tiles of its own image included) or ``"same_position"``
+            (the views of the tiles at the same grid position in the batch's images, so that
+            where a tile sits never tells it apart: what differs is what the images show
+            there).
         defences: The per-tile defences applied to both views: a
             :class:`~patchssl.pretext.PatchDefences`, a mapping of some of its options, or
             ``None`` for the defaults, every defence off (colour is a feature here).
@@ -95,11 +103,13 @@ class TileContrastPretext(PretextTask):
         - Input: ``(B, C, H, W)`` uint8 or float, ``(H, W) == tiler.image_size``.
         - Output: :class:`~patchssl.pretext.PretextOutput` with logits ``(B, 2N, 2BN)``
           (view ``v`` of tile ``n`` of image ``b`` is row ``[b, v * N + n]`` and candidate
-          ``v * B * N + b * N + n``) and targets ``(B, 2N)``.
+          ``v * B * N + b * N + n``) and targets ``(B, 2N)``; with
+          ``negatives="same_position"`` logits ``(B, 2N, 2B)`` (candidate ``v * B + b``
+          among the views of position ``n``).
 
     Raises:
         ValueError: A width below 1, a temperature or ``min_scale`` outside (0, 1], a
-            ``color_jitter`` outside [0, 1], or
+            ``color_jitter`` outside [0, 1], an unknown ``negatives``, or
             ``symmetries=True`` with patches that are not square.
 
     Example:
@@ -126,10 +136,13 @@ class TileContrastPretext(PretextTask):
         min_scale: float = 0.4,
         symmetries: bool = True,
         color_jitter: float = 0.0,
+        negatives: str = "all",
         defences: PatchDefences | Mapping[str, Any] | None = None,
         label_smoothing: float = 0.0,
     ) -> None:
         super().__init__(encoder, tiler=tiler, label_smoothing=label_smoothing)
+        if negatives not in TILE_NEGATIVES:
+            raise ValueError(f"negatives must be one of {TILE_NEGATIVES}; got {negatives!r}")
         for name, value in (("proj_dim", proj_dim), ("hidden_dim", hidden_dim)):
             if value is not None and (
                 isinstance(value, bool) or not isinstance(value, int) or value < 1
@@ -161,7 +174,9 @@ class TileContrastPretext(PretextTask):
         self.temperature, self.min_scale = float(temperature), float(min_scale)
         self.symmetries = bool(symmetries)
         self.color_jitter = float(color_jitter)
-        self.num_classes = 2 * self.tiler.num_patches  # 2 * B * N once a batch is seen
+        self.negatives = negatives
+        # 2 * B * N (2 * B for same_position) once a batch is seen
+        self.num_classes = 2 * self.tiler.num_patches if negatives == "all" else 2
 
     @property
     def config(self) -> dict[str, Any]:
@@ -175,6 +190,7 @@ class TileContrastPretext(PretextTask):
             "min_scale": self.min_scale,
             "symmetries": self.symmetries,
             "color_jitter": self.color_jitter,
+            "negatives": self.negatives,
             "defences": self.defences.config,
         }
 
@@ -236,9 +252,14 @@ class TileContrastPretext(PretextTask):
         tiles = unit_float(patches.flatten(0, 1))
         first, second = self._view(tiles, generator), self._view(tiles, generator)
         views = torch.cat([first, second]).view(2 * b, n, *tiles.shape[1:])
-        m = b * n
+        # candidates: all 2BN views, or the 2B views of each position
+        m = b * n if self.negatives == "all" else b
         rows = torch.arange(2 * m, device=images.device)
-        targets = ((rows + m) % (2 * m)).view(2, b, n).permute(1, 0, 2).reshape(b, 2 * n)
+        other = (rows + m) % (2 * m)
+        if self.negatives == "all":
+            targets = other.view(2, b, n).permute(1, 0, 2).reshape(b, 2 * n)
+        else:  # the same for every position
+            targets = other.view(2, b, 1).permute(1, 0, 2).expand(b, 2, n).reshape(b, 2 * n)
         self.num_classes = 2 * m
         return self.defences(views, generator=generator), targets
 
@@ -249,11 +270,19 @@ class TileContrastPretext(PretextTask):
             inputs: Float views of shape ``(2B, N, C, h, w)``.
 
         Returns:
-            Float32 logits of shape ``(B, 2N, 2BN)``, each view's own similarity masked.
+            Float32 logits of shape ``(B, 2N, 2BN)`` (``(B, 2N, 2B)`` with
+            ``negatives="same_position"``), each view's own similarity masked.
         """
         two_b, n = inputs.shape[:2]
         features = self._encode(inputs)  # (2B, N, D)
         z = F.normalize(self.head(features.flatten(0, 1)).float(), dim=-1)  # (2BN, P)
+        if self.negatives == "same_position":
+            by_position = z.view(two_b, n, -1).transpose(0, 1)  # (N, 2B, P)
+            similarity = by_position @ by_position.transpose(1, 2) / self.temperature
+            own = torch.eye(two_b, dtype=torch.bool, device=similarity.device)
+            similarity = similarity.masked_fill(own, -1e4)  # (N, 2B, 2B)
+            b = two_b // 2
+            return similarity.view(n, 2, b, two_b).permute(2, 1, 0, 3).reshape(b, 2 * n, two_b)
         similarity = (z @ z.t()) / self.temperature
         own = torch.eye(similarity.shape[0], dtype=torch.bool, device=similarity.device)
         similarity = similarity.masked_fill(own, -1e4)  # finite: label smoothing stays finite
@@ -364,7 +393,9 @@ class ImageContrastPretext(TileContrastPretext):
     @property
     def config(self) -> dict[str, Any]:
         """JSON-able kwargs that rebuild the task given the same encoder and tiler."""
-        return {**super().config, "pool": self.pool}
+        config = {**super().config, "pool": self.pool}
+        del config["negatives"]  # the other images of the batch: nothing to choose
+        return config
 
     @classmethod
     def example_kwargs(cls) -> dict[str, Any]:
