@@ -506,15 +506,14 @@ def _device(config: Any) -> Any:
 def probe_features(
     s: Settings, data: Data, checkpoint: Path | None, cache: Path, threads: int
 ) -> np.ndarray:
-    """Pooled frozen patch features of every labeled image (``s.probe_pool``; cached).
+    """Frozen patch features of every labeled image (cached); pool them for the probe.
 
     Returns:
-        ``(n, D)`` for ``mean`` and ``max``, ``(n, N * D)`` for ``concat``.
+        ``(n, N, D)``: the features of each image's ``N`` patches.
     """
     import torch
 
     from patchssl.engine.finetuning import build_classifier
-    from patchssl.probe import pool_patch_features
 
     c = base_config(s, data, threads)
     c.model.init = str(checkpoint) if checkpoint is not None else None
@@ -523,11 +522,11 @@ def probe_features(
     key = _key(_changed(c.to_dict(), "model"), str(checkpoint), data.images.shape)
     path = cache / f"patch_features_{s.pretext if checkpoint else 'random'}_{key}.npy"
     if path.is_file():
-        return pool_patch_features(np.load(path), s.probe_pool)
+        return np.load(path)
     model, _, _ = build_classifier(c, torch.device("cpu"))
     out = patch_features(model, data.images)
     np.save(path, out)
-    return pool_patch_features(out, s.probe_pool)
+    return out
 
 
 def patch_features(model: Any, images: np.ndarray, batch: int = 64) -> np.ndarray:
@@ -565,10 +564,8 @@ def reference_features(s: Settings, data: Data, cache: Path, threads: int) -> np
     smaller budget's patients, never those of the test patients).
 
     Returns:
-        ``(n, D)`` for ``mean`` and ``max``, ``(n, N * D)`` for ``concat``.
+        ``(n, N, D)``: the features of each image's ``N`` patches.
     """
-    from patchssl.probe import pool_patch_features
-
     budget = max(s.budgets)
     c, train, key = row_config(s, data, "al", budget, 0, None, threads)
     key = _key(key, data.images.shape)
@@ -581,7 +578,7 @@ def reference_features(s: Settings, data: Data, cache: Path, threads: int) -> np
         np.save(tmp, patch_features(model, data.images))
         os.replace(tmp, path)
         _drop_weights(out)
-    return pool_patch_features(np.load(path), s.probe_pool)
+    return np.load(path)
 
 
 def linear_probe(feats: np.ndarray, data: Data, budget: int, seed: int) -> np.ndarray:
@@ -595,6 +592,85 @@ def linear_probe(feats: np.ndarray, data: Data, budget: int, seed: int) -> np.nd
     clf = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=5000))
     clf.fit(feats[idx], y)
     return clf.predict_proba(feats[data.test_index])[:, 1]
+
+
+def patch_lesion_labels(
+    data: Data, boxes: np.ndarray, min_share: float = 0.2
+) -> tuple[np.ndarray, np.ndarray]:
+    """Which patch of every labeled image shows the lesion.
+
+    Args:
+        data: The benchmark data (lesion boxes of the positive images).
+        boxes: Patch boxes ``(N, 4)``, ``x0, y0, x1, y1`` in pixels.
+        min_share: Share of a patch's area the lesion box must cover for a positive patch.
+
+    Returns:
+        ``(labels, kept)``, both ``(n, N)``: 1 where the lesion box covers at least
+        ``min_share`` of the patch; ``kept`` is False for the patches it covers less but not
+        at all (neither clearly with nor clearly without the lesion).
+    """
+    lesions = np.array(
+        [
+            [float(r.extra.get(f"lesion_{k}") or "nan") for k in ("x0", "y0", "x1", "y1")]
+            for r in data.records
+        ]
+    )[:, None, :]  # (n, 1, 4)
+    b = boxes[None].astype(np.float64)  # (1, N, 4)
+    wide = np.minimum(b[..., 2], lesions[..., 2]) - np.maximum(b[..., 0], lesions[..., 0])
+    high = np.minimum(b[..., 3], lesions[..., 3]) - np.maximum(b[..., 1], lesions[..., 1])
+    area = (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
+    share = np.nan_to_num(np.clip(wide, 0, None) * np.clip(high, 0, None) / area)  # NaN: none
+    return (share >= min_share).astype(np.int64), (share == 0) | (share >= min_share)
+
+
+def lesion_probe(
+    feats: dict[str, np.ndarray],
+    data: Data,
+    boxes: np.ndarray,
+    pairs: Sequence[tuple[str, str]],
+    n_boot: int,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Can each set of frozen patch features tell a lesion patch from the others?
+
+    With every pool patient's lesion boxes (far more labels than any budget), a logistic
+    regression on single patch features learns "this patch shows the lesion" and is scored
+    on the test patients' patches (AUC, patient bootstrap, pairs on the same resamples). Where
+    the image-level probe asks whether a few labeled images suffice, this asks whether the
+    features hold the finding at all.
+
+    Args:
+        feats: ``name -> (n, N, D)`` patch features of every labeled image.
+        data: The benchmark data.
+        boxes: Patch boxes ``(N, 4)``.
+        pairs: ``(a, b)`` pairs of ``feats`` names, difference ``a - b``.
+        n_boot: Bootstrap resamples.
+
+    Returns:
+        ``(auc_rows, diff_rows)`` as :func:`paired_table`'s, with ``budget`` the number of
+        pool patients whose patches trained the regression.
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    labels, kept = patch_lesion_labels(data, boxes)
+    train = np.zeros(len(data.records), dtype=bool)
+    train[[i for idx in data.pool.values() for i in idx]] = True
+    test = np.zeros_like(train)
+    test[data.test_index] = True
+    fit, score = kept & train[:, None], kept & test[:, None]
+    if len(np.unique(labels[fit])) < 2 or len(np.unique(labels[score])) < 2:
+        _say("lesion probe skipped: the pool or the test set has no lesion patch")
+        return [], []
+    patients = np.array([r.patient for r in data.records])
+    groups = np.broadcast_to(patients[:, None], labels.shape)[score]
+    budget = len(data.pool)
+    scores = {}
+    for name, f in feats.items():
+        clf = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=5000))
+        clf.fit(f[fit], labels[fit])
+        scores[(name, budget, 0)] = clf.predict_proba(f[score])[:, 1]
+    return paired_table(scores, labels[score], groups, list(feats), pairs, [budget], [0], n_boot)
 
 
 # -------------------------------------------------------------------------------- analysis
@@ -849,6 +925,26 @@ def markdown(payload: dict[str, Any]) -> str:
                 f"\nProbe, budget {r['budget']}: {r['pair']} = {_f(r['diff'])} "
                 f"[{_f(r['ci_low'])}, {_f(r['ci_high'])}]"
             )
+    if payload.get("lesion_probe_auc"):
+        lines += [
+            "",
+            "Lesion probe (logistic regression on single frozen patch features, trained with "
+            "the lesion boxes of every pool patient; AUC of 'this patch shows the lesion' on "
+            "the test patches):",
+            "",
+            "| pool patients | features | AUC | 95% CI |",
+            "|---:|---|---:|---|",
+        ]
+        for r in payload["lesion_probe_auc"]:
+            lines.append(
+                f"| {r['budget']} | {r['row']} | {_f(r['auc'])} | [{_f(r['ci_low'])}, "
+                f"{_f(r['ci_high'])}] |"
+            )
+        for r in payload["lesion_probe_diffs"]:
+            lines.append(
+                f"\nLesion probe: {r['pair']} = {_f(r['diff'])} "
+                f"[{_f(r['ci_low'])}, {_f(r['ci_high'])}]"
+            )
     if payload.get("localisation"):
         lines += [
             "",
@@ -930,6 +1026,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also probe the features of an encoder trained with the largest budget's labels "
         "(the probe's ceiling; one more fine-tuning)",
+    )
+    p.add_argument(
+        "--lesion-probe",
+        action="store_true",
+        help="also ask whether each set of probed features tells a lesion patch from the others "
+        "(a per-patch logistic regression trained with every pool patient's lesion boxes)",
     )
     p.add_argument("--tag", default="", help="suffix of the output files, e.g. _gated")
     for f in Settings.__dataclass_fields__.values():
@@ -1018,7 +1120,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "auc": aucs,
         "diffs": diffs,
     }
+    from patchssl.engine.common import build_tiler
+
+    boxes = build_tiler(base_config(s, data, args.threads)).centre_boxes().numpy()
+    boxes = boxes.reshape(-1, 4)
     if not args.no_probe:
+        from patchssl.probe import pool_patch_features
+
         feats = {
             s.pretext: probe_features(s, data, checkpoint, cache, args.threads),
             "random": probe_features(s, data, None, cache, args.threads),
@@ -1027,20 +1135,22 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if args.probe_reference:
             feats["supervised"] = reference_features(s, data, cache, args.threads)
             pairs.append(("supervised", s.pretext))
+        pooled = {name: pool_patch_features(f, s.probe_pool) for name, f in feats.items()}
         probe = {
             (name, b, k): linear_probe(f, data, b, k)
-            for name, f in feats.items()
+            for name, f in pooled.items()
             for b in s.budgets
             for k in s.seeds
         }
         payload["probe_auc"], payload["probe_diffs"] = paired_table(
             probe, labels, groups, list(feats), pairs, s.budgets, s.seeds, s.n_boot
         )
+        if args.lesion_probe:
+            payload["lesion_probe_auc"], payload["lesion_probe_diffs"] = lesion_probe(
+                feats, data, boxes, pairs, s.n_boot
+            )
     if weights:
-        from patchssl.engine.common import build_tiler
-
-        boxes = build_tiler(base_config(s, data, args.threads)).centre_boxes().numpy()
-        payload["localisation"] = localisation(weights, data, boxes.reshape(-1, 4), s.n_boot)
+        payload["localisation"] = localisation(weights, data, boxes, s.n_boot)
     payload["seconds"] = time.perf_counter() - start
     payload["run_seconds"] = seconds
     tag = args.tag
@@ -1065,6 +1175,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             ("diff", payload["diffs"], "pair", "diff"),
             ("probe_auc", payload.get("probe_auc", []), "row", "auc"),
             ("probe_diff", payload.get("probe_diffs", []), "pair", "diff"),
+            ("lesion_probe_auc", payload.get("lesion_probe_auc", []), "row", "auc"),
+            ("lesion_probe_diff", payload.get("lesion_probe_diffs", []), "pair", "diff"),
         ):
             for r in rows:
                 writer.writerow(

@@ -32,6 +32,8 @@ from typing import Any
 
 import numpy as np
 
+from patchssl.probe import pool_patch_features
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_transfer as bt
 
@@ -129,7 +131,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for name, s in zip(names, settings, strict=True):
         checkpoint = bt.pretrain_checkpoint(s, data[0], cache, ns.threads) if ssl else None
         if args.row == "probe":  # the frozen features of each pretraining, probed alike
-            feats = bt.probe_features(s, data[0], checkpoint, cache, ns.threads)
+            patches = bt.probe_features(s, data[0], checkpoint, cache, ns.threads)
+            feats = pool_patch_features(patches, s.probe_pool)
             for budget in s0.budgets:
                 for seed in s0.seeds:
                     scores[(name, budget, seed)] = bt.linear_probe(feats, data[0], budget, seed)

@@ -462,9 +462,12 @@ def test_transfer_probe_reference_is_an_encoder_trained_with_labels(tmp_path: Pa
     import bench_transfer
 
     args = [*_MICRO, "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "out"),
-            "--rows", "--probe-reference"]  # fmt: skip
+            "--rows", "--probe-reference", "--lesion-probe"]  # fmt: skip
     payload = bench_transfer.main(args)
     assert {r["row"] for r in payload["probe_auc"]} == {"jigsaw", "random", "supervised"}
+    # the lesion probe ran on the same three feature sets
+    assert {r["row"] for r in payload["lesion_probe_auc"]} == {"jigsaw", "random", "supervised"}
+    assert "Lesion probe" in (tmp_path / "out" / "transfer.md").read_text()
     assert [r["pair"] for r in payload["probe_diffs"]] == [
         "jigsaw - random",
         "supervised - jigsaw",
@@ -474,3 +477,42 @@ def test_transfer_probe_reference_is_an_encoder_trained_with_labels(tmp_path: Pa
     assert not list((tmp_path / "cache" / "runs").rglob("*.pt"))  # features kept, weights not
     again = bench_transfer.main(args)
     assert again["probe_auc"] == payload["probe_auc"]
+
+
+def test_lesion_probe_reads_the_lesion_from_features_that_hold_it() -> None:
+    from types import SimpleNamespace
+
+    import bench_transfer
+
+    rng = np.random.default_rng(0)
+    boxes = np.array([[x, y, x + 10, y + 10] for y in (0, 10) for x in (0, 10)], float)
+    records, truth = [], []
+    for i in range(80):  # 40 patients, 2 images each; every other patient has a lesion
+        patient = f"P{i // 2:02d}"
+        lesion = (i // 2) % 2 == 1
+        cell = (i // 2) % 4
+        x0, y0 = boxes[cell, :2] + 2
+        extra = {"lesion_x0": x0, "lesion_y0": y0, "lesion_x1": x0 + 6, "lesion_y1": y0 + 6}
+        records.append(SimpleNamespace(patient=patient, extra=extra if lesion else {}))
+        truth.append(np.eye(4)[cell] if lesion else np.zeros(4))
+    labels, kept = bench_transfer.patch_lesion_labels(SimpleNamespace(records=records), boxes)
+    assert (labels == np.array(truth)).all() and kept.all()  # 36% of a patch: a lesion patch
+    data = SimpleNamespace(
+        records=records,
+        pool={f"P{p:02d}": [2 * p, 2 * p + 1] for p in range(20)},
+        test_index=np.arange(40, 80),
+    )
+    noise = rng.normal(size=(80, 4, 8))
+    holds = noise.copy()
+    holds[..., 0] += 3.0 * labels  # one feature says "lesion here"
+    aucs, diffs = bench_transfer.lesion_probe(
+        {"holds": holds, "random": noise}, data, boxes, [("holds", "random")], n_boot=50
+    )
+    by_name = {r["row"]: r["auc"] for r in aucs}
+    assert by_name["holds"] > 0.95 and 0.2 < by_name["random"] < 0.8
+    assert diffs[0]["pair"] == "holds - random" and diffs[0]["ci_low"] > 0
+    assert aucs[0]["budget"] == 20  # the pool's patients trained it
+    # no lesion anywhere: skipped, not an error
+    bare = SimpleNamespace(**{**vars(data), "records": [SimpleNamespace(patient=r.patient,
+                           extra={}) for r in records]})  # fmt: skip
+    assert bench_transfer.lesion_probe({"random": noise}, bare, boxes, [], 10) == ([], [])
