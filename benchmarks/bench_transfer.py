@@ -15,7 +15,12 @@ and the like measure the library's options) and scored on one held-out test set 
 never seen in training. Beside them, a linear probe: logistic regression on the pooled frozen
 patch features (``--probe-pool``: their mean, their maximum or their concatenation) of the jigsaw
 encoder against those of a randomly initialised one. A lesion covers one or two of the nine
-patches, so a mean dilutes it; the maximum keeps the strongest patch's response.
+patches, so a mean dilutes it; the maximum keeps the strongest patch's response. With
+``--lesion-probe``, each probed feature set also gets a per-patch logistic regression trained
+with every pool patient's lesion boxes ("does this patch show the lesion?"): whether the
+features hold the finding at all, apart from whether a few labeled images can find it.
+``--transfer-set`` gives config overrides to the rows from the pretrained encoder only (a
+transfer recipe such as ``train.encoder_layer_decay``), the rows from scratch keeping theirs.
 
 Every comparison is a paired difference on the same test images with a 95% interval from a
 bootstrap that resamples test patients (:func:`patchssl.metrics.bootstrap_samples` with the
