@@ -868,6 +868,33 @@ def _pretext_text(s: dict[str, Any]) -> str:
     return f"{name} ({', '.join(options)})" if options else name
 
 
+def _probe_lines(
+    title: str, aucs: list[dict[str, Any]], diffs: list[dict[str, Any]], *, per_budget: bool
+) -> list[str]:
+    """Markdown of a probe: its AUC table and its paired differences.
+
+    ``per_budget``: the image-level probe (a row per budget, with the seeds' range); else the
+    lesion probe (one regression on the pool's patches, no seeds).
+    """
+    if per_budget:
+        header = ["| budget | features | AUC | 95% CI | seeds min-max |", "|---:|---|---:|---|---|"]
+    else:
+        header = ["| pool patients | features | AUC | 95% CI |", "|---:|---|---:|---|"]
+    lines = ["", title, "", *header]
+    for r in aucs:
+        seeds = f" {_f(r['seed_min'])}-{_f(r['seed_max'])} |" if per_budget else ""
+        lines.append(
+            f"| {r['budget']} | {r['row']} | {_f(r['auc'])} | [{_f(r['ci_low'])}, "
+            f"{_f(r['ci_high'])}] |{seeds}"
+        )
+    for r in diffs:
+        name = f"Probe, budget {r['budget']}" if per_budget else "Lesion probe"
+        lines.append(
+            f"\n{name}: {r['pair']} = {_f(r['diff'])} [{_f(r['ci_low'])}, {_f(r['ci_high'])}]"
+        )
+    return lines
+
+
 def markdown(payload: dict[str, Any]) -> str:
     """The Markdown report: settings, AUC table, paired differences, probe, localisation."""
     s = payload["settings"]
@@ -912,44 +939,22 @@ def markdown(payload: dict[str, Any]) -> str:
             f"{'yes' if r['ci_above_0'] else 'no'} |"
         )
     if payload.get("probe_auc"):
-        lines += [
-            "",
+        lines += _probe_lines(
             "Linear probe (logistic regression on frozen patch features pooled by "
             f"{payload['settings'].get('probe_pool', 'mean')}; AUC):",
-            "",
-            "| budget | features | AUC | 95% CI | seeds min-max |",
-            "|---:|---|---:|---|---|",
-        ]
-        for r in payload["probe_auc"]:
-            lines.append(
-                f"| {r['budget']} | {r['row']} | {_f(r['auc'])} | [{_f(r['ci_low'])}, "
-                f"{_f(r['ci_high'])}] | {_f(r['seed_min'])}-{_f(r['seed_max'])} |"
-            )
-        for r in payload["probe_diffs"]:
-            lines.append(
-                f"\nProbe, budget {r['budget']}: {r['pair']} = {_f(r['diff'])} "
-                f"[{_f(r['ci_low'])}, {_f(r['ci_high'])}]"
-            )
+            payload["probe_auc"],
+            payload["probe_diffs"],
+            per_budget=True,
+        )
     if payload.get("lesion_probe_auc"):
-        lines += [
-            "",
+        lines += _probe_lines(
             "Lesion probe (logistic regression on single frozen patch features, trained with "
             "the lesion boxes of every pool patient; AUC of 'this patch shows the lesion' on "
             "the test patches):",
-            "",
-            "| pool patients | features | AUC | 95% CI |",
-            "|---:|---|---:|---|",
-        ]
-        for r in payload["lesion_probe_auc"]:
-            lines.append(
-                f"| {r['budget']} | {r['row']} | {_f(r['auc'])} | [{_f(r['ci_low'])}, "
-                f"{_f(r['ci_high'])}] |"
-            )
-        for r in payload["lesion_probe_diffs"]:
-            lines.append(
-                f"\nLesion probe: {r['pair']} = {_f(r['diff'])} "
-                f"[{_f(r['ci_low'])}, {_f(r['ci_high'])}]"
-            )
+            payload["lesion_probe_auc"],
+            payload["lesion_probe_diffs"],
+            per_budget=False,
+        )
     if payload.get("localisation"):
         lines += [
             "",

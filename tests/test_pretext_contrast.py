@@ -35,6 +35,29 @@ class Flatten(nn.Module):
         return patches.flatten(2) * self.scale
 
 
+class Wide(Flatten):
+    """A flattening encoder of 4x6 patches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.patch_size, self.out_dim = (4, 6), 24
+
+
+def _learned(
+    task: TileContrastPretext, images: Tensor, steps: int, *, seed: int, step_seed: int
+) -> tuple[float, float]:
+    """Accuracy of ``task`` on ``images`` (views of ``seed``) before and after Adam steps."""
+    before = task.eval().accuracy(images, generator=g(seed))
+    optimizer = torch.optim.Adam(task.parameters(), lr=3e-3)
+    task.train()
+    for step in range(steps):
+        loss = task(images, generator=g(step_seed + step)).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return before, task.eval().accuracy(images, generator=g(seed))
+
+
 def _task(**kwargs) -> TileContrastPretext:
     tiler = PatchTiler(grid=3, patch_size=4, image_size=12)
     return TileContrastPretext(Flatten(), tiler=tiler, **{"proj_dim": 4, "hidden_dim": 8, **kwargs})
@@ -146,11 +169,6 @@ def test_bad_options_say_what_is_accepted(kwargs: dict, message: str) -> None:
 def test_symmetries_need_square_patches() -> None:
     tiler = PatchTiler(grid=3, patch_size=(4, 6), image_size=(12, 18))
 
-    class Wide(Flatten):
-        def __init__(self) -> None:
-            super().__init__()
-            self.patch_size, self.out_dim = (4, 6), 24
-
     with pytest.raises(ValueError, match="square patches"):
         TileContrastPretext(Wide(), tiler=tiler)
     task = TileContrastPretext(Wide(), tiler=tiler, symmetries=False, proj_dim=4)
@@ -179,15 +197,7 @@ def test_tile_contrast_learns_to_match_the_views() -> None:
     task = create_pretext("tile_contrast", encoder=tiny_encoder(patch_size=8), proj_dim=16)
     coarse = torch.rand(8, 3, 6, 6)
     images = nn.functional.interpolate(coarse, size=task.tiler.image_size, mode="bilinear")
-    before = task.eval().accuracy(images, generator=g(6))
-    optimizer = torch.optim.Adam(task.parameters(), lr=3e-3)
-    task.train()
-    for step in range(80):
-        loss = task(images, generator=g(100 + step)).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    after = task.eval().accuracy(images, generator=g(6))
+    before, after = _learned(task, images, 80, seed=6, step_seed=100)
     print(f"tile contrast: {before:.3f} -> {after:.3f}")
     assert after > max(0.5, 2 * before), (before, after)
 
@@ -263,11 +273,6 @@ def test_image_contrast_bad_options(kwargs: dict, message: str) -> None:
 def test_image_contrast_symmetries_need_square_images() -> None:
     tiler = PatchTiler(grid=3, patch_size=(4, 6), image_size=(12, 18))
 
-    class Wide(Flatten):
-        def __init__(self) -> None:
-            super().__init__()
-            self.patch_size, self.out_dim = (4, 6), 24
-
     with pytest.raises(ValueError, match="square images"):
         ImageContrastPretext(Wide(), tiler=tiler)
     task = ImageContrastPretext(Wide(), tiler=tiler, symmetries=False, proj_dim=4)
@@ -285,15 +290,7 @@ def test_image_contrast_config_and_learning() -> None:
     task = create_pretext("image_contrast", encoder=tiny_encoder(patch_size=8), proj_dim=16)
     coarse = torch.rand(16, 3, 4, 4)
     images = nn.functional.interpolate(coarse, size=task.tiler.image_size, mode="bilinear")
-    before = task.eval().accuracy(images, generator=g(15))
-    optimizer = torch.optim.Adam(task.parameters(), lr=3e-3)
-    task.train()
-    for step in range(100):
-        loss = task(images, generator=g(200 + step)).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    after = task.eval().accuracy(images, generator=g(15))
+    before, after = _learned(task, images, 100, seed=15, step_seed=200)
     print(f"image contrast: {before:.3f} -> {after:.3f}")
     assert after > max(0.25, 3 * before), (before, after)  # chance 1/31
 

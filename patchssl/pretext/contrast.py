@@ -276,18 +276,26 @@ class TileContrastPretext(PretextTask):
         two_b, n = inputs.shape[:2]
         features = self._encode(inputs)  # (2B, N, D)
         z = F.normalize(self.head(features.flatten(0, 1)).float(), dim=-1)  # (2BN, P)
+        b = two_b // 2
         if self.negatives == "same_position":
-            by_position = z.view(two_b, n, -1).transpose(0, 1)  # (N, 2B, P)
-            similarity = by_position @ by_position.transpose(1, 2) / self.temperature
-            own = torch.eye(two_b, dtype=torch.bool, device=similarity.device)
-            similarity = similarity.masked_fill(own, -1e4)  # (N, 2B, 2B)
-            b = two_b // 2
+            similarity = self._similarities(z.view(two_b, n, -1).transpose(0, 1))  # (N, 2B, 2B)
             return similarity.view(n, 2, b, two_b).permute(2, 1, 0, 3).reshape(b, 2 * n, two_b)
-        similarity = (z @ z.t()) / self.temperature
-        own = torch.eye(similarity.shape[0], dtype=torch.bool, device=similarity.device)
-        similarity = similarity.masked_fill(own, -1e4)  # finite: label smoothing stays finite
-        b, m = two_b // 2, similarity.shape[0] // 2
-        return similarity.view(2, b, n, 2 * m).permute(1, 0, 2, 3).reshape(b, 2 * n, 2 * m)
+        similarity = self._similarities(z)  # (2BN, 2BN)
+        return similarity.view(2, b, n, 2 * b * n).permute(1, 0, 2, 3).reshape(b, 2 * n, -1)
+
+    def _similarities(self, z: Tensor) -> Tensor:
+        """Cosine similarities over the temperature, each view's own masked out.
+
+        Args:
+            z: L2-normalised projections of shape ``(..., M, P)``.
+
+        Returns:
+            Float tensor of shape ``(..., M, M)``; the diagonal is -1e4 (finite, so that label
+            smoothing stays finite).
+        """
+        similarity = z @ z.transpose(-1, -2) / self.temperature
+        own = torch.eye(z.shape[-2], dtype=torch.bool, device=z.device)
+        return similarity.masked_fill(own, -1e4)
 
 
 #: How :class:`ImageContrastPretext` pools an image's tile features.
@@ -437,7 +445,4 @@ class ImageContrastPretext(TileContrastPretext):
         features = self._encode(inputs)  # (2B, N, D)
         pooled = features.mean(1) if self.pool == "mean" else features.amax(1)
         z = F.normalize(self.head(pooled).float(), dim=-1)  # (2B, P)
-        similarity = (z @ z.t()) / self.temperature
-        own = torch.eye(two_b, dtype=torch.bool, device=similarity.device)
-        similarity = similarity.masked_fill(own, -1e4)  # finite: label smoothing stays finite
-        return similarity.view(2, two_b // 2, two_b).transpose(0, 1)
+        return self._similarities(z).view(2, two_b // 2, two_b).transpose(0, 1)
